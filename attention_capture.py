@@ -1,0 +1,140 @@
+"""§4.3 cross-attention score computation: a stock-API diffusers attention processor for the attn2 layers.
+
+For every selected cross-attention layer i of the UNet, with image tokens r_x (B, N_img, C) and text tokens
+r_y (B, L, D):
+    Q = W^q r_x,  K = (W^k + p^k) r_y,  V = (W^v + p^v) r_y          (eq. 5: p^k = p^v = 0 unless prompts are learned)
+    A = softmax(Q K^T / sqrt(d))                                      (B, heads, N_img, L), explicit, per head
+The processor returns the layer's usual output A V (so the UNet computes exactly what it computes with the stock
+processor) and hands A to `lse_pool.pool`, keeping only the pooled (B, heads) value. Full maps are kept only when
+asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
+
+`AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
+weighting" (zero-initialised: softmax of zeros = the plain average over heads), and combines a forward pass's pooled
+values into one score per example: the weighted mean over heads, then the mean over layers.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lse_pool import POOLINGS, pool
+
+_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def cross_attention_layers(unet):
+    """Names of the UNet's cross-attention (attn2) modules in execution order (down, mid, up)."""
+    names = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+    return sorted(names, key=lambda n: (_BLOCK_ORDER[n.split(".")[0]], [int(p) for p in n.split(".") if p.isdigit()]))
+
+
+def select_layers(all_layers, layers):
+    """layers: "all", an int k (the last k layers, Fig. 3) or a list of names."""
+    if layers in (None, "all"):
+        return list(all_layers)
+    if isinstance(layers, str) and layers.isdigit():
+        layers = int(layers)
+    if isinstance(layers, int):
+        if not 1 <= layers <= len(all_layers):
+            raise ValueError(f"layers={layers}: the UNet has {len(all_layers)} cross-attention layers")
+        return list(all_layers[-layers:])
+    unknown = [n for n in layers if n not in all_layers]
+    if unknown:
+        raise ValueError(f"unknown cross-attention layers {unknown}; the UNet has {all_layers}")
+    return [n for n in all_layers if n in layers]
+
+
+class CaptureProcessor:
+    """attn2 processor: the stock attention computed with an explicit softmax, its map pooled per head."""
+
+    def __init__(self, name, scorer):
+        self.name, self.scorer = name, scorer
+        self.delta_k = self.delta_v = None  # p^k, p^v of eq. 5, set by prompt_delta.PromptDeltas
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        B, N, _ = hidden_states.shape
+
+        q = attn.to_q(hidden_states)                                          # (B, N_img, inner)
+        k = _linear(attn.to_k, encoder_hidden_states, self.delta_k)           # (B, L, inner)  eq. 5
+        v = _linear(attn.to_v, encoder_hidden_states, self.delta_v)
+        d = k.shape[-1] // attn.heads
+        q = q.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, N_img, d)
+        k = k.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, L, d)
+        v = v.view(B, -1, attn.heads, d).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) * attn.scale                       # (B, heads, N_img, L)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
+            logits = logits + mask.view(B, attn.heads, -1, mask.shape[-1])
+        A = logits.float().softmax(dim=-1)                                    # (B, heads, N_img, L)
+        out = A.to(v.dtype) @ v                                               # (B, heads, N_img, d)
+
+        self.scorer.record(self.name, A, logits, hidden_states, encoder_hidden_states)
+
+        out = out.transpose(1, 2).reshape(B, -1, attn.heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _linear(layer, x, delta):
+    """layer(x) with weight W, or with W + delta (eq. 5) when a prompt delta is attached."""
+    if delta is None:
+        return layer(x)
+    return F.linear(x, layer.weight + delta.to(layer.weight.dtype), layer.bias)
+
+
+class AttentionScorer(nn.Module):
+    """Installs `CaptureProcessor` on the selected attn2 layers and turns a UNet pass into a (B,) score."""
+
+    def __init__(self, unet, layers="all", pooling="lse", lam=1.0, keep_maps=False):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        self.all_layers = cross_attention_layers(unet)
+        self.layers = select_layers(self.all_layers, layers)
+        self.pooling, self.lam, self.keep_maps = pooling, float(lam), keep_maps
+        self.heads = {n: unet.get_submodule(n).heads for n in self.layers}
+        # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
+        self.head_logits = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
+        self.processors = {n: CaptureProcessor(n, self) for n in self.layers}
+        procs = dict(unet.attn_processors)                                    # every layer must be named
+        procs.update({f"{n}.processor": p for n, p in self.processors.items()})
+        unet.set_attn_processor(procs)
+        self.mask, self.pooled, self.maps = None, {}, {}
+
+    def begin(self, mask):
+        """Call before a UNet pass: the real-token mask (B, L) of the texts in the batch."""
+        self.mask, self.pooled, self.maps = mask, {}, {}
+
+    def record(self, name, A, logits, image_feats, text_feats):
+        # assignment, not accumulation: gradient checkpointing re-runs processors in backward without double counting
+        self.pooled[name] = pool(self.pooling, A, self.mask, self.lam, logits, image_feats, text_feats)  # (B, heads)
+        if self.keep_maps:
+            self.maps[name] = A.detach()
+
+    def combine(self):
+        """Weighted mean over heads, then mean over layers -> (B,)."""
+        missing = [n for n in self.layers if n not in self.pooled]
+        if missing:
+            raise RuntimeError(f"no attention captured for {missing}")
+        per_layer = [(self.pooled[n] * self.head_logits[_key(n)].softmax(0)).sum(-1) for n in self.layers]
+        return torch.stack(per_layer, dim=0).mean(0)                          # (B,)
+
+
+def _key(name):
+    return name.replace(".", "_")

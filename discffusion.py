@@ -1,0 +1,236 @@
+"""§4.2 Discriminative Stable Diffusion (Discffusion): image-text matching scores from Stable Diffusion, Alg. 1.
+
+    z   = E(x)                       VAE latent mean times the scaling factor, once per image
+    r_y = tau(y)                     text encoder hidden states, once per text; real-token mask = the caption's tokens
+    z_t = sqrt(a_t) z + sqrt(1-a_t) eps,   t = round(l * T),  l in {0.2, 0.4, 0.6, 0.8}   (noise-level ensemble, §5.6)
+    f(y, x) = mean over levels of  mean over layers of  sum over heads w_h * Ave_j S(A)_j     (eq. 3-4, §4.4)
+
+For one image every candidate text sees the same eps and t, so differences between candidates come from the text
+alone; eps depends only on the seed and the level, so a pair's score never depends on its batch-mates. All pairs of
+a call go through the UNet together, in chunks of `batch_size`.
+
+    model = Discffusion.from_pretrained("stabilityai/stable-diffusion-2-1-base")   # or a local diffusers folder
+    scores = model.score(images, texts)                                            # (len(images), len(texts))
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from attention_capture import AttentionScorer
+from datasets import InputError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+LEVELS = (0.2, 0.4, 0.6, 0.8)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_rgb(image):
+    """Any PIL mode (RGB, RGBA, LA, L, P, CMYK, I;16, ...) -> RGB; transparency composited on white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def preprocess(images, resolution, resize_via=None):
+    """PIL images -> (N, 3, R, R) in [-1, 1]. resize_via=224 reproduces the paper's 224-then-512 setting (Table 2)."""
+    out = []
+    for image in images:
+        image = to_rgb(image)
+        if resize_via:
+            image = image.resize((resize_via, resize_via), Image.BICUBIC)
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def _resolve_dtype(dtype, device):
+    if dtype is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_components(model, dtype):
+    """tokenizer, text encoder, VAE, UNet, scheduler from a hub id or a local folder in diffusers layout."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    if os.path.isdir(model):
+        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if not os.path.isdir(os.path.join(model, s))]
+        if missing:
+            raise InputError(f"model folder {model} is not in diffusers layout: no {', '.join(m + '/' for m in missing)}"
+                             " (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
+        raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
+    try:
+        return dict(
+            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype),
+            scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load model {model!r}: {first}") from None
+
+
+class Discffusion(nn.Module):
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
+                 layers="all", batch_size=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name=""):
+        super().__init__()
+        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
+            tokenizer, text_encoder, vae, unet, scheduler)
+        for m in (text_encoder, vae, unet):
+            m.requires_grad_(False).eval()
+        self.levels = tuple(float(l) for l in levels)
+        if not self.levels or not all(0 < l <= 1 for l in self.levels):
+            raise InputError(f"noise levels {levels}: each must be in (0, 1]")
+        self.scorer = AttentionScorer(unet, layers, pooling, lam, keep_maps)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or unet.config.sample_size * self.vae_scale)
+        self.resize_via, self.batch_size, self.seed, self.name = resize_via, int(batch_size), int(seed), name
+        self._warned_truncation = False
+        self.config = dict(model=name, levels=list(self.levels), lam=float(lam), pooling=pooling,
+                           layers=layers if isinstance(layers, (str, int)) else list(layers),
+                           n_layers=len(self.scorer.layers), batch_size=self.batch_size,
+                           resolution=self.resolution, resize_via=resize_via, seed=self.seed)
+
+    @classmethod
+    def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, **options):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _resolve_dtype(dtype, device)
+        parts = load_components(str(model), dtype)
+        try:
+            return cls(**parts, name=str(model), **options).to(device)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    # ---- encoders: once per image, once per text --------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images):
+        """PIL images -> VAE latent means times the scaling factor, (N, 4, h, w)."""
+        x = preprocess(images, self.resolution, self.resize_via)               # (N, 3, R, R)
+        out = []
+        for chunk in x.split(self.batch_size):
+            dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
+            out.append(dist.mean * self.vae.config.scaling_factor)             # (b, 4, h, w)
+        return torch.cat(out).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_texts(self, texts):
+        """texts -> hidden states (M, L, D) and the real-token mask (M, L): caption tokens only, no BOS/EOS/padding."""
+        tok = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        lengths = tok.attention_mask.sum(1)                                    # BOS + caption + EOS
+        if not self._warned_truncation:
+            full = self.tokenizer(list(texts), truncation=False).input_ids
+            longest = max(len(ids) for ids in full)
+            if longest > self.tokenizer.model_max_length:
+                warnings.warn(f"captions longer than {self.tokenizer.model_max_length} tokens are truncated "
+                              f"(longest: {longest}); warned once per run", stacklevel=2)
+                self._warned_truncation = True
+        pos = torch.arange(tok.input_ids.shape[1])
+        mask = (pos[None] >= 1) & (pos[None] < (lengths[:, None] - 1))        # (M, L)
+        hidden = self.text_encoder(tok.input_ids.to(self.device))[0]          # (M, L, D)
+        return hidden.to(self.dtype), mask.to(self.device)
+
+    # ---- noise: one draw per level, shared by every pair ------------------------------------------------------
+    def timestep(self, level):
+        T = self.scheduler.config.num_train_timesteps
+        return min(int(round(level * T)), T - 1)
+
+    def level_noise(self, shape):
+        """eps for each ensemble level, (n_levels, *shape), a function of the seed alone."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn((len(self.levels), *shape), generator=g)
+
+    def add_noise(self, latents, eps, t):
+        """z_t for latents (P, 4, h, w), eps broadcastable to them, integer timestep t."""
+        ts = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
+        return self.scheduler.add_noise(latents, eps, ts), ts
+
+    # ---- the score --------------------------------------------------------------------------------------------
+    def attention_score(self, z_t, ts, hidden, mask):
+        """One UNet pass over a batch of pairs -> attention score (P,) (and the noise prediction)."""
+        self.scorer.begin(mask)
+        eps_pred = self.unet(z_t, ts, encoder_hidden_states=hidden).sample
+        return self.scorer.combine(), eps_pred
+
+    def pair_scores(self, latents, hidden, mask, levels=None, noise=None):
+        """f(y, x) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32.
+
+        levels: the noise levels to average (default the ensemble); noise: eps per level (n_levels, 4, h, w),
+        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode.
+        """
+        levels = self.levels if levels is None else tuple(levels)
+        if noise is None:
+            noise = self.level_noise(latents.shape[1:])
+            noise = noise[[self.levels.index(l) for l in levels]] if levels != self.levels else noise
+        total = 0.0
+        for level, eps in zip(levels, noise):
+            t = self.timestep(level)
+            chunks = []
+            for s in range(0, latents.shape[0], self.batch_size):
+                z_t, ts = self.add_noise(latents[s:s + self.batch_size], eps, t)
+                chunks.append(self.attention_score(z_t, ts, hidden[s:s + self.batch_size],
+                                                   mask[s:s + self.batch_size])[0])
+            total = total + torch.cat(chunks)
+        return (total / len(levels)).float()
+
+    def score_items(self, items, train=False, generator=None):
+        """Score matrices for several matching problems at once.
+
+        items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]. With train=True one level is drawn
+        from the ensemble and one eps from `generator`, shared by every pair of the call (a positive and its
+        negatives see the same noise), and gradients flow to the trainable tensors.
+        """
+        images = [im for ims, _ in items for im in ims]
+        texts = [t for _, ts in items for t in ts]
+        latents = self.encode_images(images)
+        hidden, mask = self.encode_texts(texts)
+        img_idx, txt_idx, shapes = [], [], []
+        i0 = t0 = 0
+        for ims, ts in items:
+            for i in range(len(ims)):
+                for j in range(len(ts)):
+                    img_idx.append(i0 + i)
+                    txt_idx.append(t0 + j)
+            shapes.append((len(ims), len(ts)))
+            i0, t0 = i0 + len(ims), t0 + len(ts)
+        args = (latents[img_idx], hidden[txt_idx], mask[txt_idx])
+        if train:
+            k = int(torch.randint(len(self.levels), (1,), generator=generator))
+            eps = torch.randn((1, *latents.shape[1:]), generator=generator)
+            flat = self.pair_scores(*args, levels=[self.levels[k]], noise=eps)
+        else:
+            with torch.inference_mode():
+                flat = self.pair_scores(*args)
+        return [m.reshape(s).cpu() if not train else m.reshape(s)
+                for m, s in zip(flat.split([a * b for a, b in shapes]), shapes)]
+
+    def score(self, images, texts):
+        """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
+        return self.score_items([(list(images), list(texts))])[0]
