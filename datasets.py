@@ -2,7 +2,22 @@
 
 Every loader yields `Item`s of one shape, so evaluation and training need no per-data-set branches beyond metrics:
 an item is a small image-text matching problem whose score matrix is (len(images), len(texts)).
+
+    items, report = LOADERS["comvg"]("data/comvg")      # every loader: (root, annotations=None, split=None, seed=0)
+
+`report` counts what did not become an item: `malformed` records (each also listed in `warnings` with its file and
+line / index), items skipped because an image is `missing_images` on disk (distinct files in `missing_files`).
+A missing root, annotation file or image folder (no image found at all) raises `InputError` with one line naming
+what was looked for and every place searched. Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
+so an item's candidates do not depend on which other items are loaded.
 """
+import csv
+import json
+import os
+import pickle
+import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -18,3 +33,544 @@ class Item:
     category: str = ""  # the table column the item counts towards, e.g. "subject" / "object" / "verb"
     split: str = ""     # the publisher's split where it has one (RefCOCOg: train / val / test)
     meta: dict = field(default_factory=dict)
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------------------
+
+MAX_LISTED = 20  # missing files listed by name in a report (all are counted)
+
+
+def new_report(dataset, files):
+    return dict(dataset=dataset, files=list(files), records=0, items=0, malformed=0, missing_images=0,
+                missing_files=[], n_missing_files=0, warnings=[])
+
+
+def malformed(report, where, why):
+    report["malformed"] += 1
+    report["warnings"].append(f"{where}: {why}; skipped")
+
+
+def missing(report, paths, seen):
+    """Count an item skipped for images not on disk; `seen` is the set of distinct missing files."""
+    report["missing_images"] += 1
+    for p in paths:
+        if p not in seen:
+            seen.add(p)
+            if len(report["missing_files"]) < MAX_LISTED:
+                report["missing_files"].append(p)
+    report["n_missing_files"] = len(seen)
+
+
+def check_root(root, what):
+    if root is None or not os.path.isdir(root):
+        raise InputError(f"{what} data root not found: {root} is not a folder")
+
+
+def find_file(what, names, folders):
+    """The first folders[i]/names[j] that exists (folders outer), else one-line InputError naming all of them."""
+    for d in folders:
+        for n in names:
+            if os.path.isfile(os.path.join(d, n)):
+                return os.path.join(d, n)
+    raise InputError(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
+
+
+def given_file(what, path):
+    if not os.path.isfile(path):
+        raise InputError(f"{what} not found: {path} is not a file")
+    return path
+
+
+def find_image(names, folders):
+    """First existing folder/name over folders (outer) and candidate names (inner); None if none exists."""
+    for d in folders:
+        for n in names:
+            p = os.path.join(d, n)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+def finish(report, items, what, example, folders):
+    """Fill the counts; no item at all because no image was found -> InputError naming the image folders."""
+    report["items"] = len(items)
+    if not items and report["missing_images"]:
+        raise InputError(f"no {what} images found: looked for e.g. {example} in {', '.join(folders)}")
+    if not items:
+        first = f" (first: {report['warnings'][0]})" if report["warnings"] else ""
+        other = f", {report['other_split']} of other splits" if report.get("other_split") else ""
+        raise InputError(f"no usable {what} records in {', '.join(report['files'])}: "
+                         f"{report['records']} records, {report['malformed']} malformed{other}{first}")
+    return items, report
+
+
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def draw(pool, k, rng, bad_keys=(), bad_texts=()):
+    """k distinct texts from pool [(key, text)], skipping bad keys and texts (case-insensitive), in random order."""
+    bad_texts = {t.strip().lower() for t in bad_texts}
+    n = len(pool)
+    out = []
+    for tries in (min(n, 4 * k + 16), n):  # a small sample nearly always suffices; else the whole pool
+        out, seen = [], set(bad_texts)
+        for i in rng.sample(range(n), tries):
+            key, text = pool[i]
+            t = text.strip().lower()
+            if key in bad_keys or t in seen:
+                continue
+            seen.add(t)
+            out.append(text)
+            if len(out) == k:
+                return out
+    return out
+
+
+def item_rng(seed, item_id):
+    return random.Random(f"{seed}/{item_id}")
+
+
+# ---- ComVG (Jiang et al., 2022) ------------------------------------------------------------------------------------
+
+COMVG_CSV = ("compositional_visual_genome.csv", "ComVG.csv", "comvg.csv")
+COMVG_IMAGE_DIRS = ("VG_100K", "VG_100K_2", "vg_concept", "images", "")
+COMVG_FIELDS = ("id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value")
+COMVG_KINDS = {"subject": "subject", "object": "object", "verb": "verb", "predicate": "verb"}
+
+
+def load_comvg(root, annotations=None, split=None, seed=0):
+    """ComVG CSV -> Items: images [pos, neg] `<image_id>.jpg`, texts [sentence], category subject / object / verb.
+
+    The CSV is `annotations`, else compositional_visual_genome.csv / ComVG.csv / comvg.csv in `root`; images are
+    looked up in root/VG_100K, root/VG_100K_2, root/vg_concept, root/images and root. ComVG has no publisher split
+    (`split` and `seed` are unused: the items carry no drawn negatives).
+    """
+    check_root(root, "ComVG")
+    path = given_file("ComVG CSV", annotations) if annotations else find_file("ComVG CSV", COMVG_CSV, [root])
+    folders = [os.path.join(root, d) if d else root for d in COMVG_IMAGE_DIRS]
+    report, items, seen = new_report("comvg", [path]), [], set()
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in COMVG_FIELDS if c not in (reader.fieldnames or [])]
+        if absent:
+            raise InputError(f"ComVG CSV {path} lacks the column(s) {', '.join(absent)} "
+                             f"(expected header {','.join(COMVG_FIELDS)})")
+        for row in reader:
+            report["records"] += 1
+            where = f"{path}:{reader.line_num}"
+            if None in row or any(row[c] is None for c in COMVG_FIELDS):
+                malformed(report, where, f"expected {len(COMVG_FIELDS)} fields")
+                continue
+            sentence, kind = row["sentence"].strip(), row["neg_value"].strip().lower()
+            ids = [row["pos_image_id"].strip(), row["neg_image_id"].strip()]
+            if not sentence or not all(ids):
+                malformed(report, where, "empty sentence or image id")
+                continue
+            if kind not in COMVG_KINDS:
+                malformed(report, where, f"neg_value {row['neg_value']!r} is not subject / object / verb")
+                continue
+            names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
+            paths = [find_image([n], folders) for n in names]
+            if None in paths:
+                missing(report, [n for n, p in zip(names, paths) if p is None], seen)
+                continue
+            items.append(Item(id=row["id"].strip() or str(report["records"]), images=paths, texts=[sentence],
+                              category=COMVG_KINDS[kind],
+                              meta=dict(pos_triplet=row["pos_triplet"], neg_triplet=row["neg_triplet"])))
+    return finish(report, items, "ComVG", "<pos_image_id>.jpg", folders)
+
+
+# ---- RefCOCOg (Yu et al., 2016; refer toolkit layout) --------------------------------------------------------------
+
+REFS_FILES = ("refs(umd).p", "refs(google).p")
+
+
+def coco_image_dirs(root, subset):
+    """Where COCO `<subset>` (train2014 / val2014) images are looked for."""
+    return [os.path.join(root, subset), os.path.join(root, "images", subset),
+            os.path.join(root, "images", "mscoco", "images", subset), os.path.join(root, "coco", subset),
+            os.path.join(root, "images"), root]
+
+
+def load_pickle(path):
+    try:
+        with open(path, "rb") as f:
+            try:
+                return pickle.load(f)
+            except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII byte strings
+                f.seek(0)
+                return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+        raise InputError(f"RefCOCOg refs {path} is not a readable pickle: {type(e).__name__}: {e}") from None
+
+
+def refcocog_file_names(report, refs_path, root):
+    """image_id -> file_name from instances.json next to the refs file (or in root); {} with a warning if absent."""
+    folders = list(dict.fromkeys([os.path.dirname(refs_path), root, os.path.join(root, "refcocog")]))
+    path = find_image(["instances.json"], folders)
+    if path is None:
+        report["warnings"].append(f"instances.json not found in {', '.join(folders)}; "
+                                  "using COCO_train2014_%012d.jpg image names")
+        return {}
+    report["files"].append(path)
+    data = read_json(path, "RefCOCOg instances")
+    return {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
+
+
+def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10):
+    """refs(umd).p / refs(google).p + instances.json -> one Item per referring expression: 1 image, `n_texts` texts.
+
+    texts = [the expression, n_texts-1 expressions of other objects (other ann_id) in the same split], drawn with a
+    per-item seed. `split` keeps only refs of that split (train / val / test); None keeps all. The refs file is
+    `annotations`, else found in root or root/refcocog (umd preferred); images COCO_train2014_%012d.jpg (or
+    instances.json's file_name) in root/train2014, root/images/train2014, root/images/mscoco/images/train2014,
+    root/coco/train2014, root/images or root.
+    """
+    check_root(root, "RefCOCOg")
+    path = (given_file("RefCOCOg refs", annotations) if annotations else
+            find_file("RefCOCOg refs", REFS_FILES, [root, os.path.join(root, "refcocog")]))
+    refs = load_pickle(path)
+    if not isinstance(refs, list):
+        raise InputError(f"RefCOCOg refs {path} holds a {type(refs).__name__}, not a list of refs")
+    report, seen = new_report("refcocog", [path]), set()
+    file_names = refcocog_file_names(report, path, root)
+    folders = coco_image_dirs(root, "train2014")
+    sents = []  # (ref, sentence text, sent_id)
+    for i, ref in enumerate(refs):
+        report["records"] += 1
+        where = f"{path}[{i}]"
+        try:
+            texts = [(s.get("sent") or s.get("raw") or "").strip() for s in ref["sentences"]]
+            ids = [s.get("sent_id", k) for k, s in enumerate(ref["sentences"])]
+            ref["image_id"], ref["ann_id"]
+        except (KeyError, TypeError, AttributeError) as e:
+            malformed(report, where, f"not a ref with image_id, ann_id, sentences ({type(e).__name__}: {e})")
+            continue
+        if not any(texts):
+            malformed(report, where, "no sentence text")
+            continue
+        if split is not None and str(ref.get("split", "")) != split:
+            report["other_split"] = report.get("other_split", 0) + 1
+            continue
+        sents += [(ref, t, sid) for t, sid in zip(texts, ids) if t]
+    pool = [(ref["ann_id"], t) for ref, t, _ in sents]
+    items = []
+    for ref, text, sid in sents:
+        image_id = ref["image_id"]
+        names = [f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)]
+        if file_names.get(image_id):
+            names.append(file_names[image_id])
+        image = find_image(names, folders)
+        if image is None:
+            missing(report, names[:1], seen)
+            continue
+        item_id = f"{ref.get('ref_id', ref['ann_id'])}/{sid}"
+        negatives = draw(pool, n_texts - 1, item_rng(seed, item_id), bad_keys={ref["ann_id"]}, bad_texts=[text])
+        items.append(Item(id=item_id, images=[image], texts=[text] + negatives, split=str(ref.get("split", "")),
+                          meta=dict(ref_id=ref.get("ref_id"), ann_id=ref["ann_id"], image_id=image_id,
+                                    category_id=ref.get("category_id"))))
+    report["short_items"] = sum(len(it.texts) < n_texts for it in items)
+    return finish(report, items, "RefCOCOg", "COCO_train2014_<image_id 12 digits>.jpg", folders)
+
+
+# ---- VQAv2 (Goyal et al., 2017) ------------------------------------------------------------------------------------
+
+VQA_SUBSETS = {"train": "train2014", "val": "val2014"}
+VQA_POOL = 3129  # the usual answer vocabulary size: candidates come from the most frequent answers
+
+
+def vqa_files(root, annotations, split):
+    """[(split, questions path, annotations path)] for the wanted splits present in root (or next to `annotations`)."""
+    folders = [root, os.path.join(root, "annotations"), os.path.join(root, "Annotations"),
+               os.path.join(root, "questions"), os.path.join(root, "Questions")]
+    if annotations:
+        given_file("VQAv2 annotations", annotations)
+        name = os.path.basename(annotations)
+        sub = next((s for s, d in VQA_SUBSETS.items() if d in name), "val")
+        q_names = [f"v2_OpenEnded_mscoco_{VQA_SUBSETS[sub]}_questions.json"]
+        q = find_file("VQAv2 questions", q_names, [os.path.dirname(annotations) or "."] + folders)
+        return [(sub, q, annotations)]
+    wanted = [split] if split else list(VQA_SUBSETS)
+    if split and split not in VQA_SUBSETS:
+        raise InputError(f"VQAv2 split {split!r}: annotations exist for {', '.join(VQA_SUBSETS)} only")
+    found = []
+    for sub in wanted:
+        d = VQA_SUBSETS[sub]
+        q = find_image([f"v2_OpenEnded_mscoco_{d}_questions.json"], folders)
+        a = find_image([f"v2_mscoco_{d}_annotations.json"], folders)
+        if q and a:
+            found.append((sub, q, a))
+    if not found:
+        names = [f"v2_OpenEnded_mscoco_{VQA_SUBSETS[s]}_questions.json + v2_mscoco_{VQA_SUBSETS[s]}_annotations.json"
+                 for s in wanted]
+        raise InputError(f"VQAv2 annotations not found: looked for {' or '.join(names)} in {', '.join(folders)}")
+    return found
+
+
+def vqa_records(report, q_path, a_path):
+    """([(question, annotation)], every annotation's multiple_choice_answer); bad records reported with file+index."""
+    questions = read_json(q_path, "VQAv2 questions").get("questions")
+    annotations = read_json(a_path, "VQAv2 annotations").get("annotations")
+    if not isinstance(questions, list) or not isinstance(annotations, list):
+        raise InputError(f"VQAv2 files {q_path} / {a_path} lack a 'questions' / 'annotations' list")
+    by_id = {}
+    for i, a in enumerate(annotations):
+        try:
+            a["question_id"], a["multiple_choice_answer"], [x["answer"] for x in a["answers"]]
+            by_id[a["question_id"]] = a
+        except (KeyError, TypeError) as e:
+            malformed(report, f"{a_path}[{i}]", f"not an annotation with question_id, answers ({type(e).__name__})")
+    out = []
+    for i, q in enumerate(questions):
+        report["records"] += 1
+        where = f"{q_path}[{i}]"
+        if not isinstance(q, dict) or not {"question_id", "question", "image_id"} <= set(q):
+            malformed(report, where, "not a question with question_id, question, image_id")
+        elif not str(q["image_id"]).isdigit():
+            malformed(report, where, f"image_id {q['image_id']!r} is not a number")
+        elif q["question_id"] not in by_id:
+            malformed(report, where, f"question_id {q['question_id']} has no annotation in {a_path}")
+        else:
+            out.append((q, by_id[q["question_id"]]))
+    return out, [str(a["multiple_choice_answer"]).strip() for a in by_id.values()]
+
+
+def load_vqav2(root, annotations=None, split=None, seed=0, n_texts=10, pool_size=VQA_POOL):
+    """VQAv2 questions + annotations JSON -> one Item per question: 1 image, `n_texts` "question answer" texts.
+
+    texts[0] joins the question with its most common answer (multiple_choice_answer); the others with answers drawn
+    per item from the `pool_size` most frequent multiple_choice_answers of the loaded files, never one an annotator
+    gave for this question. category = answer_type (yes/no, number, other). Files: `annotations` (questions found
+    next to it), else v2_OpenEnded_mscoco_{train,val}2014_questions.json + v2_mscoco_{train,val}2014_annotations.json
+    in root, root/annotations, root/Annotations, root/questions or root/Questions (`split` "train" / "val" / None =
+    both). Images COCO_{train,val}2014_%012d.jpg in root/{train,val}2014, root/images/{train,val}2014, root/images, root.
+    """
+    check_root(root, "VQAv2")
+    files = vqa_files(root, annotations, split)
+    report = new_report("vqav2", [p for _, q, a in files for p in (q, a)])
+    records, counts = [], Counter()
+    for sub, qp, ap in files:
+        pairs, answers = vqa_records(report, qp, ap)
+        records += [(sub, q, a) for q, a in pairs]
+        counts.update(answers)
+    pool = [(ans, ans) for ans, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:pool_size]]
+    items, seen, all_folders = [], set(), []
+    for sub, q, a in records:
+        subset = VQA_SUBSETS[sub]
+        folders = coco_image_dirs(root, subset)
+        all_folders += [d for d in folders if d not in all_folders]
+        names = [f"COCO_{subset}_{int(q['image_id']):012d}.jpg", f"{int(q['image_id']):012d}.jpg"]
+        image = find_image(names, folders)
+        if image is None:
+            missing(report, names[:1], seen)
+            continue
+        answer = str(a["multiple_choice_answer"]).strip()
+        given = [answer] + [str(x["answer"]) for x in a["answers"]]
+        others = draw(pool, n_texts - 1, item_rng(seed, q["question_id"]), bad_texts=given)
+        question = str(q["question"]).strip()
+        items.append(Item(id=str(q["question_id"]), images=[image],
+                          texts=[f"{question} {ans}" for ans in [answer] + others],
+                          category=str(a.get("answer_type", "other")), split=sub,
+                          meta=dict(question=question, answers=[answer] + others, image_id=q["image_id"])))
+    report["short_items"] = sum(len(it.texts) < n_texts for it in items)
+    return finish(report, items, "VQAv2", "COCO_val2014_<image_id 12 digits>.jpg", all_folders)
+
+
+# ---- Winoground (Thrush et al., 2022) ------------------------------------------------------------------------------
+
+WINOGROUND_FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
+
+
+def load_winoground(root, annotations=None, split=None, seed=0):
+    """examples.jsonl -> one Item per example: images [image_0, image_1], texts [caption_0, caption_1].
+
+    category = collapsed_tag (Object / Relation / Both); meta keeps tag, secondary_tag, num_main_preds. The file is
+    `annotations`, else examples.jsonl in root or root/data (the Hugging Face layout); images `<image_k>.png` in
+    root/images or root/data/images (unzip images.zip first). No split; `seed` unused.
+    """
+    check_root(root, "Winoground")
+    path = (given_file("Winoground examples", annotations) if annotations else
+            find_file("Winoground examples", ["examples.jsonl"], [root, os.path.join(root, "data")]))
+    folders = list(dict.fromkeys([os.path.join(os.path.dirname(path), "images"), os.path.join(root, "images"),
+                                  os.path.join(root, "data", "images")]))
+    if not any(os.path.isdir(d) for d in folders):
+        zips = [p for p in (os.path.join(os.path.dirname(d), "images.zip") for d in folders) if os.path.isfile(p)]
+        hint = f" (unzip {zips[0]} there)" if zips else ""
+        raise InputError(f"Winoground image folder not found: looked for {', '.join(folders)}{hint}")
+    report, items, seen = new_report("winoground", [path]), [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            report["records"] += 1
+            where = f"{path}:{n}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                malformed(report, where, f"not JSON ({e.msg})")
+                continue
+            if not isinstance(ex, dict) or not all(ex.get(k) not in (None, "") for k in WINOGROUND_FIELDS):
+                malformed(report, where, f"missing one of {', '.join(WINOGROUND_FIELDS)}")
+                continue
+            names = [str(ex[k]) if os.path.splitext(str(ex[k]))[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
+            paths = [find_image([nm], folders) for nm in names]
+            if None in paths:
+                missing(report, [nm for nm, p in zip(names, paths) if p is None], seen)
+                continue
+            items.append(Item(id=str(ex["id"]), images=paths, texts=[str(ex["caption_0"]), str(ex["caption_1"])],
+                              category=str(ex.get("collapsed_tag", "")),
+                              meta={k: ex.get(k) for k in ("tag", "secondary_tag", "num_main_preds")}))
+    return finish(report, items, "Winoground", "<image_0>.png", folders)
+
+
+# ---- VL-CheckList (Zhao et al., 2022) ------------------------------------------------------------------------------
+
+VLC_KINDS = {"attribute": "Attribute", "object": "Object", "relation": "Relation"}
+VLC_SOURCES = ("vg", "swig", "hake")  # the image folders of VL-CheckList's DATASETS.md (VAW images are VG's)
+
+
+def vlc_category(rel):
+    """Attribute / Object / Relation: the first path component naming one (case-insensitive), else None."""
+    for part in re.split(r"[\\/]", rel):
+        if part.lower() in VLC_KINDS:
+            return VLC_KINDS[part.lower()]
+    return None
+
+
+def vlc_json_files(root, annotations):
+    """[(path, key)] of the corpus's JSON files; key is the path relative to the corpus folder (it has a category)."""
+    if annotations and os.path.isfile(annotations):
+        return [(annotations, annotations)]
+    if annotations and not os.path.isdir(annotations):
+        raise InputError(f"VL-CheckList annotations not found: {annotations} is neither a file nor a folder")
+    bases = [annotations] if annotations else [root, os.path.join(root, "data"),
+                                               os.path.join(root, "vl-checklist", "data"),
+                                               os.path.join(root, "VL-CheckList", "data")]
+    out = []
+    for base in bases:
+        if not os.path.isdir(base):
+            continue
+        for d in sorted(os.listdir(base)):
+            if d.lower() in VLC_KINDS and os.path.isdir(os.path.join(base, d)):
+                for dirpath, dirnames, filenames in os.walk(os.path.join(base, d)):
+                    dirnames.sort()
+                    out += [(os.path.join(dirpath, f), os.path.relpath(os.path.join(dirpath, f), base))
+                            for f in sorted(filenames) if f.lower().endswith(".json")]
+        if out:
+            return out
+    raise InputError(f"VL-CheckList JSON files not found: looked for Attribute/, Object/, Relation/ folders of "
+                     f"*.json in {', '.join(bases)}")
+
+
+def vlc_image_roots(root, images):
+    return [images] if images else [os.path.join(root, "images"), root]
+
+
+def vlc_find(rel, key, roots):
+    """An image path of a VL-CheckList JSON: relative to a per-source folder (vg/, swig/, hake/) under an images root."""
+    hint = [s for s in VLC_SOURCES if s in key.lower() or (s == "vg" and "vaw" in key.lower())]
+    subdirs = [""] + hint + [s for s in VLC_SOURCES if s not in hint]
+    return find_image([os.path.join(s, rel) if s else rel for s in subdirs], roots)
+
+
+def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None):
+    """VL-CheckList JSON files [[image_path, {"POS": [...], "NEG": [...]}], ...] -> one Item per (POS, NEG) pair.
+
+    Each item: 1 image, texts [POS[k], NEG[k]] for k < min(len(POS), len(NEG)); category = Attribute / Object /
+    Relation from the file's path; meta["file"] = the path relative to the corpus folder (per-file accuracy).
+    Files: `annotations` (one JSON file, or a corpus folder), else every *.json under Attribute/, Object/, Relation/
+    (any case) in root, root/data, root/vl-checklist/data or root/VL-CheckList/data (the repository's data/ folder).
+    Image paths in the JSON are relative to the source's image folder (vg/, swig/, hake/ as in VL-CheckList's
+    DATASETS.md): looked up as IMAGES/<path> and IMAGES/{vg,swig,hake}/<path>, IMAGES = `images`, else root/images
+    and root. No split; `seed` unused.
+    """
+    check_root(root, "VL-CheckList")
+    files = vlc_json_files(root, annotations)
+    roots = vlc_image_roots(root, images)
+    report, items, seen = new_report("vlchecklist", [p for p, _ in files]), [], set()
+    for path, key in files:
+        category = vlc_category(key if key != path else os.path.abspath(path))
+        if category is None:
+            report["warnings"].append(f"{path}: no Attribute / Object / Relation folder in its path; "
+                                      "counted in Average only")
+        data = read_json(path, "VL-CheckList file")
+        if not isinstance(data, list):
+            malformed(report, path, "not a JSON list of [image_path, {POS, NEG}]")
+            continue
+        for i, rec in enumerate(data):
+            report["records"] += 1
+            where = f"{path}[{i}]"
+            try:
+                rel, texts = rec
+                pos, neg = [t for t in texts["POS"] if t], [t for t in texts["NEG"] if t]
+                assert isinstance(rel, str) and rel and pos and neg
+            except (ValueError, TypeError, KeyError, AssertionError):
+                malformed(report, where, "not [image_path, {\"POS\": [text], \"NEG\": [text]}] with texts")
+                continue
+            image = vlc_find(rel, key, roots)
+            if image is None:
+                missing(report, [rel], seen)
+                continue
+            for k, (p, n) in enumerate(zip(pos, neg)):
+                items.append(Item(id=f"{key}[{i}]" + (f"/{k}" if k else ""), images=[image], texts=[str(p), str(n)],
+                                  category=category or "", meta=dict(file=key)))
+    return finish(report, items, "VL-CheckList", "<image_path> or vg/<image_path>", roots)
+
+
+# ---- MS-COCO captions (Lin et al., 2014): training source for the zero-shot transfer of Table 8 ----------------------
+
+COCO_CAPTIONS = ("captions_train2014.json", "captions_val2014.json")
+
+
+def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
+    """captions_{train,val}2014.json -> one Item per caption: 1 image, texts [caption, n_negatives other captions].
+
+    Negatives are captions of other images, drawn per item. The file is `annotations`, else captions_<split>2014.json
+    (split "train" / "val"; None = train, else val) in root or root/annotations; images (file_name) in
+    root/<subset>, root/images/<subset>, root/images/mscoco/images/<subset>, root/coco/<subset>, root/images or root.
+    """
+    check_root(root, "MS-COCO")
+    folders = [root, os.path.join(root, "annotations")]
+    if annotations:
+        path = given_file("MS-COCO captions", annotations)
+    elif split:
+        path = find_file("MS-COCO captions", [f"captions_{split}2014.json"], folders)
+    else:
+        path = find_file("MS-COCO captions", COCO_CAPTIONS, folders)
+    sub = "val" if "val" in os.path.basename(path) else "train"
+    data = read_json(path, "MS-COCO captions")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise InputError(f"MS-COCO captions {path} lacks an 'annotations' list")
+    report, seen = new_report("coco", [path]), set()
+    names = {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
+    image_dirs = coco_image_dirs(root, f"{sub}2014")
+    caps = []
+    for i, a in enumerate(data["annotations"]):
+        report["records"] += 1
+        if not isinstance(a, dict) or not str(a.get("caption", "")).strip() or a.get("image_id") is None:
+            malformed(report, f"{path}[{i}]", "not an annotation with image_id and caption")
+            continue
+        caps.append((a["image_id"], str(a["caption"]).strip(), a.get("id", i)))
+    pool = [(image_id, c) for image_id, c, _ in caps]
+    items = []
+    for image_id, caption, cid in caps:
+        cands = [names[image_id]] if names.get(image_id) else []
+        if str(image_id).isdigit():
+            cands.append(f"COCO_{sub}2014_{int(image_id):012d}.jpg")
+        image = find_image(cands, image_dirs)
+        if image is None:
+            missing(report, cands[:1] or [str(image_id)], seen)
+            continue
+        negatives = draw(pool, n_negatives, item_rng(seed, cid), bad_keys={image_id}, bad_texts=[caption])
+        items.append(Item(id=str(cid), images=[image], texts=[caption] + negatives, split=sub,
+                          meta=dict(image_id=image_id)))
+    return finish(report, items, "MS-COCO", "<file_name>", image_dirs)
+
+
+LOADERS = {"comvg": load_comvg, "refcocog": load_refcocog, "vqav2": load_vqav2, "winoground": load_winoground,
+           "vlchecklist": load_vlchecklist, "coco": load_coco}

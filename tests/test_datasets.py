@@ -1,0 +1,314 @@
+"""Loaders of §5.1 on tiny fixture files written in each publisher's exact format."""
+import csv
+import json
+import os
+import pickle
+
+import pytest
+from PIL import Image
+
+from datasets import LOADERS, InputError, load_coco, load_comvg, load_refcocog, load_vlchecklist, load_vqav2, \
+    load_winoground
+
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
+
+
+def image(path, color, size=16):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (size, size), COLORS[color]).save(path)  # the format follows the extension (.jpg -> JPEG)
+    return path
+
+
+# ---- fixture writers (also used by test_evaluate.py) -------------------------------------------------------------
+
+def write_comvg(root, bad_line=True, missing=True):
+    """comvg.csv: 3 good rows (subject, object, verb), optionally a short row and a row with a missing image."""
+    rows = [("1", "a red circle", "circle,is,red", "circle,is,blue", "10", "11", "subject"),
+            ("2", "a blue square", "square,is,blue", "square,is,green", "11", "12", "object"),
+            ("3", "a green triangle", "t,is,green", "t,is,red", "12", "10", "verb")]
+    if bad_line:
+        rows.append(("4", "a yellow ball", "x"))                                              # line 5: short
+    if missing:
+        rows.append(("5", "a yellow circle", "c,is,yellow", "c,is,red", "99", "10", "subject"))  # 99.jpg missing
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "comvg.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value"])
+        w.writerows(rows)
+    image(os.path.join(root, "VG_100K", "10.jpg"), "red")
+    image(os.path.join(root, "VG_100K", "11.jpg"), "blue")
+    image(os.path.join(root, "VG_100K_2", "12.jpg"), "green")
+    return root
+
+
+REF_WORDS = ["red", "green", "blue", "yellow"]
+
+
+def write_refcocog(root, n=24):
+    """refcocog/refs(umd).p (n refs over 4 images, splits train/val alternating, one bad ref) + instances.json."""
+    refs = []
+    for i in range(n):
+        color = REF_WORDS[i % 4]
+        refs.append(dict(ref_id=i, ann_id=100 + i, image_id=i % 4 + 1, split=("val", "train")[i % 2],
+                         category_id=1, sentences=[dict(raw=f"the {color} thing {i}", sent=f"the {color} thing {i}",
+                                                        tokens=["the", color], sent_id=1000 + i)]))
+    refs.append(dict(ref_id=999, image_id=1, split="val"))  # malformed: no ann_id, no sentences
+    os.makedirs(os.path.join(root, "refcocog"), exist_ok=True)
+    with open(os.path.join(root, "refcocog", "refs(umd).p"), "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    images = [dict(id=k, file_name=f"COCO_train2014_{k:012d}.jpg") for k in range(1, 5)]
+    with open(os.path.join(root, "refcocog", "instances.json"), "w") as f:
+        json.dump(dict(images=images, annotations=[], categories=[]), f)
+    for k in range(1, 5):
+        image(os.path.join(root, "train2014", f"COCO_train2014_{k:012d}.jpg"), REF_WORDS[(k - 1) % 4])
+    return root
+
+
+def write_vqav2(root):
+    """val2014 questions + annotations: 12 questions on 4 images, one question without annotation."""
+    answers = ["red", "green", "blue", "yellow", "two", "three", "cat", "dog", "ball", "table", "man", "woman"]
+    qs, anns = [], []
+    for i in range(12):
+        img = i % 4 + 1
+        if i < 4:
+            q, a, kind, given = "is it red?", ("yes" if img == 1 else "no"), "yes/no", ["yes", "no"]
+        else:
+            q, a, kind, given = "what color is it?", REF_WORDS[img - 1], "other", [REF_WORDS[img - 1], "dog"]
+        qs.append(dict(image_id=img, question=q, question_id=500 + i))
+        anns.append(dict(question_id=500 + i, image_id=img, answer_type=kind, multiple_choice_answer=a,
+                         answers=[dict(answer=x, answer_confidence="yes", answer_id=k + 1)
+                                  for k, x in enumerate(given)]))
+    for x in answers:  # more frequent answers for the candidate pool (annotations of other, image-less questions)
+        anns.append(dict(question_id=900 + len(anns), image_id=77, answer_type="other", multiple_choice_answer=x,
+                         answers=[dict(answer=x)]))
+    qs.append(dict(image_id=2, question="orphan?", question_id=12345))  # no annotation: malformed
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json"), "w") as f:
+        json.dump(dict(data_subtype="val2014", questions=qs), f)
+    with open(os.path.join(root, "v2_mscoco_val2014_annotations.json"), "w") as f:
+        json.dump(dict(data_subtype="val2014", annotations=anns), f)
+    for k in range(1, 5):
+        image(os.path.join(root, "val2014", f"COCO_val2014_{k:012d}.jpg"), REF_WORDS[k - 1])
+    return root
+
+
+def write_winoground(root, bad_line=True):
+    """examples.jsonl: 3 examples (Object, Relation, Both) + optionally a broken line 4; images/*.png."""
+    exs = [dict(id=0, image_0="ex_0_img_0", image_1="ex_0_img_1", caption_0="a red circle", caption_1="a blue circle",
+                tag="Noun", secondary_tag="", num_main_preds=1, collapsed_tag="Object"),
+           dict(id=1, image_0="ex_1_img_0", image_1="ex_1_img_1", caption_0="a green square",
+                caption_1="a yellow square", tag="Adjective-Color", secondary_tag="", num_main_preds=1,
+                collapsed_tag="Relation"),
+           dict(id=2, image_0="ex_2_img_0", image_1="ex_2_img_1", caption_0="a blue dog", caption_1="a red dog",
+                tag="Scope", secondary_tag="Symbolic", num_main_preds=2, collapsed_tag="Both")]
+    colors = [("red", "blue"), ("green", "yellow"), ("red", "blue")]  # example 2 is mismatched on purpose
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "examples.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(e) for e in exs) + "\n")
+        if bad_line:
+            f.write('{"id": 3, "image_0": "ex_3_img_0"\n')  # line 4: truncated JSON
+    for e, (c0, c1) in zip(exs, colors):
+        image(os.path.join(root, "images", f"{e['image_0']}.png"), c0)
+        image(os.path.join(root, "images", f"{e['image_1']}.png"), c1)
+    return root
+
+
+def write_vlchecklist(root):
+    """data/Attribute/vg/color.json (3 records, 1 malformed), data/relation/vg/spatial.json (lowercase folder)."""
+    attr = [["VG_100K/1.jpg", {"POS": ["a red ball"], "NEG": ["a blue ball"]}],
+            ["VG_100K_2/2.jpg", {"POS": ["a green ball"], "NEG": ["a red ball"]}],
+            ["VG_100K/1.jpg", {"POS": ["a red ball"]}]]  # index 2: no NEG
+    rel = [["VG_100K/1.jpg", {"POS": ["ball on red table", "red ball"], "NEG": ["ball under blue table", "blue ball"]}],
+           ["VG_100K/404.jpg", {"POS": ["a cat"], "NEG": ["a dog"]}]]  # image missing
+    for rel_path, data in (("data/Attribute/vg/color.json", attr), ("data/relation/vg/spatial.json", rel)):
+        os.makedirs(os.path.dirname(os.path.join(root, rel_path)), exist_ok=True)
+        with open(os.path.join(root, rel_path), "w") as f:
+            json.dump(data, f)
+    image(os.path.join(root, "vg", "VG_100K", "1.jpg"), "red")
+    image(os.path.join(root, "vg", "VG_100K_2", "2.jpg"), "green")
+    return root
+
+
+def write_coco(root):
+    images = [dict(id=k, file_name=f"COCO_train2014_{k:012d}.jpg") for k in range(1, 5)]
+    anns = [dict(image_id=k, id=10 * k + j, caption=f"a {REF_WORDS[k - 1]} thing number {j}")
+            for k in range(1, 5) for j in range(3)]
+    anns.append(dict(image_id=1, id=999))  # no caption
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", "captions_train2014.json"), "w") as f:
+        json.dump(dict(images=images, annotations=anns), f)
+    for k in range(1, 5):
+        image(os.path.join(root, "train2014", f"COCO_train2014_{k:012d}.jpg"), REF_WORDS[k - 1])
+    return root
+
+
+# ---- ComVG -------------------------------------------------------------------------------------------------------
+
+def test_comvg_reads_csv_and_counts_bad_rows(tmp_path):
+    root = write_comvg(str(tmp_path))
+    items, report = load_comvg(root)
+    assert [it.id for it in items] == ["1", "2", "3"]
+    assert [it.category for it in items] == ["subject", "object", "verb"]
+    assert items[0].texts == ["a red circle"]
+    assert items[0].images == [os.path.join(root, "VG_100K", "10.jpg"), os.path.join(root, "VG_100K", "11.jpg")]
+    assert items[1].images[1] == os.path.join(root, "VG_100K_2", "12.jpg")
+    assert report["records"] == 5 and report["items"] == 3
+    assert report["malformed"] == 1 and "comvg.csv:5" in report["warnings"][0]
+    assert report["missing_images"] == 1 and report["missing_files"] == ["99.jpg"]
+
+
+def test_comvg_explicit_annotations_and_flat_folder(tmp_path):
+    root = write_comvg(str(tmp_path / "a"), bad_line=False, missing=False)
+    flat = str(tmp_path / "flat")
+    for sub in ("VG_100K", "VG_100K_2"):
+        for name in os.listdir(os.path.join(root, sub)):
+            os.makedirs(flat, exist_ok=True)
+            os.replace(os.path.join(root, sub, name), os.path.join(flat, name))
+    csv_path = str(tmp_path / "elsewhere.csv")
+    os.replace(os.path.join(root, "comvg.csv"), csv_path)
+    items, report = load_comvg(flat, annotations=csv_path)
+    assert len(items) == 3 and report["malformed"] == 0 and report["files"] == [csv_path]
+
+
+def test_comvg_missing_root_csv_and_images(tmp_path):
+    with pytest.raises(InputError, match="not a folder"):
+        load_comvg(str(tmp_path / "nope"))
+    with pytest.raises(InputError) as e:
+        load_comvg(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in ("compositional_visual_genome.csv", "ComVG.csv", "comvg.csv"))
+    root = write_comvg(str(tmp_path / "c"))
+    for sub in ("VG_100K", "VG_100K_2"):
+        for name in os.listdir(os.path.join(root, sub)):
+            os.remove(os.path.join(root, sub, name))
+    with pytest.raises(InputError) as e:
+        load_comvg(root)
+    msg = str(e.value)
+    assert "no ComVG images found" in msg and "\n" not in msg
+    for sub in ("VG_100K", "VG_100K_2", "vg_concept", "images"):
+        assert os.path.join(root, sub) in msg
+
+
+def test_comvg_wrong_header(tmp_path):
+    with open(tmp_path / "comvg.csv", "w") as f:
+        f.write("id,text\n1,a\n")
+    with pytest.raises(InputError, match="lacks the column"):
+        load_comvg(str(tmp_path))
+
+
+# ---- RefCOCOg ----------------------------------------------------------------------------------------------------
+
+def test_refcocog_ten_texts_reproducible_and_split(tmp_path):
+    root = write_refcocog(str(tmp_path))
+    items, report = load_refcocog(root, split="val")
+    assert len(items) == 12 and all(it.split == "val" for it in items)
+    assert report["malformed"] == 1 and "refs(umd).p[24]" in report["warnings"][0]
+    it = items[0]
+    assert it.texts[0] == "the red thing 0" and len(it.texts) == 10 and len(set(it.texts)) == 10
+    assert it.images == [os.path.join(root, "train2014", "COCO_train2014_000000000001.jpg")]
+    val_texts = {i.texts[0] for i in items}
+    assert set(it.texts[1:]) <= val_texts - {it.texts[0]}  # negatives: other refs of the same split
+    again, _ = load_refcocog(root, split="val")
+    assert [i.texts for i in again] == [i.texts for i in items]
+    other, _ = load_refcocog(root, split="val", seed=1)
+    assert [i.texts for i in other] != [i.texts for i in items]
+    everything, _ = load_refcocog(root)
+    assert {i.split for i in everything} == {"train", "val"} and len(everything) == 24
+
+
+def test_refcocog_missing_refs_names_places(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_refcocog(str(tmp_path))
+    msg = str(e.value)
+    assert "refs(umd).p" in msg and "refs(google).p" in msg and os.path.join(str(tmp_path), "refcocog") in msg
+
+
+def test_refcocog_missing_images_counted(tmp_path):
+    root = write_refcocog(str(tmp_path))
+    os.remove(os.path.join(root, "train2014", "COCO_train2014_000000000003.jpg"))
+    items, report = load_refcocog(root, split="val")
+    assert len(items) == 6 and report["missing_images"] == 6 and report["n_missing_files"] == 1
+
+
+# ---- VQAv2 -------------------------------------------------------------------------------------------------------
+
+def test_vqav2_candidates(tmp_path):
+    root = write_vqav2(str(tmp_path))
+    items, report = load_vqav2(root)
+    assert len(items) == 12 and report["malformed"] == 1 and "questions.json[12]" in report["warnings"][0]
+    yn = items[0]
+    assert yn.category == "yes/no" and yn.texts[0] == "is it red? yes" and len(yn.texts) == 10
+    assert not any(t in ("is it red? no", "is it red? yes") for t in yn.texts[1:])  # annotator answers excluded
+    other = items[5]
+    assert other.category == "other" and other.texts[0] == "what color is it? green"
+    assert "what color is it? dog" not in other.texts
+    assert len(set(other.texts)) == 10 and other.split == "val"
+    assert load_vqav2(root)[0][5].texts == other.texts
+
+
+def test_vqav2_missing_files(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_vqav2(str(tmp_path))
+    assert "v2_mscoco_val2014_annotations.json" in str(e.value) and os.path.join(str(tmp_path), "annotations") in \
+        str(e.value)
+
+
+# ---- Winoground --------------------------------------------------------------------------------------------------
+
+def test_winoground_jsonl(tmp_path):
+    root = write_winoground(str(tmp_path))
+    os.remove(os.path.join(root, "images", "ex_2_img_1.png"))
+    items, report = load_winoground(root)
+    assert [it.category for it in items] == ["Object", "Relation"]
+    assert items[0].texts == ["a red circle", "a blue circle"]
+    assert items[0].images[1] == os.path.join(root, "images", "ex_0_img_1.png")
+    assert report["malformed"] == 1 and "examples.jsonl:4" in report["warnings"][0]
+    assert report["missing_images"] == 1 and report["missing_files"] == ["ex_2_img_1.png"]
+
+
+def test_winoground_missing_image_folder(tmp_path):
+    with open(tmp_path / "examples.jsonl", "w") as f:
+        f.write("{}\n")
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(InputError, match="unzip"):
+        load_winoground(str(tmp_path))
+
+
+# ---- VL-CheckList ------------------------------------------------------------------------------------------------
+
+def test_vlchecklist_pairs_and_categories(tmp_path):
+    root = write_vlchecklist(str(tmp_path))
+    items, report = load_vlchecklist(root)
+    by_cat = {}
+    for it in items:
+        by_cat.setdefault(it.category, []).append(it)
+    assert sorted(by_cat) == ["Attribute", "Relation"]
+    assert len(by_cat["Attribute"]) == 2 and len(by_cat["Relation"]) == 2  # 2 (POS, NEG) pairs in one record
+    assert by_cat["Relation"][1].texts == ["red ball", "blue ball"]
+    assert by_cat["Attribute"][0].images == [os.path.join(root, "vg", "VG_100K", "1.jpg")]
+    assert by_cat["Attribute"][0].meta["file"] == os.path.join("Attribute", "vg", "color.json")
+    assert report["malformed"] == 1 and "color.json[2]" in report["warnings"][0]
+    assert report["missing_images"] == 1 and report["missing_files"] == ["VG_100K/404.jpg"]
+
+
+def test_vlchecklist_no_corpus(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_vlchecklist(str(tmp_path))
+    assert "Attribute/" in str(e.value) and os.path.join(str(tmp_path), "data") in str(e.value)
+
+
+# ---- MS-COCO -----------------------------------------------------------------------------------------------------
+
+def test_coco_negatives_from_other_images(tmp_path):
+    root = write_coco(str(tmp_path))
+    items, report = load_coco(root, n_negatives=4)
+    assert len(items) == 12 and report["malformed"] == 1
+    it = items[0]
+    assert it.texts[0] == "a red thing number 0" and len(it.texts) == 5
+    assert not any(t.startswith("a red") for t in it.texts[1:])
+
+
+def test_every_loader_has_the_same_signature(tmp_path):
+    for name, loader in LOADERS.items():
+        with pytest.raises(InputError):
+            loader(str(tmp_path / "missing"), annotations=None, split=None, seed=0)
