@@ -1,0 +1,442 @@
+"""Evaluation of §5 (Tables 1, 8 and 10): image-text matching accuracy on ComVG, RefCOCOg, VQAv2, Winoground, VL-CheckList.
+
+    python evaluate.py --model PATH_OR_ID --dataset comvg --data-root DIR [--annotations FILE] [--output results.json]
+    python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
+
+--dataset NAME: --data-root is that data set's own folder (default data/NAME). No --dataset: --data-root holds one
+sub-folder per data set (names case-insensitive, '-' and '_' ignored), each in its publisher's layout:
+
+    data/comvg/        compositional_visual_genome.csv (or ComVG.csv, comvg.csv); <image_id>.jpg in VG_100K/,
+                       VG_100K_2/, vg_concept/, images/ or the folder itself
+    data/refcocog/     refs(umd).p or refs(google).p + instances.json (or both in refcocog/); COCO_train2014_*.jpg in
+                       train2014/, images/train2014/, images/mscoco/images/train2014/, images/ or the folder itself
+    data/vqav2/        v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json (train2014 too;
+                       also in annotations/); COCO_val2014_*.jpg in val2014/, images/val2014/, images/ or the folder
+    data/winoground/   examples.jsonl + images/<image>.png (or data/examples.jsonl + data/images/, unzipped)
+    data/vlchecklist/  VL-CheckList's data/ folder (data/{Attribute,Object,Relation}/**/*.json) + the image folders
+                       vg/, swig/, hake/ of its DATASETS.md (directly or under images/)
+    (data/coco/        captions_train2014.json + train2014/: a training source; evaluated only with --dataset coco)
+
+Splits: RefCOCOg and VQAv2 are evaluated on "val" unless --split names another (or "all").
+
+Metrics are pure functions of one item's score matrix s (n_images, n_texts), higher = better match; ties count as
+errors (strict >):
+    ComVG          correct = s[pos, sentence] > s[neg, sentence]                   Subjects / Objects / Predicate / Average
+    RefCOCOg       rank of the true text among the 10 (others with s >= true)      Top-1 / Top-5
+    VQAv2          Top-1 over the 10 "question answer" texts                       Binary (yes/no) / Other / All
+    Winoground     text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)
+                   image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group = both     Text / Image / Group, per tag
+    VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
+"Average" and "All" are over all items (micro); the JSON also holds the mean of the columns (macro_average).
+Bad input: "error: <one line>" on stderr, exit code 2. An unreadable image skips its item, counted in the summary.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+from tqdm import tqdm
+
+from datasets import LOADERS, InputError
+
+TABLE_DATASETS = ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist")  # found automatically under --data-root
+ALIASES = {"comvg": ("comvg", "compositional_visual_genome"), "refcocog": ("refcocog",),
+           "vqav2": ("vqav2", "vqa", "vqa_v2"), "winoground": ("winoground",),
+           "vlchecklist": ("vlchecklist", "vl-checklist"), "coco": ("coco", "mscoco")}
+DEFAULT_SPLIT = {"refcocog": "val", "vqav2": "val"}
+LEVELS = (0.2, 0.4, 0.6, 0.8)
+TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
+          "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions"}
+MAX_LISTED = 20
+
+
+# ---- metrics: pure functions of one score matrix (n_images, n_texts) --------------------------------------------------
+
+def pos_image_wins(s):
+    """ComVG: s (2 images, 1 text): the positive image scores higher than the negative one."""
+    return bool(s[0, 0] > s[1, 0])
+
+
+def pos_text_wins(s):
+    """VL-CheckList: s (1 image, 2 texts [POS, NEG]): POS scores higher."""
+    return bool(s[0, 0] > s[0, 1])
+
+
+def true_text_rank(s):
+    """0-based rank of text 0 for image 0 among all texts; a tie counts against it (pessimistic)."""
+    return int((s[0, 1:] >= s[0, 0]).sum())
+
+
+def top_k(s, k):
+    return true_text_rank(s) < k
+
+
+def winoground_scores(s):
+    """s (2 images, 2 texts), image k <-> caption k -> (text, image, group) correctness (Thrush et al., 2022)."""
+    text = bool(s[0, 0] > s[0, 1]) and bool(s[1, 1] > s[1, 0])   # each image prefers its own caption
+    image = bool(s[0, 0] > s[1, 0]) and bool(s[1, 1] > s[0, 1])  # each caption prefers its own image
+    return text, image, text and image
+
+
+def item_metrics(name, s):
+    """The per-item correctness flags each data set's columns average."""
+    if name == "comvg":
+        return dict(correct=pos_image_wins(s))
+    if name == "vlchecklist":
+        return dict(correct=pos_text_wins(s))
+    if name == "winoground":
+        return dict(zip(("text", "image", "group"), winoground_scores(s)))
+    if name == "vqav2":
+        return dict(correct=top_k(s, 1))
+    return dict(top1=top_k(s, 1), top5=top_k(s, 5), rank=true_text_rank(s))  # refcocog, coco
+
+
+def _is(*cats):
+    return lambda c: c.lower() in cats
+
+
+# data set -> [(column, flag, which items: category predicate or None = all)], in the paper's order
+COLUMNS = {
+    "comvg": [("Subjects", "correct", _is("subject")), ("Objects", "correct", _is("object")),
+              ("Predicate", "correct", _is("verb")), ("Average", "correct", None)],
+    "refcocog": [("Top-1", "top1", None), ("Top-5", "top5", None)],
+    "vqav2": [("Binary", "correct", _is("yes/no")), ("Other", "correct", lambda c: c.lower() != "yes/no"),
+              ("All", "correct", None)],
+    "winoground": [("Text", "text", None), ("Image", "image", None), ("Group", "group", None)],
+    "vlchecklist": [("Attribute", "correct", _is("attribute")), ("Object", "correct", _is("object")),
+                    ("Relation", "correct", _is("relation")), ("Average", "correct", None)],
+    "coco": [("Top-1", "top1", None), ("Top-5", "top5", None)],
+}
+WINOGROUND_TAGS = ("Relation", "Object", "Both")  # Table 10's column groups (collapsed_tag)
+
+
+def accuracy(records, flag, which=None):
+    """(percent or None, count) of `flag` over the records [(item, metrics)] whose category passes `which`."""
+    hits = [m[flag] for item, m in records if which is None or which(item.category)]
+    return (100.0 * sum(hits) / len(hits) if hits else None), len(hits)
+
+
+def summarize(name, records):
+    """Columns of the paper's table for one data set, with counts and the per-tag / per-file breakdowns."""
+    out = dict(metrics={}, counts={})
+    for col, flag, which in COLUMNS[name]:
+        out["metrics"][col], out["counts"][col] = accuracy(records, flag, which)
+    parts = [v for c, v in out["metrics"].items() if c not in ("Average", "All") and v is not None]
+    if name in ("comvg", "vlchecklist") and parts:
+        out["macro_average"] = sum(parts) / len(parts)
+    if name == "winoground":
+        tags = sorted({item.category for item, _ in records}, key=lambda t: (t not in WINOGROUND_TAGS, t))
+        out["per_tag"] = {t: {f: accuracy(records, f.lower(), _is(t.lower()))[0] for f in ("Text", "Image", "Group")}
+                          | {"n": accuracy(records, "text", _is(t.lower()))[1]} for t in tags}
+    if name == "vlchecklist":
+        files = sorted({item.meta.get("file", "") for item, _ in records})
+        out["per_file"] = {f: dict(zip(("accuracy", "n"), accuracy(
+            [(it, m) for it, m in records if it.meta.get("file", "") == f], "correct"))) for f in files}
+    return out
+
+
+# ---- the scoring loop ----------------------------------------------------------------------------------------------
+
+def open_image(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()  # decode now: a corrupt file fails here, not inside the model
+        return im
+
+
+class ImageCache:
+    """Decoded images by path, the `size` most recently used kept (training revisits items every epoch)."""
+
+    def __init__(self, size=64):
+        self.size, self.images = size, OrderedDict()
+
+    def get(self, path):
+        if path in self.images:
+            self.images.move_to_end(path)
+        else:
+            self.images[path] = open_image(path)
+            if len(self.images) > self.size:
+                self.images.popitem(last=False)
+        return self.images[path]
+
+    def load(self, paths):
+        return [self.get(p) for p in paths]
+
+
+def groups(items, pairs):
+    """Consecutive items whose (n_images * n_texts) pairs add up to about `pairs` (one score_items call each)."""
+    group, n = [], 0
+    for item in items:
+        group.append(item)
+        n += len(item.images) * len(item.texts)
+        if n >= pairs:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def score_dataset(model, items, batch_size=16, desc=None):
+    """[(item, score matrix)] for every item whose images open, and [(item id, error)] for those that do not."""
+    scored, unreadable, cache = [], [], ImageCache()
+    with tqdm(total=len(items), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
+        for group in groups(items, batch_size):
+            loaded = []
+            for item in group:
+                try:
+                    loaded.append((item, cache.load(item.images)))
+                except Exception as e:  # corrupt / truncated / not an image: skip this item only
+                    unreadable.append((item.id, f"{type(e).__name__}: {e}"))
+            if loaded:
+                mats = model.score_items([(ims, item.texts) for item, ims in loaded])
+                scored += [(item, s.detach().float().cpu()) for (item, _), s in zip(loaded, mats)]
+            bar.update(len(group))
+    return scored, unreadable
+
+
+def evaluate_items(model, name, items, batch_size=16, desc=None):
+    """Score `items` of data set `name` -> {"metrics": {column: percent}, "counts", n_items, unreadable, ...}."""
+    scored, unreadable = score_dataset(model, items, batch_size, desc=desc or name)
+    records = [(item, item_metrics(name, s)) for item, s in scored]
+    out = summarize(name, records)
+    out.update(n_items=len(records), unreadable=len(unreadable),
+               unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]])
+    return out
+
+
+# ---- data discovery and the model --------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+
+def _norm(name):
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _subdirs(root):
+    return {_norm(d): os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))}
+
+
+def default_root(name, data="data"):
+    """data/<name> (any alias and case, e.g. data/VL-CheckList), or data/<name> as the place looked if absent."""
+    subdirs = _subdirs(data) if os.path.isdir(data) else {}
+    return next((subdirs[_norm(a)] for a in ALIASES[name] if _norm(a) in subdirs), os.path.join(data, name))
+
+
+def dataset_roots(args):
+    """[(data set, its folder)]: --dataset with --data-root as its folder, or every data set under --data-root."""
+    if args.dataset:
+        return [(args.dataset, args.data_root or default_root(args.dataset))]
+    root = args.data_root or "data"
+    if not os.path.isdir(root):
+        raise InputError(f"data root not found: {root} is not a folder")
+    found = [(n, default_root(n, root)) for n in TABLE_DATASETS]
+    found = [(n, r) for n, r in found if os.path.isdir(r)]
+    if not found:
+        raise InputError(f"no data set found: looked for "
+                         f"{', '.join(os.path.join(root, ALIASES[n][0]) for n in TABLE_DATASETS)}")
+    return found
+
+
+def load_items(name, data_root=None, annotations=None, seed=0, split=None):
+    """(items, report) of data set `name` from its folder (default data/<name>); split None = every split."""
+    if name not in LOADERS:
+        raise InputError(f"unknown data set {name!r}: choose from {', '.join(sorted(LOADERS))}")
+    return LOADERS[name](data_root or default_root(name), annotations=annotations, split=split, seed=seed)
+
+
+def load_data(args):
+    """{name: (root, split, items, report)} for every data set asked for; loads all before any model is built."""
+    if args.annotations and not args.dataset:
+        raise InputError("--annotations needs --dataset (it names one data set's annotation file)")
+    out = {}
+    for name, root in dataset_roots(args):
+        split = None if args.split == "all" else (args.split or DEFAULT_SPLIT.get(name))
+        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split)
+        out[name] = (root, split, items[:args.limit] if args.limit else items, report)
+    return out
+
+
+def default_model(name=None):
+    """The model a data set is evaluated with when --model is not given (SD 2.1-base, as in the paper)."""
+    return DEFAULT_MODEL
+
+
+def load_scorer(model_id, args, dtype=None, batch_size=None):
+    """Discffusion.from_pretrained with the scorer options of `add_scorer_args` (defaults where args lacks them)."""
+    from discffusion import Discffusion
+    opts = dict(levels=getattr(args, "levels", LEVELS), lam=getattr(args, "lam", 1.0),
+                pooling=getattr(args, "pooling", "lse"), layers=getattr(args, "layers", "all"),
+                resolution=getattr(args, "resolution", None), resize_via=getattr(args, "resize_via", None),
+                seed=getattr(args, "seed", 0))
+    if batch_size:
+        opts["batch_size"] = batch_size
+    return Discffusion.from_pretrained(model_id, device=getattr(args, "device", None), dtype=dtype, **opts)
+
+
+def load_model(args):
+    """The model evaluate.py scores with. Hook for later options (--checkpoint prompt deltas, --methods baselines)."""
+    return load_scorer(args.model, args, dtype=args.dtype, batch_size=args.batch_size)
+
+
+# ---- tables ------------------------------------------------------------------------------------------------------
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def render_table(title, groups_, rows):
+    """groups_ [(group title, [column])], rows [(label, [cell])] (cells of all groups in order) -> a text table."""
+    widths = [[max(len(c), 7) for c in cols] for _, cols in groups_]
+    spans = [sum(w) + len(w) - 1 for w in widths]
+    lines = [[""] + [g[:s].ljust(s) for (g, _), s in zip(groups_, spans)],
+             ["Method"] + [" ".join(c.rjust(w) for c, w in zip(cols, ws)) for (_, cols), ws in zip(groups_, widths)]]
+    for label, cells in rows:
+        parts, k = [label], 0
+        for ws in widths:
+            parts.append(" ".join(str(c).rjust(w) for c, w in zip(cells[k:k + len(ws)], ws)))
+            k += len(ws)
+        lines.append(parts)
+    first = max(24, max(len(r[0]) for r in lines) + 1)
+    return "\n".join([title] + [" | ".join([r[0].ljust(first)] + r[1:]) for r in lines])
+
+
+def format_table(name, rows):
+    """One data set's columns for several runs: rows {label: {column: percent}} (e.g. zero_shot / few_shot)."""
+    cols = [c for c, _, _ in COLUMNS[name]]
+    return render_table(f"{TITLES[name]}: accuracy (%)", [(TITLES[name], cols)],
+                        [(label, [_fmt(m.get(c)) for c in cols]) for label, m in rows.items()])
+
+
+def tables(results):
+    """{table: (title, [(group, [(column, percent, count)])])} for the data sets evaluated, in the paper's layout."""
+    def cols(name):
+        r = results[name]
+        return [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in COLUMNS[name]]
+    out = {}
+    t1 = [(TITLES[n], cols(n)) for n in ("comvg", "refcocog", "vqav2") if n in results]
+    if t1:
+        out["table1"] = ("Table 1: accuracy (%)", t1)
+    t8 = [(TITLES[n], cols(n)) for n in ("winoground", "vlchecklist") if n in results]
+    if t8:
+        out["table8"] = ("Table 8: accuracy (%)", t8)
+    if "winoground" in results:
+        per_tag = results["winoground"]["per_tag"]
+        out["table10"] = ("Table 10: Winoground per collapsed_tag, accuracy (%)",
+                          [(t, [(f, per_tag.get(t, {}).get(f), per_tag.get(t, {}).get("n", 0))
+                                for f in ("Text", "Image", "Group")]) for t in WINOGROUND_TAGS])
+    if "coco" in results:
+        out["coco"] = ("MS-COCO captions: accuracy (%)", [(TITLES["coco"], cols("coco"))])
+    return out
+
+
+def show_table(title, groups_, method):
+    """A paper table: the accuracy row and the item counts behind each cell."""
+    cells = [c for _, cols in groups_ for c in cols]
+    return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in groups_],
+                        [(method, [_fmt(v) for _, v, _ in cells]), ("(items)", [n for _, _, n in cells])])
+
+
+def summary_line(name, res, report):
+    return (f"{name}: {report['records']} records -> {res['n_items']} items scored; skipped: "
+            f"{report['malformed']} malformed records, {report['missing_images']} items with missing images "
+            f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images")
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+def _levels(text):
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.4,0.6,0.8, got {text!r}")
+
+
+def _layers(text):
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of last layers, got {text!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--dataset", choices=sorted(LOADERS), help="one data set (default: all found under --data-root)")
+    p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
+    p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
+    p.add_argument("--split", help="RefCOCOg / VQAv2 split (default val), COCO (default train); 'all' for every split")
+    p.add_argument("--output", default="results.json", help="JSON results (default results.json)")
+    p.add_argument("--limit", type=int, help="the first N items of each data set (a quick look)")
+    p.add_argument("--batch-size", type=int, default=16, help="image-text pairs per model call")
+    p.add_argument("--seed", type=int, default=0, help="noise and negative sampling seed")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
+    add_scorer_args(p)
+    return p
+
+
+def add_scorer_args(p):
+    """The scorer options (Discffusion.from_pretrained), shared with train.py."""
+    g = p.add_argument_group("scorer (passed to Discffusion.from_pretrained)")
+    g.add_argument("--pooling", default="lse", choices=("lse", "max", "mean", "cosine", "official"),
+                   help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling")
+    g.add_argument("--lam", type=float, default=1.0, help="LogSumExp lambda (eq. 3)")
+    g.add_argument("--layers", type=_layers, default="all", help="'all' or K = the last K cross-attention layers")
+    g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
+                   + ",".join(map(str, LEVELS)) + ")")
+    g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
+    g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
+    return g
+
+
+def run(args, argv=()):
+    data = load_data(args)
+    for name, (_, _, _, report) in data.items():
+        for w in report["warnings"][:5]:
+            print(f"warning: {w}", file=sys.stderr)
+        if len(report["warnings"]) > 5:
+            print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)", file=sys.stderr)
+    model = load_model(args)
+    results = {}
+    for name, (root, split, items, report) in data.items():
+        results[name] = evaluate_items(model, name, items, args.batch_size)
+        results[name].update(root=root, split=split, report=report)
+    method = os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
+    shown = tables(results)
+    print()
+    for title, groups_ in shown.values():
+        print(show_table(title, groups_, method) + "\n")
+    for name, res in results.items():
+        print(summary_line(name, res, res["report"]))
+        for line in res["unreadable_items"]:
+            print(f"  unreadable: {line}")
+    out = dict(command=["evaluate.py"] + list(argv), args=vars(args),
+               model=getattr(model, "config", {}), datasets=results,
+               tables={k: {g: {c: v for c, v, _ in cols} for g, cols in groups_} for k, (_, groups_) in shown.items()})
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"results written to {args.output}")
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.no_grad():
+            run(args, argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""evaluate.py (Tables 1, 8, 10): metric functions on hand-made score matrices, the CLI on fixture data sets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+from datasets import Item
+from test_datasets import COLORS, write_comvg, write_refcocog, write_vlchecklist, write_vqav2, write_winoground
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = torch.tensor
+
+
+def color_of(im):
+    rgb = im.convert("RGB").getpixel((0, 0))
+    return min(COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLORS[c], rgb)))
+
+
+class FakeModel:
+    """score(image, text) = 1 if the image's colour is a word of the text, else 0 (the `score_items` API)."""
+    config = {"model": "fake"}
+
+    def __init__(self):
+        self.calls = []
+
+    def score_items(self, items):
+        self.calls.append(len(items))
+        return [T([[float(color_of(im) in t.split()) for t in texts] for im in images]) for images, texts in items]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    model = FakeModel()
+    monkeypatch.setattr(evaluate, "load_model", lambda args: model)
+    return model
+
+
+# ---- metrics on hand-made matrices ---------------------------------------------------------------------------------
+
+def test_winoground_text_image_group():
+    assert evaluate.winoground_scores(T([[2., 1.], [0., 3.]])) == (True, True, True)
+    # each image prefers its caption (text), but caption 1 prefers image 0 (s[0,1]=2.5 > s[1,1]=2): image fails
+    assert evaluate.winoground_scores(T([[3., 2.5], [1., 2.]])) == (True, False, False)
+    # each caption prefers its image (image), but image 1 prefers caption 0 (s[1,0]=2 > s[1,1]=1.5): text fails
+    assert evaluate.winoground_scores(T([[3., 1.], [2., 1.5]])) == (False, True, False)
+    assert evaluate.winoground_scores(T([[0., 1.], [1., 0.]])) == (False, False, False)
+    assert evaluate.winoground_scores(T([[1., 1.], [0., 2.]])) == (False, True, False)  # a tie is not a win
+
+
+def test_rank_top_k_and_pairs():
+    s = T([[0.5, 0.9, 0.1, 0.7, 0.6, 0.8, 0.2, 0.3, 0.0, 0.55]])  # true text ranks 6th (5 others above it)
+    assert evaluate.true_text_rank(s) == 5
+    assert not evaluate.top_k(s, 1) and not evaluate.top_k(s, 5) and evaluate.top_k(s, 6)
+    assert evaluate.true_text_rank(T([[0.5, 0.5, 0.1]])) == 1  # ties count against the true text
+    assert evaluate.item_metrics("refcocog", T([[1.0, 0.2, 0.3]])) == dict(top1=True, top5=True, rank=0)
+    assert evaluate.pos_image_wins(T([[0.3], [0.2]])) and not evaluate.pos_image_wins(T([[0.2], [0.2]]))
+    assert evaluate.pos_text_wins(T([[0.3, 0.2]])) and not evaluate.pos_text_wins(T([[0.1, 0.2]]))
+
+
+def test_summarize_columns_and_counts():
+    recs = [(Item("a", [], [], "subject"), dict(correct=True)), (Item("b", [], [], "subject"), dict(correct=False)),
+            (Item("c", [], [], "verb"), dict(correct=True)), (Item("d", [], [], "verb"), dict(correct=True))]
+    out = evaluate.summarize("comvg", recs)
+    assert out["metrics"] == {"Subjects": 50.0, "Objects": None, "Predicate": 100.0, "Average": 75.0}
+    assert out["counts"] == {"Subjects": 2, "Objects": 0, "Predicate": 2, "Average": 4}
+    assert out["macro_average"] == 75.0
+    vqa = evaluate.summarize("vqav2", [(Item("a", [], [], "yes/no"), dict(correct=True)),
+                                       (Item("b", [], [], "number"), dict(correct=False)),
+                                       (Item("c", [], [], "other"), dict(correct=True))])
+    assert vqa["metrics"] == {"Binary": 100.0, "Other": 50.0, "All": pytest.approx(200 / 3)}
+
+
+def test_groups_fill_batch_with_pairs():
+    items = [Item(str(i), ["x", "y"], ["t"]) for i in range(5)]  # 2 pairs each
+    assert [len(g) for g in evaluate.groups(items, 4)] == [2, 2, 1]
+    assert [len(g) for g in evaluate.groups(items, 1)] == [1] * 5
+
+
+def test_format_table_for_train_rows():
+    text = evaluate.format_table("comvg", {"zero_shot": {"Subjects": 50.0, "Average": 62.5}, "few_shot": {}})
+    assert "Subjects" in text and "Predicate" in text and "50.00" in text and "62.50" in text and "-" in text
+
+
+# ---- the CLI with a fake model -------------------------------------------------------------------------------------
+
+def test_comvg_cli_reports_malformed_and_missing(tmp_path, fake, capsys):
+    root = write_comvg(str(tmp_path / "comvg"))
+    out = str(tmp_path / "r.json")
+    assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", out, "--batch-size", "4"]) == 0
+    res = json.load(open(out))
+    d = res["datasets"]["comvg"]
+    assert d["metrics"] == {"Subjects": 100.0, "Objects": 100.0, "Predicate": 100.0, "Average": 100.0}
+    assert d["counts"]["Average"] == 3 and d["report"]["malformed"] == 1 and d["report"]["missing_images"] == 1
+    assert fake.calls == [2, 1]  # 4 pairs per call: 2 ComVG items, then the last one
+    assert res["model"] == {"model": "fake"} and res["args"]["dataset"] == "comvg"
+    assert res["tables"]["table1"]["Compositional Visual Genome"]["Average"] == 100.0
+    cap = capsys.readouterr()
+    assert "comvg.csv:5" in cap.err and "Table 1" in cap.out and "100.00" in cap.out
+    assert "1 malformed records, 1 items with missing images" in cap.out
+
+
+def test_corrupt_image_skips_item_and_continues(tmp_path, fake, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    with open(os.path.join(root, "VG_100K_2", "12.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    out = str(tmp_path / "r.json")
+    assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", out]) == 0
+    d = json.load(open(out))["datasets"]["comvg"]
+    assert d["n_items"] == 1 and d["unreadable"] == 2 and d["metrics"]["Subjects"] == 100.0
+    assert d["metrics"]["Objects"] is None and len(d["unreadable_items"]) == 2
+    assert "2 items with unreadable images" in capsys.readouterr().out
+
+
+def test_all_data_sets_under_root(tmp_path, fake, capsys):
+    data = tmp_path / "data"
+    write_comvg(str(data / "ComVG"), bad_line=False, missing=False)
+    write_refcocog(str(data / "refcocog"))
+    write_vqav2(str(data / "vqav2"))
+    write_winoground(str(data / "winoground"))
+    write_vlchecklist(str(data / "VL-CheckList"))
+    out = str(tmp_path / "r.json")
+    assert evaluate.main(["--data-root", str(data), "--output", out]) == 0
+    res = json.load(open(out))
+    ds = res["datasets"]
+    assert sorted(ds) == ["comvg", "refcocog", "vlchecklist", "vqav2", "winoground"]
+    assert ds["vqav2"]["metrics"] == {"Binary": 0.0, "Other": 100.0, "All": pytest.approx(200 / 3)}
+    w = ds["winoground"]
+    assert w["metrics"] == {"Text": pytest.approx(200 / 3), "Image": pytest.approx(200 / 3),
+                            "Group": pytest.approx(200 / 3)}
+    assert w["per_tag"]["Both"] == {"Text": 0.0, "Image": 0.0, "Group": 0.0, "n": 1}
+    assert w["per_tag"]["Object"]["Group"] == 100.0
+    assert ds["vlchecklist"]["metrics"]["Attribute"] == 100.0 and ds["vlchecklist"]["counts"]["Relation"] == 2
+    assert ds["vlchecklist"]["per_file"][os.path.join("Attribute", "vg", "color.json")]["n"] == 2
+    assert ds["refcocog"]["split"] == "val" and ds["refcocog"]["n_items"] == 12
+    # RefCOCOg by hand: the true text wins if no negative names the image's colour (ties count against it)
+    items, _ = evaluate.load_items("refcocog", str(data / "refcocog"), split="val")
+    ranks = [sum(it.texts[0].split()[1] in t.split() for t in it.texts[1:]) for it in items]
+    assert ds["refcocog"]["metrics"]["Top-1"] == pytest.approx(100 * sum(r < 1 for r in ranks) / 12)
+    assert ds["refcocog"]["metrics"]["Top-5"] == pytest.approx(100 * sum(r < 5 for r in ranks) / 12)
+    printed = capsys.readouterr().out
+    for word in ("Table 1", "Table 8", "Table 10", "Subjects", "Top-5", "Binary", "Group", "Relation", "66.67"):
+        assert word in printed
+    assert set(res["tables"]) == {"table1", "table8", "table10"}
+
+
+def test_bad_input_in_process(tmp_path, fake, capsys):
+    assert evaluate.main(["--data-root", str(tmp_path), "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no data set found") and err.count("\n") == 1
+    for name in ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist"):
+        assert os.path.join(str(tmp_path), name) in err
+    assert evaluate.main(["--annotations", "x.csv"]) == 2
+    assert "--annotations needs --dataset" in capsys.readouterr().err
+
+
+def test_missing_root_exits_2_without_traceback(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--dataset", "comvg", "--data-root",
+                        missing, "--output", str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: ComVG data root not found: {missing} is not a folder"
+    assert "Traceback" not in r.stderr
+
+
+# ---- end to end on the tiny random Stable Diffusion (the same loading path as real weights) -------------------------
+
+def test_end_to_end_tiny_sd(tmp_path, tiny_sd, capsys):
+    pytest.importorskip("discffusion")
+    comvg = write_comvg(str(tmp_path / "comvg"))
+    wino = write_winoground(str(tmp_path / "winoground"))
+    common = ["--model", tiny_sd, "--device", "cpu", "--dtype", "fp32", "--batch-size", "8", "--levels", "0.4,0.8"]
+    out = str(tmp_path / "comvg.json")
+    assert evaluate.main(common + ["--dataset", "comvg", "--data-root", comvg, "--output", out]) == 0
+    res = json.load(open(out))
+    d = res["datasets"]["comvg"]
+    assert d["n_items"] == 3 and d["counts"]["Average"] == 3 and d["report"]["missing_images"] == 1
+    parts = [d["metrics"][c] for c in ("Subjects", "Objects", "Predicate")]  # one item each
+    assert all(v in (0.0, 100.0) for v in parts) and d["metrics"]["Average"] == pytest.approx(sum(parts) / 3)
+    assert res["model"]["levels"] == [0.4, 0.8] and res["model"]["model"] == tiny_sd
+    out2 = str(tmp_path / "wino.json")
+    assert evaluate.main(common + ["--dataset", "winoground", "--data-root", wino, "--output", out2]) == 0
+    w = json.load(open(out2))["datasets"]["winoground"]
+    assert w["n_items"] == 3 and set(w["per_tag"]) == {"Object", "Relation", "Both"}
+    assert "Table 10" in capsys.readouterr().out
+    # the same run twice gives the same numbers (seeded noise, seeded negatives)
+    assert evaluate.main(common + ["--dataset", "winoground", "--data-root", wino, "--output", out2]) == 0
+    assert json.load(open(out2))["datasets"]["winoground"]["metrics"] == w["metrics"]
+
+
+def test_bad_model_path_exits_2(tmp_path, capsys):
+    pytest.importorskip("discffusion")
+    comvg = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    assert evaluate.main(["--model", str(tmp_path / "no_model"), "--device", "cpu", "--dataset", "comvg",
+                          "--data-root", comvg, "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "no_model" in err
