@@ -340,7 +340,8 @@ def show_table(title, groups_, method):
 
 
 def summary_line(name, res, report):
-    return (f"{name}: {report['records']} records -> {res['n_items']} items scored; skipped: "
+    other = f" ({report['other_split']} records of other splits left out)" if report.get("other_split") else ""
+    return (f"{name}: {report['records']} records{other} -> {res['n_items']} items scored; skipped: "
             f"{report['malformed']} malformed records, {report['missing_images']} items with missing images "
             f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images")
 
