@@ -189,14 +189,16 @@ class Discffusion(nn.Module):
         if noise is None:
             noise = self.level_noise(latents.shape[1:])
             noise = noise[[self.levels.index(l) for l in levels]] if levels != self.levels else noise
+        # with gradients, one UNet call per level: gradient checkpointing re-runs the processors in backward with
+        # the scorer's current token mask, which must be this call's
+        step = latents.shape[0] if torch.is_grad_enabled() else self.batch_size
         total = 0.0
         for level, eps in zip(levels, noise):
             t = self.timestep(level)
             chunks = []
-            for s in range(0, latents.shape[0], self.batch_size):
-                z_t, ts = self.add_noise(latents[s:s + self.batch_size], eps, t)
-                chunks.append(self.attention_score(z_t, ts, hidden[s:s + self.batch_size],
-                                                   mask[s:s + self.batch_size])[0])
+            for s in range(0, latents.shape[0], step):
+                z_t, ts = self.add_noise(latents[s:s + step], eps, t)
+                chunks.append(self.attention_score(z_t, ts, hidden[s:s + step], mask[s:s + step])[0])
             total = total + torch.cat(chunks)
         return (total / len(levels)).float()
 
@@ -230,6 +232,20 @@ class Discffusion(nn.Module):
                 flat = self.pair_scores(*args)
         return [m.reshape(s).cpu() if not train else m.reshape(s)
                 for m, s in zip(flat.split([a * b for a, b in shapes]), shapes)]
+
+    # ---- the few-shot prompts of §4.5 (the uniform interface train.py / evaluate.py drive for every method) ----
+    def trainable_parameters(self):
+        """p^k, p^v of every selected layer and the head-weight logits; attaches zero deltas on first use."""
+        import prompt_delta
+        return prompt_delta.trainable_parameters(self)
+
+    def save_trained(self, path, metadata=None):
+        import prompt_delta
+        prompt_delta.save(path, self, metadata)
+
+    def load_trained(self, path):
+        import prompt_delta
+        return prompt_delta.load(path, self)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

@@ -78,6 +78,16 @@ def write_tokenizer(folder, words=WORDS, max_length=16):
     return tok
 
 
+def calibrate_latent_scale(vae, size=64):
+    """Set the VAE's scaling factor so latents of colour images have unit std, as SD's 0.18215 does for real ones."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 3, 1, 1, generator=g) * 2 - 1).expand(8, 3, size, size)
+    x = x + 0.1 * torch.randn(8, 3, size, size, generator=g)
+    with torch.no_grad():
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+
+
 def make_random_sd(preset, folder, seed=0, words=WORDS):
     """Build the preset with random weights (seeded) and save it in diffusers layout; returns `folder`."""
     cfg = PRESETS[preset]
@@ -92,6 +102,7 @@ def make_random_sd(preset, folder, seed=0, words=WORDS):
                         down_block_types=("DownEncoderBlock2D",) * n_down,
                         up_block_types=("UpDecoderBlock2D",) * n_down, **cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    calibrate_latent_scale(vae)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
