@@ -1,0 +1,300 @@
+"""DiffusionITM baseline (seed 002: Krojer et al. 2023, "Are Diffusion Models Vision-And-Language Reasoners?").
+
+§3.1, the normalised denoising error; e = ||target - eps_theta(z_t, t, y)||_2 over the flattened latent (not squared):
+    itm         s(x, y) = - mean_t ( e(z_t, t, y) - e(z_t, t, "") )               (default)
+    classifier  s(x, y) = - mean_t   e(z_t, t, y)                                  (Diffusion Classifier form)
+    combined    s(x, y) = f(y, x) + mean_t ( e(z_t, t, "") - e(z_t, t, y) )         (the public Discffusion code's
+                f = the attention score of discffusion.py (eq. 3-4), from the same UNet pass          default score)
+target = eps, or the velocity (scheduler.get_velocity) for a v-prediction model.
+
+Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g.
+n = 10 -> 59, 157, ..., 941. Default 10: each timestep costs one UNet pass per pair plus one per image (Discffusion's
+ensemble costs 4 per pair), so 10 keeps the baseline within a few times Discffusion's cost; the paper reports gains
+flattening out only after 100-200 random (t, eps) samples, so pass a larger n_timesteps to approach its setting.
+
+Every part comes from the wrapped `Discffusion` (the "core"): image latents and text states (`encode_images`,
+`encode_texts`), eps (`level_noise`: a function of the seed and the timestep's index, never of the batch), t
+(`timestep`), z_t (`add_noise`), the UNet pass (`attention_score` -> attention score, eps_theta). The core's
+noise-level ensemble is replaced by t / T for the timesteps above, so `combined`'s attention term is exactly
+`Discffusion(levels=[t / T ...]).score`. Every candidate text of an image sees the same eps and t; the unconditional
+("") pass runs once per (image, timestep) and is shared by all of them (a candidate "" reuses it, so it scores 0).
+
+§3.2, HardNeg-DiffusionITM: LoRA (rank 4) on the UNet attention projections (to_q, to_k, to_v, to_out.0), trained with
+    L = MSE(pos) - min(MSE(neg), MSE(pos).detach())
+MSE the mean squared denoising error of a pair at a random t and eps, the same for a positive and its negative.
+
+    m = DiffusionITM.from_pretrained("stabilityai/stable-diffusion-2-1-base", variant="itm")
+    scores = m.score(images, texts)                                                 # (len(images), len(texts))
+"""
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from datasets import InputError
+from discffusion import DEFAULT_MODEL, Discffusion
+
+VARIANTS = ("itm", "classifier", "combined")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FORMAT = "discffusion-diffusion-itm-lora-v1"
+
+
+def spread_timesteps(n, T):
+    """n timesteps spread evenly over [0.01 T, 0.99 T): the midpoints of n equal slices."""
+    lo, hi = 0.01 * T, 0.99 * T
+    return [int(round(lo + (k + 0.5) * (hi - lo) / n)) for k in range(n)]
+
+
+class DiffusionITM(nn.Module):
+
+    def __init__(self, core, variant="itm", n_timesteps=10):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise InputError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
+        if int(n_timesteps) < 1:
+            raise InputError(f"n_timesteps {n_timesteps}: must be at least 1")
+        pred = core.scheduler.config.prediction_type
+        if pred not in ("epsilon", "v_prediction"):
+            raise InputError(f"scheduler prediction_type {pred!r}: DiffusionITM needs 'epsilon' or 'v_prediction'")
+        self.core, self.variant = core, variant
+        T = core.scheduler.config.num_train_timesteps
+        self.timesteps = spread_timesteps(int(n_timesteps), T)
+        core.levels = tuple(t / T for t in self.timesteps)          # the core's noise schedule becomes ours
+        core.config["levels"] = list(core.levels)
+        assert [core.timestep(l) for l in core.levels] == self.timesteps
+        self.lora = None                                             # {rank, alpha, targets} once add_lora ran
+
+    @classmethod
+    def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, variant="itm", n_timesteps=10, seed=0,
+                        batch_size=16, **options):
+        """A hub id or local diffusers folder; `options` go to Discffusion (resolution, pooling and layers of the
+        `combined` attention term, ...), except `levels`: the timesteps are n_timesteps."""
+        if "levels" in options:
+            raise InputError("levels: DiffusionITM spreads n_timesteps over [10, 990); set n_timesteps instead")
+        core = Discffusion.from_pretrained(model, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
+                                           **options)
+        return cls(core, variant, n_timesteps)
+
+    @property
+    def device(self):
+        return self.core.device
+
+    @property
+    def unet(self):
+        return self.core.unet
+
+    @property
+    def config(self):
+        core = {k: v for k, v in self.core.config.items() if k != "levels"}
+        return dict(core, method="diffusion_itm", variant=self.variant, n_timesteps=len(self.timesteps),
+                    timesteps=list(self.timesteps), prediction_type=self.core.scheduler.config.prediction_type,
+                    lora=self.lora)
+
+    # ---- one UNet pass per row ---------------------------------------------------------------------------------
+    def predict(self, z_t, ts, hidden, mask):
+        """R rows in chunks of batch_size -> attention score (R,), eps_theta (R, 4, h, w)."""
+        bs = self.core.batch_size
+        out = [self.core.attention_score(z_t[s:s + bs], ts[s:s + bs], hidden[s:s + bs], mask[s:s + bs])
+               for s in range(0, z_t.shape[0], bs)]
+        return torch.cat([a for a, _ in out]), torch.cat([p for _, p in out])
+
+    def target(self, latents, eps, ts):
+        """What the UNet predicts: eps, or the velocity for a v-prediction model; (R, 4, h, w)."""
+        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
+        if self.core.scheduler.config.prediction_type == "v_prediction":
+            return self.core.scheduler.get_velocity(latents, eps, ts)
+        return eps
+
+    def errors(self, latents, hidden, mask, t, eps):
+        """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)
+        -> attention score (R,), e = ||target - eps_theta||_2 (R,), float32."""
+        z_t, ts = self.core.add_noise(latents, eps, t)
+        att, pred = self.predict(z_t, ts, hidden, mask)
+        err = (self.target(latents, eps, ts).float() - pred.float()).flatten(1).norm(dim=1)
+        return att.float(), err
+
+    # ---- the score ---------------------------------------------------------------------------------------------
+    def plan(self, items):
+        """Unique UNet rows (image, text) of a call: texts (unique, "" = unconditional), rows [(image index, text
+        index)], and per pair (in item order) its row and its image's unconditional row."""
+        texts, rows, pair_row, uncond_row = {}, {}, [], []
+
+        def row(i, text):
+            return rows.setdefault((i, texts.setdefault(text, len(texts))), len(rows))
+        i0 = 0
+        for ims, ts in items:
+            for i in range(len(ims)):
+                u = row(i0 + i, "") if self.variant != "classifier" else None
+                for text in ts:
+                    pair_row.append(row(i0 + i, text))
+                    uncond_row.append(u)
+            i0 += len(ims)
+        return list(texts), list(rows), pair_row, uncond_row
+
+    def combine(self, att, err, pair_row, uncond_row):
+        """Per-pair score at one timestep from the rows' attention scores and errors (R,) -> (P,)."""
+        e = err[pair_row]
+        if self.variant == "classifier":
+            return -e
+        e0 = err[uncond_row]
+        return (att[pair_row] if self.variant == "combined" else 0.0) + (e0 - e)
+
+    def pair_scores(self, items, train=False, generator=None):
+        images = [im for ims, _ in items for im in ims]
+        latents = self.core.encode_images(images)                                    # (N, 4, h, w)
+        texts, rows, pair_row, uncond_row = self.plan(items)
+        hidden, mask = self.core.encode_texts(texts)                                 # (M, L, D), (M, L)
+        img_idx, txt_idx = [i for i, _ in rows], [j for _, j in rows]
+        args = (latents[img_idx], hidden[txt_idx], mask[txt_idx])                    # R rows
+        if train:  # one timestep and one eps for the whole call, as Discffusion's training step
+            k = int(torch.randint(len(self.timesteps), (1,), generator=generator))
+            eps = torch.randn((1, *latents.shape[1:]), generator=generator)
+            return self.combine(*self.errors(*args, self.timesteps[k], eps), pair_row, uncond_row)
+        noise = self.core.level_noise(latents.shape[1:])                             # (n_t, 4, h, w)
+        total = 0.0
+        for t, eps in zip(self.timesteps, noise):
+            total = total + self.combine(*self.errors(*args, t, eps), pair_row, uncond_row)
+        return total / len(self.timesteps)                                           # (P,)
+
+    def score_items(self, items, train=False, generator=None):
+        """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
+
+        train=True: one timestep of the schedule and one eps drawn from `generator`, shared by every pair of the
+        call; gradients reach the LoRA parameters. Otherwise all timesteps, under inference_mode, on the CPU."""
+        shapes = [(len(ims), len(ts)) for ims, ts in items]
+        if train:
+            flat = self.pair_scores(items, True, generator)
+        else:
+            with torch.inference_mode():
+                flat = self.pair_scores(items).cpu()
+        return [s.reshape(shape) for s, shape in zip(flat.split([a * b for a, b in shapes]), shapes)]
+
+    def score(self, images, texts):
+        """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
+        return self.score_items([(list(images), list(texts))])[0]
+
+    # ---- HardNeg-DiffusionITM: LoRA on the UNet attention (§3.2) ------------------------------------------------
+    def add_lora(self, rank=4, targets=LORA_TARGETS, alpha=None):
+        """Stock diffusers/peft LoRA on every attention projection named in `targets`; B = 0, so the model starts
+        as the base model. Adapters are kept in float32 even when the UNet runs in fp16/bf16."""
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+        want = dict(rank=int(rank), alpha=float(rank if alpha is None else alpha), targets=list(targets))
+        if self.lora is not None:
+            if self.lora != want:
+                raise InputError(f"LoRA already added with {self.lora}, asked for {want}")
+            return self.trainable_parameters()
+        try:
+            self.core.unet.add_adapter(LoraConfig(r=want["rank"], lora_alpha=want["alpha"],
+                                                  target_modules=want["targets"], init_lora_weights=True))
+        except ValueError as e:
+            raise InputError(f"LoRA targets {want['targets']}: {str(e).splitlines()[0]}") from None
+        cast_training_params(self.core.unet, torch.float32)
+        self.lora = want
+        return self.trainable_parameters()
+
+    def lora_state(self):
+        """The LoRA tensors by parameter name (peft's names, e.g. ...attn2.to_k.lora_A.default.weight)."""
+        return {n: p for n, p in self.core.unet.named_parameters() if "lora_" in n}
+
+    def trainable_parameters(self):
+        """The LoRA parameters (adding the default rank-4 adapters first if add_lora was not called)."""
+        if self.lora is None:
+            self.add_lora()
+        return list(self.lora_state().values())
+
+    def save_trained(self, path, metadata=None):
+        """One safetensors file: the LoRA tensors (float32) and metadata (JSON strings)."""
+        if self.lora is None:
+            raise InputError("nothing to save: no LoRA adapters (call add_lora or train first)")
+        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.lora_state().items()}
+        meta = {**(metadata or {}), "format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
+                "lora": self.lora, "shapes": {n: list(t.shape) for n, t in tensors.items()}}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(tensors, str(path), metadata={k: json.dumps(v, default=str) for k, v in meta.items()})
+
+    def load_trained(self, path):
+        """Load save_trained's file (adding its adapters if this model has none); returns its metadata.
+
+        A different format, LoRA configuration, tensor set or shape is an InputError naming it; a different base
+        model name with matching shapes only warns (a hub id and its local copy are the same model)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise InputError(f"checkpoint {path} does not exist") from None
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+            raise InputError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__})") from None
+        try:
+            meta = {k: json.loads(v) for k, v in raw.items()}
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("format") != FORMAT:
+            raise InputError(f"checkpoint {path} is not a DiffusionITM LoRA file (format {raw.get('format')!r})")
+        lora = meta["lora"]
+        if self.lora is not None and self.lora != lora:
+            diff = ", ".join(f"{k} {lora[k]} in the file, {self.lora[k]} in this model"
+                             for k in lora if lora[k] != self.lora.get(k))
+            raise InputError(f"checkpoint {path}: LoRA mismatch: {diff}")
+        self.add_lora(lora["rank"], lora["targets"], lora["alpha"])
+        own = self.lora_state()
+        extra, lacking = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+        if extra or lacking:
+            raise InputError(f"checkpoint {path} (base model {meta.get('model')!r}) does not fit this UNet: "
+                             f"not in this model {extra[:3]}, not in the checkpoint {lacking[:3]}")
+        for k, p in own.items():
+            if tensors[k].shape != p.shape:
+                raise InputError(f"checkpoint {path}: {k} has shape {tuple(tensors[k].shape)} in the file, "
+                                 f"{tuple(p.shape)} in this model (trained on {meta.get('model')!r}, "
+                                 f"this is {self.core.name!r})")
+        if meta.get("model") != self.core.name:
+            warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.core.name!r} (shapes match)")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+        return meta
+
+
+def mse(pred, target):
+    """Mean squared denoising error per row: (R, 4, h, w) -> (R,)."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def hardneg_loss(m, items, generator):
+    """§3.2: mean over items of MSE(pos) - min(MSE(neg), MSE(pos).detach()).
+
+    Positive: (images[0], texts[0]). Negative: one drawn uniformly from the item's others: a text for the true image
+    (texts[1:], e.g. a hard or random caption) or an image for the true text (images[1:], a negative image). Each
+    item draws its own t ~ U[0, T) and eps, shared by its positive and its negative."""
+    core = m.core
+    images, neg_img, texts = [ims[0] for ims, _ in items], [], []
+    for b, (ims, ts) in enumerate(items):
+        negs = [(b, t) for t in ts[1:]] + [(im, ts[0]) for im in ims[1:]]
+        if not negs:
+            raise InputError("HardNeg needs a negative per item: a second text or a second image")
+        im, text = negs[int(torch.randint(len(negs), (1,), generator=generator))]
+        if not isinstance(im, int):              # a negative image: encoded after the positives
+            images.append(im)
+            im = len(images) - 1
+        neg_img.append(im)
+        texts += [ts[0], text]
+    B = len(items)
+    latents = core.encode_images(images)                                              # (B + n_neg_img, 4, h, w)
+    hidden, mask = core.encode_texts(texts)                                           # (2B, L, D): pos, neg, ...
+    T = core.scheduler.config.num_train_timesteps
+    t = torch.randint(T, (B,), generator=generator)
+    eps = torch.randn((B, *latents.shape[1:]), generator=generator)
+    z0 = torch.stack([latents[[b, neg_img[b]]] for b in range(B)]).flatten(0, 1)      # (2B, 4, h, w): pos, neg, ...
+    noisy = [core.add_noise(z0[2 * b:2 * b + 2], eps[b], int(t[b])) for b in range(B)]
+    z_t, ts = torch.cat([z for z, _ in noisy]), torch.cat([s for _, s in noisy])
+    eps2 = eps.repeat_interleave(2, dim=0)                                            # (2B, 4, h, w)
+    _, pred = m.predict(z_t, ts, hidden, mask)
+    err = mse(pred, m.target(z0, eps2, ts)).view(B, 2)                                # (B, 2): MSE(pos), MSE(neg)
+    pos, neg = err[:, 0], err[:, 1]
+    return (pos - torch.minimum(neg, pos.detach())).mean()

@@ -1,0 +1,221 @@
+"""DiffusionITM baseline (seed 002 §3.1-3.2): definitions by hand, UNet call counts, invariances, LoRA, save/load."""
+import pytest
+import torch
+from PIL import Image
+
+from datasets import InputError
+from diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
+from discffusion import Discffusion
+
+TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
+
+
+def images(n, size=(24, 20)):
+    g = torch.Generator().manual_seed(1)
+    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def itm(tiny_sd):
+    return DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3)
+
+
+def count_rows(m, uncond_hidden):
+    """Forward pre-hook on the UNet: number of calls, batch rows, and rows conditioned on the "" text."""
+    seen = dict(calls=0, rows=0, uncond=0)
+
+    def hook(module, args, kwargs):
+        hid = kwargs["encoder_hidden_states"]                              # (b, L, D)
+        seen["calls"] += 1
+        seen["rows"] += hid.shape[0]
+        seen["uncond"] += int(((hid - uncond_hidden).abs().flatten(1).amax(1) < 1e-5).sum())
+    return seen, m.core.unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_timesteps_spread_over_10_990():
+    assert spread_timesteps(3, 1000) == [173, 500, 827]
+    ts = spread_timesteps(10, 1000)
+    assert ts[0] == 59 and ts[-1] == 941 and all(10 <= t < 990 for t in ts)
+    assert spread_timesteps(2, 2000) == [510, 1490]                        # scaled to num_train_timesteps
+
+
+def test_empty_text_scores_exactly_zero(itm):
+    S = itm.score(images(2), ["", TEXTS[1], "", TEXTS[3]])
+    assert torch.equal(S[:, 0], torch.zeros(2)) and torch.equal(S[:, 2], torch.zeros(2))
+    assert (S[:, [1, 3]] != 0).all()
+
+
+def test_unconditional_pass_once_per_image_and_timestep(tiny_sd, itm):
+    ims, txt = images(2), TEXTS[:3]
+    uncond = itm.core.encode_texts([""])[0]
+    small = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, batch_size=4)
+    seen, handle = count_rows(small, uncond)
+    try:
+        S = small.score(ims, txt)
+    finally:
+        handle.remove()
+    assert torch.allclose(S, itm.score(ims, txt), atol=1e-5)             # chunking does not change a score
+    n_t, rows = 3, 2 + 2 * 3                                               # per timestep: 2 images "" + 6 pairs
+    assert seen == dict(calls=n_t * 2, rows=n_t * rows, uncond=n_t * 2)
+    cls = DiffusionITM(itm.core, variant="classifier", n_timesteps=3)     # no unconditional term at all
+    seen, handle = count_rows(cls, uncond)
+    try:
+        cls.score(ims, txt)
+    finally:
+        handle.remove()
+    assert seen["rows"] == n_t * 6 and seen["uncond"] == 0
+
+
+def test_scores_equal_direct_computation(tiny_sd, itm):
+    """itm, classifier and combined recomputed by hand with a stock diffusers UNet."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    ims, txt = images(1), [TEXTS[0]]
+    z = itm.core.encode_images(ims)
+    hid = itm.core.encode_texts(txt + [""])[0]
+    noise = torch.randn((3, *z.shape[1:]), generator=torch.Generator().manual_seed(0))     # seed 0, one per t
+    itm_s = cls_s = 0.0
+    with torch.no_grad():
+        for t, eps in zip([173, 500, 827], noise):
+            ts = torch.tensor([t])
+            z_t = itm.core.scheduler.add_noise(z, eps[None], ts)
+            e_c = (eps - unet(z_t, ts, hid[:1]).sample[0]).norm()
+            e_u = (eps - unet(z_t, ts, hid[1:]).sample[0]).norm()
+            itm_s += -(e_c - e_u).item() / 3
+            cls_s += -e_c.item() / 3
+    assert itm.score(ims, txt)[0, 0].item() == pytest.approx(itm_s, rel=1e-4, abs=1e-6)
+    cls = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, variant="classifier")
+    assert cls.score(ims, txt)[0, 0].item() == pytest.approx(cls_s, rel=1e-5)
+    # combined = Discffusion's attention score at the same timesteps + the itm term
+    ims, txt = images(2), TEXTS[:2]
+    comb = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, variant="combined")
+    att = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.173, 0.5, 0.827)).score(ims, txt)
+    assert torch.allclose(comb.score(ims, txt), att + itm.score(ims, txt), atol=1e-5)
+
+
+def test_v_prediction_target_is_the_velocity(tiny_sd):
+    from diffusers import DDPMScheduler
+    m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=1, variant="classifier")
+    m.core.scheduler = DDPMScheduler.from_config(m.core.scheduler.config, prediction_type="v_prediction")
+    ims, txt = images(1), [TEXTS[1]]
+    z, (hid, mask) = m.core.encode_images(ims), m.core.encode_texts(txt)
+    eps = torch.randn((1, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
+    ts = torch.tensor([500])
+    with torch.no_grad():
+        z_t = m.core.scheduler.add_noise(z, eps, ts)
+        v = m.core.scheduler.get_velocity(z, eps, ts)
+        m.core.scorer.begin(mask)
+        want = -(v - m.core.unet(z_t, ts, hid).sample).norm().item()
+    assert not torch.allclose(v, eps)
+    assert m.score(ims, txt)[0, 0].item() == pytest.approx(want, rel=1e-5)
+    assert m.config["prediction_type"] == "v_prediction"
+
+
+def test_no_batch_mixing_and_permutation(itm):
+    ims, txt = images(3), TEXTS
+    S = itm.score(ims, txt)
+    assert S.shape == (3, 4)
+    for i, j in [(0, 0), (2, 3), (1, 2)]:
+        assert itm.score([ims[i]], [txt[j]])[0, 0].item() == pytest.approx(S[i, j].item(), abs=1e-5)
+    pi, pj = [2, 0, 1], [3, 1, 0, 2]
+    assert torch.allclose(itm.score([ims[k] for k in pi], [txt[k] for k in pj]), S[pi][:, pj], atol=1e-5)
+    parts = itm.score_items([(ims[:1], txt[:2]), (ims[1:], txt[2:])])   # several items in one call
+    assert torch.allclose(parts[0], S[:1, :2], atol=1e-5) and torch.allclose(parts[1], S[1:, 2:], atol=1e-5)
+
+
+def test_bad_options(tiny_sd):
+    with pytest.raises(InputError, match="variant"):
+        DiffusionITM.from_pretrained(tiny_sd, device="cpu", variant="bogus")
+    with pytest.raises(InputError, match="n_timesteps"):
+        DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=0)
+    with pytest.raises(InputError, match="levels"):
+        DiffusionITM.from_pretrained(tiny_sd, device="cpu", levels=(0.5,))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd):
+    """A model after one AdamW step of hardneg_loss on LoRA, with snapshots of everything else."""
+    m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    base = {f"{k}.{n}": p.detach().clone() for k in ("unet", "vae", "text_encoder")
+            for n, p in getattr(m.core, k).named_parameters()}
+    before = m.score(images(2), TEXTS[:2])
+    params = m.add_lora(rank=4)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ims = images(3)
+    items = [(ims[:1], [TEXTS[0], TEXTS[1]]), (ims[1:3], [TEXTS[2]])]   # a text negative, an image negative
+    loss = hardneg_loss(m, items, torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    return m, base, before, loss, params
+
+
+def test_lora_only_lora_trains_and_base_weights_unchanged(trained):
+    m, base, before, loss, params = trained
+    assert torch.isfinite(loss) and loss.item() >= 0                   # B = 0 at the start: MSE(pos) - min(., pos)
+    names = [n for n, p in m.core.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert len(params) == len(names) == 2 * 4 * 14                     # A, B x (q, k, v, out) x 14 attention layers
+    assert all(p.dtype == torch.float32 for p in params)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    for k in ("unet", "vae", "text_encoder"):
+        for n, p in getattr(m.core, k).named_parameters():
+            if "lora_" not in n:
+                key = f"{k}.{n}".replace(".base_layer", "")
+                assert p.grad is None and torch.equal(p, base[key]), key
+    assert not torch.allclose(m.score(images(2), TEXTS[:2]), before)   # the step moved the scores
+    assert m.trainable_parameters() == params and m.config["lora"]["rank"] == 4
+
+
+def test_hardneg_loss_by_hand(tiny_sd):
+    """L = MSE(pos) - min(MSE(neg), MSE(pos).detach()): its value, and MSE(pos) still pulls when L = 0."""
+    m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    with torch.no_grad():
+        for p in m.add_lora():
+            p.normal_(0, 0.3)                                          # B != 0: a LoRA that changes the UNet
+    ims = images(1)
+    values = []
+    for texts in (TEXTS[:2], TEXTS[1::-1]):                            # each text once the positive
+        loss = hardneg_loss(m, [(ims, texts)], torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        assert int(torch.randint(1, (1,), generator=g)) == 0           # the only negative: texts[1]
+        t = int(torch.randint(1000, (1,), generator=g))
+        z = m.core.encode_images(ims)
+        eps = torch.randn((1, *z.shape[1:]), generator=g)
+        hid, mask = m.core.encode_texts(texts)
+        with torch.no_grad():
+            z_t = m.core.scheduler.add_noise(z, eps, torch.tensor([t]))
+            m.core.scorer.begin(mask)
+            pred = m.core.unet(z_t.expand(2, -1, -1, -1), torch.tensor([t, t]), hid).sample
+        pos, neg = ((pred - eps) ** 2).mean((1, 2, 3)).tolist()
+        assert loss.item() == pytest.approx(pos - min(neg, pos), abs=1e-7)
+        m.zero_grad()
+        loss.backward()
+        assert sum(p.grad.abs().sum() for p in m.trainable_parameters()) > 0
+        values.append(loss.item())
+    assert min(values) == 0 and max(values) > 0                        # one order clipped, the other not
+
+
+def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
+    m = trained[0]
+    path = str(tmp_path / "lora.safetensors")
+    m.save_trained(path, {"steps": 1, "dataset": "comvg"})
+    fresh = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    meta = fresh.load_trained(path)                                    # adds the file's adapters itself
+    assert meta["steps"] == 1 and meta["lora"] == m.lora and fresh.lora == m.lora
+    for (n, a), (n2, b) in zip(m.lora_state().items(), fresh.lora_state().items()):
+        assert n == n2 and torch.equal(a, b)
+    ims = images(2)
+    assert torch.equal(fresh.score(ims, TEXTS[:2]), m.score(ims, TEXTS[:2]))
+    other = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    other.add_lora(rank=2)
+    with pytest.raises(InputError, match="rank 4 in the file, 2 in this model"):
+        other.load_trained(path)
+    with pytest.raises(InputError, match="does not exist"):
+        fresh.load_trained(str(tmp_path / "missing.safetensors"))
+    import prompt_delta
+    core = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    prompt_delta.save(tmp_path / "deltas.safetensors", core)
+    with pytest.raises(InputError, match="not a DiffusionITM LoRA file"):
+        fresh.load_trained(str(tmp_path / "deltas.safetensors"))
+    with pytest.raises(InputError, match="nothing to save"):
+        DiffusionITM.from_pretrained(tiny_sd, device="cpu").save_trained(str(tmp_path / "x.safetensors"))
