@@ -209,6 +209,7 @@ def evaluate_items(model, name, items, batch_size=16, desc=None):
 # ---- data discovery and the model --------------------------------------------------------------------------------
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 def _norm(name):
@@ -276,9 +277,46 @@ def load_scorer(model_id, args, dtype=None, batch_size=None):
     return Discffusion.from_pretrained(model_id, device=getattr(args, "device", None), dtype=dtype, **opts)
 
 
-def load_model(args):
-    """The model evaluate.py scores with. Hook for later options (--checkpoint prompt deltas, --methods baselines)."""
-    return load_scorer(args.model, args, dtype=args.dtype, batch_size=args.batch_size)
+METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
+
+
+def checkpoint_for(args, method):
+    """--checkpoint FILE (the first method's) or METHOD=FILE, repeatable -> the file for `method`, or None."""
+    for spec in getattr(args, "checkpoint", None) or []:
+        name, sep, path = spec.partition("=")
+        if sep and name in METHODS:
+            if name == method:
+                return path
+        elif method == args.methods[0]:
+            return spec
+    return None
+
+
+def load_model(args, method="discffusion"):
+    """The scorer of one method (§5.3 baselines included), with its learned tensors when a checkpoint is given."""
+    if method == "discffusion":
+        model = load_scorer(args.model, args, dtype=args.dtype, batch_size=args.batch_size)
+    elif method == "diffusion_itm":
+        from diffusion_itm import DiffusionITM
+        opts = dict(lam=args.lam, pooling=args.pooling, layers=args.layers, resolution=args.resolution,
+                    resize_via=args.resize_via)
+        model = DiffusionITM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                             variant=getattr(args, "itm_variant", "itm"),
+                                             n_timesteps=getattr(args, "itm_timesteps", 10), seed=args.seed,
+                                             batch_size=args.batch_size, **opts)
+    elif method in ("clip_ft", "clip_prompt"):
+        from clip_baselines import ClipMatcher
+        model = ClipMatcher.from_pretrained(getattr(args, "clip_model", None) or CLIP_MODEL, method=method,
+                                            device=args.device, dtype=args.dtype, seed=args.seed)
+    else:
+        raise InputError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    path = checkpoint_for(args, method)
+    if path:
+        try:
+            model.load_trained(path)
+        except ValueError as e:
+            raise InputError(f"checkpoint {path}: {e}") from None
+    return model
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
@@ -332,11 +370,12 @@ def tables(results):
     return out
 
 
-def show_table(title, groups_, method):
-    """A paper table: the accuracy row and the item counts behind each cell."""
+def show_table(title, groups_, rows):
+    """A paper table: one accuracy row per method ({method: groups_}) and the item counts behind each cell."""
     cells = [c for _, cols in groups_ for c in cols]
+    body = [(m, [_fmt(v) for _, cols in g for _, v, _ in cols]) for m, g in rows.items()]
     return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in groups_],
-                        [(method, [_fmt(v) for _, v, _ in cells]), ("(items)", [n for _, _, n in cells])])
+                        body + [("(items)", [n for _, _, n in cells])])
 
 
 def summary_line(name, res, report):
@@ -353,6 +392,14 @@ def _levels(text):
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.4,0.6,0.8, got {text!r}")
+
+
+def _methods(text):
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {','.join(METHODS)}")
+    return names
 
 
 def _layers(text):
@@ -377,6 +424,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="noise and negative sampling seed")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--methods", type=_methods, default=("discffusion",),
+                   help=f"comma-separated methods, one table row each: {','.join(METHODS)} (default discffusion)")
+    p.add_argument("--checkpoint", action="append", metavar="[METHOD=]FILE",
+                   help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
+                        "method, METHOD=FILE to that method; repeatable")
     add_scorer_args(p)
     return p
 
@@ -392,6 +444,12 @@ def add_scorer_args(p):
                    + ",".join(map(str, LEVELS)) + ")")
     g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
     g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
+    b = p.add_argument_group("baselines (§5.3, Table 8)")
+    b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
+    b.add_argument("--itm-variant", default="itm", choices=("itm", "classifier", "combined"),
+                   help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
+                        "attention + itm sum (combined)")
+    b.add_argument("--itm-timesteps", type=int, default=10, help="diffusion_itm: timesteps spread over [10, 990)")
     return g
 
 
@@ -402,23 +460,28 @@ def run(args, argv=()):
             print(f"warning: {w}", file=sys.stderr)
         if len(report["warnings"]) > 5:
             print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)", file=sys.stderr)
-    model = load_model(args)
-    results = {}
-    for name, (root, split, items, report) in data.items():
-        results[name] = evaluate_items(model, name, items, args.batch_size)
-        results[name].update(root=root, split=split, report=report)
-    method = os.path.basename(os.path.normpath(str(args.model))) or str(args.model)
-    shown = tables(results)
+    per_method = {}
+    for method in args.methods:
+        model = load_model(args, method)
+        results = {}
+        for name, (root, split, items, report) in data.items():
+            results[name] = evaluate_items(model, name, items, args.batch_size, desc=f"{method} {name}")
+            results[name].update(root=root, split=split, report=report)
+        per_method[method] = {"model": getattr(model, "config", {}), "datasets": results}
+        del model
+    first = per_method[args.methods[0]]["datasets"]
+    shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
     print()
-    for title, groups_ in shown.values():
-        print(show_table(title, groups_, method) + "\n")
-    for name, res in results.items():
+    for key, (title, groups_) in shown[args.methods[0]].items():
+        print(show_table(title, groups_, {m: shown[m][key][1] for m in args.methods}) + "\n")
+    for name, res in first.items():
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
-    out = dict(command=["evaluate.py"] + list(argv), args=vars(args),
-               model=getattr(model, "config", {}), datasets=results,
-               tables={k: {g: {c: v for c, v, _ in cols} for g, cols in groups_} for k, (_, groups_) in shown.items()})
+    flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in groups_} for k, (_, groups_) in t.items()}  # noqa
+    out = dict(command=["evaluate.py"] + list(argv), args=vars(args), model=per_method[args.methods[0]]["model"],
+               datasets=first, tables=flat(shown[args.methods[0]]),
+               methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()})
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

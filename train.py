@@ -33,9 +33,12 @@ from datasets import InputError
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="comvg | refcocog | vqav2 | coco (see datasets.py)")
+    p.add_argument("--method", default="discffusion", choices=evaluate.METHODS,
+                   help="discffusion: p^k, p^v (eq. 5) + eq. 6; diffusion_itm: HardNeg LoRA; clip_ft / clip_prompt: "
+                        "the CLIP baselines of §5.3 with the same margin loss")
     p.add_argument("--data-root", help="the data set's folder (default data/<dataset>)")
     p.add_argument("--annotations", help="annotation file, if not found by name under --data-root")
-    p.add_argument("--model", default=None, help="hub id or local diffusers folder (default SD 2.1-base)")
+    p.add_argument("--model", default=evaluate.DEFAULT_MODEL, help="hub id or local diffusers folder (default SD 2.1-base)")
     p.add_argument("--shots", default="0.05", help="training items: a fraction in (0, 1) like 0.05, or a count like 27")
     p.add_argument("--eval-split", default="val", help="test split for data sets that ship splits (default val)")
     p.add_argument("--epochs", type=float, default=5, help="passes over the training split (if --steps not given)")
@@ -154,6 +157,9 @@ def atomic_save(obj, path):
 
 
 def compute_loss(model, batch, args, generator):
+    if args.method == "diffusion_itm":
+        from diffusion_itm import hardneg_loss
+        return hardneg_loss(model, batch, generator), None
     if args.loss == "diffusion":
         return triplet_loss.diffusion_loss(model, batch, generator), None
     mats = model.score_items(batch, train=True, generator=generator)
@@ -170,7 +176,7 @@ def train(args, model, params, train_items, test_items, log=print):
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("dataset", "shots", "seed", "batch_size", "grad_accum"):
+        for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum"):
             if ck["args"].get(key) != getattr(args, key):
                 raise InputError(f"--resume: {ckpt_path} was written with --{key.replace('_', '-')} "
                                  f"{ck['args'].get(key)}, this run has {getattr(args, key)}")
@@ -217,11 +223,18 @@ def train(args, model, params, train_items, test_items, log=print):
 
 
 def build(args):
-    model = evaluate.load_model(args)
+    model = evaluate.load_model(args, args.method)
     params = model.trainable_parameters()
     if args.gradient_checkpointing:
+        if not hasattr(model, "unet"):
+            raise InputError(f"--gradient-checkpointing applies to the diffusion methods, not {args.method}")
         model.unet.enable_gradient_checkpointing()
     return model, params
+
+
+def trained_file(args):
+    name = "prompt_deltas" if args.method == "discffusion" else f"trained_{args.method}"
+    return os.path.join(args.output_dir, f"{name}.safetensors")
 
 
 def main(argv=None):
@@ -245,13 +258,13 @@ def main(argv=None):
     history = train(args, model, params, train_items, test_items)
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
-    model.save_trained(os.path.join(args.output_dir, "prompt_deltas.safetensors"), vars(args))
+    model.save_trained(trained_file(args), vars(args))
     results["few_shot"] = evaluate.evaluate_items(model, args.dataset, test_items, args.batch_size, desc="few-shot")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(evaluate.format_table(args.dataset, {k.replace("_", "-"): results[k]["metrics"]
                                                for k in ("zero_shot", "few_shot") if k in results}))
-    print(f"wrote {args.output_dir}/results.json and {args.output_dir}/prompt_deltas.safetensors")
+    print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
     return results
 
 
