@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
+from datasets import InputError
+from discffusion import to_rgb
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip_ft", "clip_prompt")
@@ -41,7 +43,7 @@ class ClipMatcher(nn.Module):
                  batch_size=256):
         super().__init__()
         if method not in METHODS:
-            raise ValueError(f"method {method!r}: choose from {', '.join(METHODS)}")
+            raise InputError(f"method {method!r}: choose from {', '.join(METHODS)}")
         self.clip, self.tokenizer, self.image_processor = clip, tokenizer, image_processor
         self.method, self.name, self.batch_size = method, name, batch_size
         self.n_ctx = n_ctx if method == "clip_prompt" else 0
@@ -73,9 +75,13 @@ class ClipMatcher(nn.Module):
         """A hub id or a local folder holding a CLIPModel, its CLIPTokenizer and CLIPImageProcessor."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES.get(dtype, dtype) or torch.float32
-        clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype).to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(path_or_id)
-        image_processor = CLIPImageProcessor.from_pretrained(path_or_id)
+        try:
+            clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype).to(device)
+            tokenizer = CLIPTokenizer.from_pretrained(path_or_id)
+            image_processor = CLIPImageProcessor.from_pretrained(path_or_id)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"could not load CLIP model {path_or_id!r}: {first}") from None
         return cls(clip, tokenizer, image_processor, method=method, n_ctx=n_ctx, seed=seed, name=str(path_or_id),
                    **options)
 
@@ -107,7 +113,7 @@ class ClipMatcher(nn.Module):
 
     def image_features(self, images):
         """PIL images -> L2-normalised CLIP image features (N, P); the vision tower is frozen in both methods."""
-        pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+        pixels = self.image_processor([to_rgb(im) for im in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.clip.dtype)                                      # (N, 3, 224, 224)
         with torch.no_grad():
             pooled = self.clip.vision_model(pixel_values=pixels).pooler_output                # (N, Dv)
@@ -216,13 +222,13 @@ class ClipMatcher(nn.Module):
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         tensors = load_file(path)
         if meta.get("method") != self.method:
-            raise ValueError(f"{path}: trained with method {meta.get('method')!r}, this model is {self.method!r}")
+            raise InputError(f"{path}: trained with method {meta.get('method')!r}, this model is {self.method!r}")
         own = self.trained_state()
         if set(tensors) != set(own):
-            raise ValueError(f"{path}: tensors {sorted(tensors)} do not match this model's {sorted(own)}")
+            raise InputError(f"{path}: tensors {sorted(tensors)} do not match this model's {sorted(own)}")
         for k, v in own.items():
             if tensors[k].shape != v.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in "
+                raise InputError(f"{path}: {k} has shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in "
                                  f"this model (trained on {meta.get('model')!r}, n_ctx={meta.get('n_ctx')}; this is "
                                  f"{self.name!r}, n_ctx={self.n_ctx})")
         if meta.get("model") != self.name:

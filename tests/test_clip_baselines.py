@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from clip_baselines import ClipMatcher, make_random_clip
+from datasets import InputError
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 IMAGES = {c: Image.new("RGB", (40, 40), v) for c, v in COLORS.items()}
@@ -112,7 +113,12 @@ def test_save_load_round_trip(tiny_clip, tmp_path, method):
 def test_load_onto_mismatched_model_fails_clearly(tiny_clip, tmp_path):
     path = str(tmp_path / "prompt.safetensors")
     ClipMatcher.from_pretrained(tiny_clip, method="clip_prompt", device="cpu", n_ctx=4).save_trained(path, {})
-    with pytest.raises(ValueError, match=r"ctx has shape \(4, 32\) in the file, \(2, 32\)"):
+    with pytest.raises(InputError, match=r"ctx has shape \(4, 32\) in the file, \(2, 32\)"):
         ClipMatcher.from_pretrained(tiny_clip, method="clip_prompt", device="cpu", n_ctx=2).load_trained(path)
-    with pytest.raises(ValueError, match="method 'clip_prompt', this model is 'clip_ft'"):
+    with pytest.raises(InputError, match="method 'clip_prompt', this model is 'clip_ft'"):
         ClipMatcher.from_pretrained(tiny_clip, method="clip_ft", device="cpu").load_trained(path)
+
+
+def test_bad_clip_model_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="could not load CLIP model"):
+        ClipMatcher.from_pretrained(str(tmp_path / "nowhere"))
