@@ -1,0 +1,163 @@
+"""A shapes world: coloured shapes in spatial relations, written to disk in the ComVG format (§5.1).
+
+Not a paper section: the project's embedded default. A scene is a triplet (subject, relation, object), e.g.
+("red circle", "left of", "blue square"), drawn with PIL as two shapes on a dark background, with jittered sizes
+and positions. `write_comvg` writes ComVG exactly as distributed (`comvg.csv` + `images/<image_id>.jpg`): each row
+is a sentence, its positive image and a negative image whose scene changes the subject, the object or the relation
+(neg_value subject / object / verb), so the real ComVG loader, training and evaluation run on it unchanged.
+`training_pairs` draws (image, caption) pairs from the same world for pretraining a tiny Stable Diffusion.
+
+    python shapes.py --out data/shapes --n 50 --seed 0
+"""
+import argparse
+import csv
+import os
+import random
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datasets import InputError
+
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+BACKGROUND = (24, 24, 24)
+HEADER = ["id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value"]
+NEG_VALUES = ("subject", "object", "verb")
+
+
+def objects(colors=tuple(COLORS), shapes=SHAPES):
+    """Every nameable object, e.g. 'red circle'."""
+    return [f"{c} {s}" for c in colors for s in shapes]
+
+
+def words(colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS):
+    """The world's vocabulary (for `sd_configs.write_tokenizer`)."""
+    return sorted({"a", *colors, *shapes, *" ".join(relations).split()})
+
+
+def check_vocabulary(colors, shapes, relations):
+    """Raise InputError unless every word is drawable and negatives exist (3+ objects, 2+ relations)."""
+    bad = [c for c in colors if c not in COLORS] + [s for s in shapes if s not in SHAPES]
+    bad += [r for r in relations if r not in RELATIONS]
+    if bad:
+        raise InputError(f"unknown word(s) {', '.join(map(repr, bad))}: colours {', '.join(COLORS)}; "
+                         f"shapes {', '.join(SHAPES)}; relations {', '.join(RELATIONS)}")
+    if len(colors) * len(shapes) < 3 or len(relations) < 2:
+        raise InputError("need at least 3 objects (colours x shapes) and 2 relations to draw negatives")
+
+
+def caption(scene):
+    """('red circle', 'left of', 'blue square') -> 'a red circle left of a blue square'."""
+    subj, rel, obj = scene
+    return f"a {subj} {rel} a {obj}"
+
+
+def sample_scene(rng, objs, relations=RELATIONS):
+    """A random triplet with two different objects."""
+    subj, obj = rng.sample(objs, 2)
+    return (subj, rng.choice(relations), obj)
+
+
+def negative(scene, slot, rng, objs, relations=RELATIONS):
+    """The scene with exactly one slot (subject / object / verb) changed; objects stay distinct from both."""
+    subj, rel, obj = scene
+    if slot == "verb":
+        return (subj, rng.choice([r for r in relations if r != rel]), obj)
+    other = [o for o in objs if o not in (subj, obj)]
+    return (rng.choice(other), rel, obj) if slot == "subject" else (subj, rel, rng.choice(other))
+
+
+def _draw_shape(draw, shape, cx, cy, r, color):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        r = 0.85 * r  # equal visual area
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - 1.1 * r), (cx - 1.15 * r, cy + 0.85 * r), (cx + 1.15 * r, cy + 0.85 * r)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene, rng, size=32, colors=COLORS, supersample=4):
+    """Draw a scene as a size x size RGB image; sizes and positions are jittered, the relation stays unambiguous."""
+    subj, rel, obj = scene
+    S = size * supersample
+    r_s, r_o = (S * rng.uniform(0.13, 0.17) for _ in range(2))   # shape radii
+    gap = S * rng.uniform(0.40, 0.52)                             # centre distance along the relation's axis
+    off = S * rng.uniform(-0.08, 0.08)                            # small offset across it
+    du, dv = {"left of": (-gap, off), "right of": (gap, off), "above": (off, -gap), "below": (off, gap)}[rel]
+    m = 1.2 * max(r_s, r_o)                                       # subject - object = (du, dv), both inside [m, S-m]
+    sx = rng.uniform(m + max(0, du), S - m + min(0, du))
+    sy = rng.uniform(m + max(0, dv), S - m + min(0, dv))
+    img = Image.new("RGB", (S, S), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for name, cx, cy, r in ((subj, sx, sy, r_s), (obj, sx - du, sy - dv, r_o)):
+        color, shape = name.split(" ")
+        _draw_shape(draw, shape, cx, cy, r, colors[color])
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS, quality=95):
+    """Write n items per neg_value (subject, object, verb) to out/comvg.csv and out/images/; returns the csv path."""
+    check_vocabulary(colors, shapes, relations)
+    rng = random.Random(seed)
+    objs = objects(colors, shapes)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rows, image_id = [], 100000
+    for slot in NEG_VALUES:
+        for _ in range(n):
+            pos = sample_scene(rng, objs, relations)
+            neg = negative(pos, slot, rng, objs, relations)
+            ids = (image_id + 1, image_id + 2)
+            image_id += 2
+            for i, scene in zip(ids, (pos, neg)):
+                render(scene, rng, size).save(os.path.join(out, "images", f"{i}.jpg"), quality=quality, subsampling=0)
+            rows.append([len(rows) + 1, caption(pos), ",".join(pos), str(neg), ids[0], ids[1], slot])
+    path = os.path.join(out, "comvg.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(HEADER)
+        w.writerows(rows)
+    return path
+
+
+def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS):
+    """n images of random scenes and their captions, for pretraining.
+
+    Returns images (n, size, size, 3) uint8 and, per image, its two true captions: the scene's and the mirrored one
+    ('a red circle left of a blue square' / 'a blue square right of a red circle')."""
+    rng = random.Random(seed)
+    objs = objects(colors, shapes)
+    images, captions = np.zeros((n, size, size, 3), np.uint8), []
+    for i in range(n):
+        s, r, o = scene = sample_scene(rng, objs, relations)
+        images[i] = np.asarray(render(scene, rng, size))
+        captions.append((caption(scene), caption((o, INVERSE[r], s))))
+    return images, captions
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for comvg.csv and images/")
+    p.add_argument("--n", type=int, default=50, help="items per negative type (subject / object / verb)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--colors", default=",".join(COLORS), help=f"comma-separated, from {','.join(COLORS)}")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--relations", default=",".join(RELATIONS))
+    a = p.parse_args()
+    path = write_comvg(a.out, a.n, a.seed, a.size, a.colors.split(","), a.shapes.split(","), a.relations.split(","))
+    print(f"wrote {3 * a.n} items to {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
