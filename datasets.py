@@ -572,5 +572,19 @@ def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
     return finish(report, items, "MS-COCO", "<file_name>", image_dirs)
 
 
+def load_shapes(root, annotations=None, split=None, seed=0, n=50):
+    """The embedded shapes world (shapes.py) in ComVG format; written to `root` first if it holds no comvg.csv.
+
+    The world itself is always drawn with seed 0 (n items per subject / object / relation swap), so `--seed` moves
+    the few-shot split and the noise, never the data."""
+    if annotations is None and not os.path.exists(os.path.join(root, "comvg.csv")):
+        import shapes
+        print(f"shapes: writing {3 * n} items to {root} (first use)")
+        shapes.write_comvg(root, n=n, seed=0)
+    items, report = load_comvg(root, annotations)
+    report["dataset"] = "shapes"
+    return items, report
+
+
 LOADERS = {"comvg": load_comvg, "refcocog": load_refcocog, "vqav2": load_vqav2, "winoground": load_winoground,
-           "vlchecklist": load_vlchecklist, "coco": load_coco}
+           "vlchecklist": load_vlchecklist, "coco": load_coco, "shapes": load_shapes}

@@ -44,11 +44,12 @@ from datasets import LOADERS, InputError
 TABLE_DATASETS = ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist")  # found automatically under --data-root
 ALIASES = {"comvg": ("comvg", "compositional_visual_genome"), "refcocog": ("refcocog",),
            "vqav2": ("vqav2", "vqa", "vqa_v2"), "winoground": ("winoground",),
-           "vlchecklist": ("vlchecklist", "vl-checklist"), "coco": ("coco", "mscoco")}
+           "vlchecklist": ("vlchecklist", "vl-checklist"), "coco": ("coco", "mscoco"), "shapes": ("shapes",)}
 DEFAULT_SPLIT = {"refcocog": "val", "vqav2": "val"}
 LEVELS = (0.2, 0.4, 0.6, 0.8)
 TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
-          "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions"}
+          "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
+          "shapes": "Shapes (ComVG format)"}
 MAX_LISTED = 20
 
 
@@ -82,7 +83,7 @@ def winoground_scores(s):
 
 def item_metrics(name, s):
     """The per-item correctness flags each data set's columns average."""
-    if name == "comvg":
+    if name in ("comvg", "shapes"):
         return dict(correct=pos_image_wins(s))
     if name == "vlchecklist":
         return dict(correct=pos_text_wins(s))
@@ -109,6 +110,7 @@ COLUMNS = {
                     ("Relation", "correct", _is("relation")), ("Average", "correct", None)],
     "coco": [("Top-1", "top1", None), ("Top-5", "top5", None)],
 }
+COLUMNS["shapes"] = COLUMNS["comvg"]
 WINOGROUND_TAGS = ("Relation", "Object", "Both")  # Table 10's column groups (collapsed_tag)
 
 
@@ -124,7 +126,7 @@ def summarize(name, records):
     for col, flag, which in COLUMNS[name]:
         out["metrics"][col], out["counts"][col] = accuracy(records, flag, which)
     parts = [v for c, v in out["metrics"].items() if c not in ("Average", "All") and v is not None]
-    if name in ("comvg", "vlchecklist") and parts:
+    if name in ("comvg", "vlchecklist", "shapes") and parts:
         out["macro_average"] = sum(parts) / len(parts)
     if name == "winoground":
         tags = sorted({item.category for item, _ in records}, key=lambda t: (t not in WINOGROUND_TAGS, t))
@@ -260,9 +262,28 @@ def load_data(args):
     return out
 
 
+TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
+SHAPES_RUN = os.path.join("runs", "shapes")  # train.py --dataset shapes writes its deltas here
+
+
 def default_model(name=None):
-    """The model a data set is evaluated with when --model is not given (SD 2.1-base, as in the paper)."""
-    return DEFAULT_MODEL
+    """The model a data set is evaluated with when --model is not given: the committed tiny model for the shapes
+    world, SD 2.1-base (as in the paper) for everything else."""
+    return TINY_MODEL if name == "shapes" else DEFAULT_MODEL
+
+
+def default_runs(args, names):
+    """[(row label, method, checkpoint)]: --methods (with --checkpoint), or for the shapes world Discffusion and
+    DiffusionITM zero-shot plus Discffusion few-shot when train.py's deltas are there."""
+    if args.methods:
+        return [(m, m, checkpoint_for(args, m)) for m in args.methods]
+    if list(names) != ["shapes"]:
+        return [("discffusion", "discffusion", checkpoint_for(args, "discffusion"))]
+    runs = [("discffusion zero-shot", "discffusion", None), ("diffusion_itm zero-shot", "diffusion_itm", None)]
+    deltas = checkpoint_for(args, "discffusion") or os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
+    if os.path.exists(deltas):
+        runs.append(("discffusion few-shot", "discffusion", deltas))
+    return runs
 
 
 def load_scorer(model_id, args, dtype=None, batch_size=None):
@@ -287,12 +308,12 @@ def checkpoint_for(args, method):
         if sep and name in METHODS:
             if name == method:
                 return path
-        elif method == args.methods[0]:
+        elif method == (args.methods or ("discffusion",))[0]:
             return spec
     return None
 
 
-def load_model(args, method="discffusion"):
+def load_model(args, method="discffusion", checkpoint=None):
     """The scorer of one method (§5.3 baselines included), with its learned tensors when a checkpoint is given."""
     if method == "discffusion":
         model = load_scorer(args.model, args, dtype=args.dtype, batch_size=args.batch_size)
@@ -310,12 +331,11 @@ def load_model(args, method="discffusion"):
                                             device=args.device, dtype=args.dtype, seed=args.seed)
     else:
         raise InputError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    path = checkpoint_for(args, method)
-    if path:
+    if checkpoint:
         try:
-            model.load_trained(path)
+            model.load_trained(checkpoint)
         except ValueError as e:
-            raise InputError(f"checkpoint {path}: {e}") from None
+            raise InputError(f"checkpoint {checkpoint}: {e}") from None
     return model
 
 
@@ -354,7 +374,7 @@ def tables(results):
         r = results[name]
         return [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in COLUMNS[name]]
     out = {}
-    t1 = [(TITLES[n], cols(n)) for n in ("comvg", "refcocog", "vqav2") if n in results]
+    t1 = [(TITLES[n], cols(n)) for n in ("shapes", "comvg", "refcocog", "vqav2") if n in results]
     if t1:
         out["table1"] = ("Table 1: accuracy (%)", t1)
     t8 = [(TITLES[n], cols(n)) for n in ("winoground", "vlchecklist") if n in results]
@@ -413,7 +433,8 @@ def _layers(text):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or diffusers folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"hub id or diffusers folder (default {DEFAULT_MODEL}; for --dataset shapes the "
+                                   "committed models/tiny-shapes-sd)")
     p.add_argument("--dataset", choices=sorted(LOADERS), help="one data set (default: all found under --data-root)")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
@@ -424,8 +445,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="noise and negative sampling seed")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--methods", type=_methods, default=("discffusion",),
-                   help=f"comma-separated methods, one table row each: {','.join(METHODS)} (default discffusion)")
+    p.add_argument("--methods", type=_methods,
+                   help=f"comma-separated methods, one table row each: {','.join(METHODS)} (default discffusion; "
+                        "for --dataset shapes: discffusion and diffusion_itm zero-shot, and discffusion few-shot "
+                        f"with {SHAPES_RUN}/prompt_deltas.safetensors if train.py wrote it)")
     p.add_argument("--checkpoint", action="append", metavar="[METHOD=]FILE",
                    help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
                         "method, METHOD=FILE to that method; repeatable")
@@ -460,27 +483,32 @@ def run(args, argv=()):
             print(f"warning: {w}", file=sys.stderr)
         if len(report["warnings"]) > 5:
             print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)", file=sys.stderr)
+    if args.model is None:
+        args.model = default_model("shapes" if list(data) == ["shapes"] else None)
+    runs = default_runs(args, data)
     per_method = {}
-    for method in args.methods:
-        model = load_model(args, method)
+    for label, method, checkpoint in runs:
+        model = load_model(args, method, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
-            results[name] = evaluate_items(model, name, items, args.batch_size, desc=f"{method} {name}")
+            results[name] = evaluate_items(model, name, items, args.batch_size, desc=f"{label} {name}")
             results[name].update(root=root, split=split, report=report)
-        per_method[method] = {"model": getattr(model, "config", {}), "datasets": results}
+        per_method[label] = {"method": method, "checkpoint": checkpoint, "model": getattr(model, "config", {}),
+                             "datasets": results}
         del model
-    first = per_method[args.methods[0]]["datasets"]
+    labels = [label for label, _, _ in runs]
+    first = per_method[labels[0]]["datasets"]
     shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
     print()
-    for key, (title, groups_) in shown[args.methods[0]].items():
-        print(show_table(title, groups_, {m: shown[m][key][1] for m in args.methods}) + "\n")
+    for key, (title, groups_) in shown[labels[0]].items():
+        print(show_table(title, groups_, {m: shown[m][key][1] for m in labels}) + "\n")
     for name, res in first.items():
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
     flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in groups_} for k, (_, groups_) in t.items()}  # noqa
-    out = dict(command=["evaluate.py"] + list(argv), args=vars(args), model=per_method[args.methods[0]]["model"],
-               datasets=first, tables=flat(shown[args.methods[0]]),
+    out = dict(command=["evaluate.py"] + list(argv), args=vars(args), model=per_method[labels[0]]["model"],
+               datasets=first, tables=flat(shown[labels[0]]),
                methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()})
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -30,6 +30,12 @@ import triplet_loss
 from datasets import InputError
 
 
+GENERIC_DEFAULTS = dict(shots="0.05", lr=1e-4, compare="")
+# the embedded default (shapes.py + models/tiny-shapes-sd): 60 training items, 300 steps, a larger learning rate for
+# the tiny model, and DiffusionITM beside it
+DATASET_DEFAULTS = {"shapes": dict(shots="60", steps=300, lr=3e-3, compare="diffusion_itm")}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="comvg | refcocog | vqav2 | coco (see datasets.py)")
@@ -38,14 +44,17 @@ def parse_args(argv=None):
                         "the CLIP baselines of §5.3 with the same margin loss")
     p.add_argument("--data-root", help="the data set's folder (default data/<dataset>)")
     p.add_argument("--annotations", help="annotation file, if not found by name under --data-root")
-    p.add_argument("--model", default=evaluate.DEFAULT_MODEL, help="hub id or local diffusers folder (default SD 2.1-base)")
-    p.add_argument("--shots", default="0.05", help="training items: a fraction in (0, 1) like 0.05, or a count like 27")
+    p.add_argument("--model", help="hub id or local diffusers folder (default SD 2.1-base; shapes: the committed "
+                                   "models/tiny-shapes-sd)")
+    p.add_argument("--shots", help="training items: a fraction in (0, 1) like 0.05 (default), or a count like 27")
     p.add_argument("--eval-split", default="val", help="test split for data sets that ship splits (default val)")
     p.add_argument("--epochs", type=float, default=5, help="passes over the training split (if --steps not given)")
     p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--compare", help="comma-separated methods evaluated zero-shot on the same test split, one table "
+                                     "row each (e.g. diffusion_itm,clip_ft; shapes default: diffusion_itm)")
     p.add_argument("--batch-size", type=int, default=4, help="items per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; shapes 3e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--loss", default="margin", choices=triplet_loss.LOSSES, help="eq. 6 or Table 11's alternatives")
@@ -56,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory in the UNet")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0, help="split, data order, noise")
-    p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--output-dir", help="default runs/<dataset>")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate the test split every N steps (0 = only at the end)")
@@ -64,6 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
     evaluate.add_scorer_args(p)
     args = p.parse_args(argv)
+    for key, value in {**GENERIC_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    bad = [m for m in args.compare.split(",") if m and m not in evaluate.METHODS]
+    if bad:
+        p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(evaluate.METHODS)}")
+    args.model = args.model or evaluate.default_model(args.dataset)
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     args.dtype = args.precision
     return args
 
@@ -260,10 +277,20 @@ def main(argv=None):
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
     model.save_trained(trained_file(args), vars(args))
     results["few_shot"] = evaluate.evaluate_items(model, args.dataset, test_items, args.batch_size, desc="few-shot")
+    del model
+    results["compare"] = {}
+    for method in [m for m in args.compare.split(",") if m]:
+        other = evaluate.load_model(args, method)
+        with torch.no_grad():
+            results["compare"][method] = evaluate.evaluate_items(other, args.dataset, test_items, args.batch_size,
+                                                                 desc=f"{method} zero-shot")
+        del other
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    print(evaluate.format_table(args.dataset, {k.replace("_", "-"): results[k]["metrics"]
-                                               for k in ("zero_shot", "few_shot") if k in results}))
+    rows = {f"{args.method} {k.replace('_', '-')}": results[k]["metrics"] for k in ("zero_shot", "few_shot")
+            if k in results}
+    rows.update({f"{m} zero-shot": r["metrics"] for m, r in results["compare"].items()})
+    print(evaluate.format_table(args.dataset, rows))
     print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
     return results
 

@@ -35,7 +35,7 @@ class FakeModel:
 @pytest.fixture
 def fake(monkeypatch):
     model = FakeModel()
-    monkeypatch.setattr(evaluate, "load_model", lambda args, method="discffusion": model)
+    monkeypatch.setattr(evaluate, "load_model", lambda args, method="discffusion", checkpoint=None: model)
     return model
 
 
