@@ -145,7 +145,7 @@ class Discffusion(nn.Module):
                              truncation=True, return_tensors="pt")
         lengths = tok.attention_mask.sum(1)                                    # BOS + caption + EOS
         if not self._warned_truncation:
-            full = self.tokenizer(list(texts), truncation=False).input_ids
+            full = self.tokenizer(list(texts), truncation=False, verbose=False).input_ids
             longest = max(len(ids) for ids in full)
             if longest > self.tokenizer.model_max_length:
                 warnings.warn(f"captions longer than {self.tokenizer.model_max_length} tokens are truncated "

@@ -48,6 +48,9 @@ def parse_args(argv=None):
                                    "models/tiny-shapes-sd)")
     p.add_argument("--shots", help="training items: a fraction in (0, 1) like 0.05 (default), or a count like 27")
     p.add_argument("--eval-split", default="val", help="test split for data sets that ship splits (default val)")
+    p.add_argument("--eval-dataset", help="test on another data set instead of a held-out split (Table 8: train on "
+                                          "coco, test on winoground or vlchecklist)")
+    p.add_argument("--eval-data-root", help="the --eval-dataset's folder (default data/<name>)")
     p.add_argument("--epochs", type=float, default=5, help="passes over the training split (if --steps not given)")
     p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--compare", help="comma-separated methods evaluated zero-shot on the same test split, one table "
@@ -127,23 +130,27 @@ def groups_of(items):
     return list(groups.values())
 
 
-def split_items(items, shots, seed, eval_split="val"):
-    """(train, test) item lists; see the module docstring. Deterministic in `seed`."""
-    if any(it.split for it in items):
-        pool = [it for it in items if it.split == "train"]
-        test = [it for it in items if it.split == eval_split]
-        if not pool or not test:
-            raise InputError(f"the data set ships splits {sorted({it.split for it in items})}: "
-                             f"need items in 'train' and in --eval-split {eval_split!r}")
-        n = parse_shots(shots, len(pool) + 1)
-    else:
-        pool, test, n = items, None, parse_shots(shots, len(items))
+def split_items(items, shots, seed, eval_split="val", holdout=True):
+    """(train, test) item lists; see the module docstring. Deterministic in `seed`.
+
+    Items that carry the publisher's split train on 'train' and test on `eval_split`; without a 'train' split the
+    items are split by shots. holdout=False: every item not drawn for training is left out (test = [])."""
+    pool = [it for it in items if it.split == "train"]
+    test = [it for it in items if it.split == eval_split] if pool else None
+    if not pool:
+        pool = items
+    elif holdout and not test:
+        raise InputError(f"the data set ships splits {sorted({it.split for it in items})}: no items in "
+                         f"--eval-split {eval_split!r}")
+    n = parse_shots(shots, len(pool) + (0 if test is None and holdout else 1))
     groups = groups_of(pool)
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     train_idx, rest = [], []
     for g in order:
         (train_idx if len(train_idx) < n else rest).extend(groups[g])
     train = [pool[i] for i in sorted(train_idx)]
+    if not holdout:
+        return train, []
     if test is None:
         test = [pool[i] for i in sorted(rest)]
         if not test:
@@ -234,7 +241,8 @@ def train(args, model, params, train_items, test_items, log=print):
             atomic_save({"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
                          "rng": torch.get_rng_state(), "history": history, "args": vars(args)}, ckpt_path)
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            res = evaluate.evaluate_items(model, args.dataset, test_items, args.batch_size, desc=f"eval@{done}")
+            res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.batch_size,
+                                          desc=f"eval@{done}")
             log(f"step {done}: " + json.dumps(res["metrics"]))
     return history
 
@@ -259,30 +267,34 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     items, report = evaluate.load_items(args.dataset, args.data_root, args.annotations, seed=args.seed)
-    train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split)
+    train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
+    name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
+    if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
+        test_items, _ = evaluate.load_items(name, args.eval_data_root, seed=args.seed,
+                                            split=evaluate.DEFAULT_SPLIT.get(name))
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
-    print(f"{args.dataset}: {len(train_items)} training items, {len(test_items)} test items "
+    print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "
           f"(split by seed {args.seed}, no shared sentence-image pair)")
     model, params = build(args)
-    results = {"dataset": args.dataset, "model": model.config, "args": vars(args), "data_report": report,
+    results = {"dataset": args.dataset, "eval_dataset": name, "model": model.config, "args": vars(args), "data_report": report,
                "split": {"train": len(train_items), "test": len(test_items), "seed": args.seed, "shots": args.shots}}
     if not args.no_zero_shot:
         with torch.no_grad():
-            results["zero_shot"] = evaluate.evaluate_items(model, args.dataset, test_items, args.batch_size,
+            results["zero_shot"] = evaluate.evaluate_items(model, name, test_items, args.batch_size,
                                                            desc="zero-shot")
     t = time.time()
     history = train(args, model, params, train_items, test_items)
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
     model.save_trained(trained_file(args), vars(args))
-    results["few_shot"] = evaluate.evaluate_items(model, args.dataset, test_items, args.batch_size, desc="few-shot")
+    results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.batch_size, desc="few-shot")
     del model
     results["compare"] = {}
     for method in [m for m in args.compare.split(",") if m]:
         other = evaluate.load_model(args, method)
         with torch.no_grad():
-            results["compare"][method] = evaluate.evaluate_items(other, args.dataset, test_items, args.batch_size,
+            results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.batch_size,
                                                                  desc=f"{method} zero-shot")
         del other
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -290,7 +302,7 @@ def main(argv=None):
     rows = {f"{args.method} {k.replace('_', '-')}": results[k]["metrics"] for k in ("zero_shot", "few_shot")
             if k in results}
     rows.update({f"{m} zero-shot": r["metrics"] for m, r in results["compare"].items()})
-    print(evaluate.format_table(args.dataset, rows))
+    print(evaluate.format_table(name, rows))
     print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
     return results
 

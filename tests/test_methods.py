@@ -49,3 +49,21 @@ def test_evaluate_all_methods_side_by_side(setup, capsys):
     assert list(res["methods"]) == list(METHODS)
     assert all(res["methods"][m]["datasets"]["comvg"]["n_items"] == 4 for m in METHODS)
     assert res["methods"]["diffusion_itm"]["model"]["variant"] == "itm"
+
+
+def test_train_on_coco_then_test_on_winoground_and_refcocog_splits(setup, tmp_path):
+    """Table 8's zero-shot transfer (train on MS-COCO captions, test on Winoground) and a data set with its own
+    split (RefCOCOg: shots from 'train', test on 'val') through the same train.py."""
+    from tests.test_datasets import write_coco, write_refcocog, write_winoground
+    coco, wino, ref = tmp_path / "coco", tmp_path / "wino", tmp_path / "ref"
+    for fn, root in ((write_coco, coco), (write_winoground, wino), (write_refcocog, ref)):
+        root.mkdir()
+        fn(str(root))
+    common = ["--model", setup["sd"], "--steps", "1", "--batch-size", "2", "--device", "cpu", "--no-zero-shot"]
+    res = train.main(["--dataset", "coco", "--data-root", str(coco), "--shots", "2", "--eval-dataset", "winoground",
+                      "--eval-data-root", str(wino), "--output-dir", str(tmp_path / "t8"), *common])
+    assert res["eval_dataset"] == "winoground" and res["split"]["train"] >= 2
+    assert set(res["few_shot"]["metrics"]) == {"Text", "Image", "Group"} and res["few_shot"]["n_items"] >= 1
+    res = train.main(["--dataset", "refcocog", "--data-root", str(ref), "--shots", "3", "--eval-limit", "2",
+                      "--output-dir", str(tmp_path / "ref_run"), *common])
+    assert res["split"]["train"] >= 3 and set(res["few_shot"]["metrics"]) == {"Top-1", "Top-5"}
