@@ -1,0 +1,563 @@
+"""App. B, §5.5: speed and memory of Discffusion scoring, side by side with the public official code's per-pair loop.
+
+One run, one machine, one model (same weights and precision), one set of inputs:
+  ours      `Discffusion.score(images, texts)`: each image VAE-encoded once, each text encoded once, all candidates of
+            an image in one UNet batch, no unconditional pass, SDPA self-attention, the capture on attn2 only.
+  official  a re-creation of the public code's loop (pipeline_dsd.py, its diffusers fork): one pipeline call per
+            (image, text) pair that encodes ["", text], then for every timestep VAE-encodes the image again and runs
+            the UNet on the batch [uncond, cond]. The fork ran on torch 1.13, so every attention layer is explicit
+            (Q K^T, softmax, A V, plus a logsumexp of the logits): `OfficialAttnProcessor` on attn1, the project's
+            capture on attn2. The pair's score is the conditional row's attention score (the fork's DiffusionITM term
+            ||eps - eps_uncond|| - ||eps - eps_cond|| is computed too).
+Both use the same 4 timesteps (the noise-level ensemble) and the same eps, so both make exactly images x texts x 4
+(image, text, timestep) evaluations (counted with forward hooks), and their attention scores agree (reported). The
+fork samples the VAE posterior; the re-creation takes its mean (same cost) so that the scores can be compared.
+
+Also measured: the capture's overhead over a plain UNet forward with the stock processors (same batch and inputs),
+and what the official explicit self-attention costs on top; peak memory (CUDA max_memory_allocated, or the peak RSS
+of the process on CPU), in a fresh child process, each figure from a reset peak, for `score` of one pair at UNet
+batch 1, one pair of the official loop, and one training step (margin loss, eq. 6, on p^k/p^v, eq. 5, gradient
+checkpointing on by default); with --compile, `score` with a torch.compile'd UNet.
+
+    python benchmark.py --preset small --device cpu                  # random SD 2.x-topology weights, no download
+    python benchmark.py --preset sd2-base --device cuda --precision fp16
+    python benchmark.py --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+from discffusion import DTYPES, Discffusion, preprocess
+
+CHILD_MARK = "BENCHMARK_CHILD_RESULT "
+COLORS = "red green blue yellow white black".split()
+SHAPES = "circle square triangle cat dog ball table".split()
+RELATIONS = ("left of", "right of", "above", "below", "next to", "on")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="small", choices=("tiny", "small", "sd2-base"),
+                   help="random-weight SD built from sd_configs (default small)")
+    p.add_argument("--model", help="hub id or local diffusers folder with real weights (overrides --preset)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default cuda if available)")
+    p.add_argument("--precision", default=None, choices=tuple(DTYPES), help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--images", type=int, default=2, help="workload: images (default 2)")
+    p.add_argument("--texts", type=int, default=5, help="workload: candidate texts per image (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer after a warm-up (median)")
+    p.add_argument("--iters", type=int, default=10, help="timed UNet forwards of each kind for the capture overhead")
+    p.add_argument("--train-texts", type=int, default=2, help="training step: 1 image x this many texts (default 2)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="unet.enable_gradient_checkpointing() for the training step (default on)")
+    p.add_argument("--compile", action="store_true", help="also time `score` with torch.compile'd UNet")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--quick", action="store_true", help="1 image x 2 texts, 1 repeat, 2 iters: for development")
+    p.add_argument("--threads", type=int, help="torch threads (default on cpu: the cores not already busy, from the "
+                   "load average, at least 1; oversubscribed threads stall badly on a shared machine)")
+    p.add_argument("--seed", type=int, default=0, help="random weights, inputs and noise")
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "discffusion-bench"),
+                   help="where preset models are built (once per preset and seed)")
+    p.add_argument("--output", default="benchmark.json", help="JSON with every figure")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)   # internal: the memory process
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.texts, args.repeats, args.iters = 1, 2, 1, 2
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    if args.threads is None and not args.device.startswith("cuda"):
+        args.threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(os.getloadavg()[0])))
+    return args
+
+
+# ---- model, inputs, clocks ------------------------------------------------------------------------------------------
+def model_path(args):
+    """--model as given, or the preset built with random weights once into --cache-dir."""
+    if args.model:
+        return args.model
+    from sd_configs import make_random_sd
+    folder = os.path.join(args.cache_dir, f"{args.preset}-seed{args.seed}")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):     # written last by make_random_sd
+        os.makedirs(args.cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=args.cache_dir)
+        make_random_sd(args.preset, tmp, seed=args.seed)
+        try:
+            os.rename(tmp, folder)
+        except OSError:                                                  # built meanwhile by another run
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def is_sd2(model):
+    """The SD 2.x-base UNet at 512x512 (what the issue's memory targets are about)."""
+    cfg = model.unet.config
+    return (tuple(cfg.block_out_channels) == (320, 640, 1280, 1280) and cfg.cross_attention_dim == 1024
+            and model.resolution == 512)
+
+
+def load(path, args, **options):
+    return Discffusion.from_pretrained(path, device=args.device, dtype=args.precision, seed=args.seed, **options)
+
+
+def workload(n_images, n_texts, resolution, seed=0):
+    """Seeded random images and distinct compositional captions (words a tiny preset tokenizer knows)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray((torch.rand(resolution, resolution, 3, generator=g) * 255).byte().numpy())
+              for _ in range(n_images)]
+    texts = []
+    for k in range(n_texts):
+        c1, c2 = COLORS[k % 6], COLORS[(k // 6 + k + 1) % 6]
+        s1, s2 = SHAPES[(k // 2) % 7], SHAPES[(k + 3) % 7]
+        texts.append(f"a {c1} {s1} {RELATIONS[(k // 3) % 6]} a {c2} {s2}")
+    return images, texts
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """(wall seconds, process CPU seconds, result) of fn(), synchronised on cuda. On a shared CPU the CPU time
+    leaves out the time other processes hold the cores, so it is reported next to the wall time."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def summary(samples):
+    """[(wall, cpu), ...] -> medians and all samples."""
+    wall, cpu = [w for w, _ in samples], [c for _, c in samples]
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu), "seconds_all": wall,
+            "cpu_seconds_all": cpu}
+
+
+class Counter:
+    """Forward pre-hooks counting calls and batch rows of the UNet, the VAE encoder and the text encoder."""
+
+    def __init__(self, model):
+        self.counts = {f"{k}_{w}": 0 for k in ("unet", "vae", "text") for w in ("calls", "rows")}
+        parts = {"unet": model.unet, "vae": model.vae.encoder, "text": model.text_encoder}
+        self.handles = [m.register_forward_pre_hook(self._hook(k), with_kwargs=True) for k, m in parts.items()]
+
+    def _hook(self, key):
+        def hook(module, args, kwargs):
+            first = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+            self.counts[f"{key}_calls"] += 1
+            self.counts[f"{key}_rows"] += int(first.shape[0])
+        return hook
+
+    def __enter__(self):
+        return self.counts
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+# ---- (b) the official per-pair loop ---------------------------------------------------------------------------------
+class OfficialAttnProcessor:
+    """Self-attention as the official code computes it (its diffusers fork on torch 1.13, so no SDPA): explicit
+    logits Q K^T / sqrt(d), softmax, A V, and the logsumexp of the logits per query token, which the fork computes
+    in every attention layer for its score (kept here in `lse`, unused)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))                 # (B * heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(context))                       # (B * heads, L, d)
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        logits = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device),
+                               q, k.transpose(-1, -2), beta=0, alpha=attn.scale)   # (B * heads, N, L)
+        probs = logits.softmax(dim=-1).to(q.dtype)
+        self.lse = torch.logsumexp(logits, dim=-1)                            # (B * heads, N)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))                     # (B, N, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class official_attention:
+    """Context: the UNet's self-attention layers run `OfficialAttnProcessor`; the capture stays on attn2."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.saved = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor({k: OfficialAttnProcessor() if k.endswith("attn1.processor") else p
+                                      for k, p in self.saved.items()})
+
+    def __exit__(self, *exc):
+        self.unet.set_attn_processor(dict(self.saved))
+
+
+def official_scores(model, images, texts):
+    """The public code's loop, pair by pair -> dict(attention (I, M), itm (I, M), evaluations).
+
+    Per pair: text-encode ["", text] and preprocess the image (one pipeline call); per timestep: VAE-encode the image
+    again and run the UNet with the capture on [uncond, cond]. Same levels, timesteps and eps as `Discffusion.score`.
+    """
+    shape = (model.unet.config.in_channels,) + (model.resolution // model.vae_scale,) * 2
+    noise = model.level_noise(shape)                                      # (n_levels, 4, h, w), shared by all pairs
+    n = len(model.levels)
+    attention = torch.zeros(len(images), len(texts), device=model.device)  # stays on the device: no sync per pair
+    itm, evaluations = torch.zeros_like(attention), 0
+    with torch.inference_mode(), official_attention(model.unet):
+        for i, image in enumerate(images):
+            for j, text in enumerate(texts):
+                hidden, mask = model.encode_texts(["", text])              # (2, L, D): [uncond, cond]
+                x = preprocess([image], model.resolution, model.resize_via).to(model.device, model.vae.dtype)
+                for level, eps in zip(model.levels, noise):
+                    z = model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor   # (1, 4, h, w)
+                    z_t, ts = model.add_noise(z.to(model.dtype).expand(2, -1, -1, -1), eps, model.timestep(level))
+                    att, eps_pred = model.attention_score(z_t, ts, hidden, mask)   # (2,), (2, 4, h, w)
+                    e = eps.to(eps_pred.device, torch.float32)
+                    attention[i, j] += att[1].float() / n
+                    itm[i, j] += ((e - eps_pred[0].float()).norm() - (e - eps_pred[1].float()).norm()) / n
+                    evaluations += 1
+    return {"attention": attention.cpu(), "itm": itm.cpu(), "evaluations": evaluations}
+
+
+# ---- (a) vs (b): throughput -----------------------------------------------------------------------------------------
+def bench_throughput(model, images, texts, repeats, device):
+    """Counted warm-up of each scorer, then `repeats` alternating timed runs; medians and pairs/s."""
+    with Counter(model) as ours_counts:
+        ours = model.score(images, texts)
+    ours_counts["evaluations"] = ours_counts["unet_rows"]                 # every UNet row is one (image, text, t)
+    with Counter(model) as off_counts:
+        off = official_scores(model, images, texts)
+    off_counts["evaluations"] = off["evaluations"]
+    samples = {"ours": [], "official": []}
+    for _ in range(repeats):                                               # alternating: same machine load
+        samples["ours"].append(timed(lambda: model.score(images, texts), device)[:2])
+        samples["official"].append(timed(lambda: official_scores(model, images, texts), device)[:2])
+    pairs = len(images) * len(texts)
+    res = {}
+    for key, counts in (("ours", ours_counts), ("official", off_counts)):
+        res[key] = dict(summary(samples[key]), **counts)
+        res[key].update(pairs_per_s=pairs / res[key]["seconds"], pairs_per_cpu_s=pairs / res[key]["cpu_seconds"])
+    res["ratio"] = res["ours"]["pairs_per_s"] / res["official"]["pairs_per_s"]
+    res["ratio_cpu_time"] = res["ours"]["pairs_per_cpu_s"] / res["official"]["pairs_per_cpu_s"]
+    res["agreement"] = {"max_abs_diff_attention": (ours - off["attention"]).abs().max().item(),
+                        "same_ranking": bool((ours.argmax(1) == off["attention"].argmax(1)).all()),
+                        "score_range": [ours.min().item(), ours.max().item()]}
+    return res
+
+
+# ---- capture overhead -----------------------------------------------------------------------------------------------
+def stock_processors(unet):
+    """The full processor dict with every capture processor replaced by diffusers' stock SDPA processor."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    return {k: (AttnProcessor2_0() if type(p).__name__ == "CaptureProcessor" else p)
+            for k, p in unet.attn_processors.items()}
+
+
+def bench_capture_overhead(model, images, texts, iters, device):
+    """Plain UNet forward (stock processors) vs the capture, same batch (one image's candidates) and inputs; also
+    the official code's explicit self-attention (with the capture), to show what SDPA saves."""
+    latents = model.encode_images(images[:1])
+    hidden, mask = model.encode_texts(texts[:model.batch_size])
+    B = hidden.shape[0]
+    z_t, ts = model.add_noise(latents.expand(B, -1, -1, -1), model.level_noise(latents.shape[1:])[0],
+                              model.timestep(model.levels[0]))
+    capture = dict(model.unet.attn_processors)
+    variants = {"stock": stock_processors(model.unet), "capture": capture,
+                "official_attention": {k: OfficialAttnProcessor() if k.endswith("attn1.processor") else p
+                                       for k, p in capture.items()}}
+
+    def forward(procs):
+        model.unet.set_attn_processor(dict(procs))
+        model.scorer.begin(mask)
+        with torch.inference_mode():
+            return timed(lambda: model.unet(z_t, ts, encoder_hidden_states=hidden).sample, device)[:2]
+    times = {k: [] for k in variants}
+    try:
+        for _ in range(2):                                                 # warm-up
+            for procs in variants.values():
+                forward(procs)
+        for _ in range(iters):                                             # interleaved: same machine load
+            for k, procs in variants.items():
+                times[k].append(forward(procs))
+    finally:
+        model.unet.set_attn_processor(dict(capture))
+    res = {"batch": B, "iters": iters, **{k: summary(v) for k, v in times.items()}}
+    for k in ("capture", "official_attention"):
+        res[f"{k}_overhead"] = res[k]["seconds"] / res["stock"]["seconds"] - 1
+        res[f"{k}_overhead_cpu_time"] = res[k]["cpu_seconds"] / res["stock"]["cpu_seconds"] - 1
+    return res
+
+
+def bench_compile(model, images, texts, repeats, device):
+    """`score` with the UNet compiled in place (torch.compile); compile time is the first call's extra."""
+    try:
+        model.unet.compile()
+        first = timed(lambda: model.score(images, texts), device)[0]
+        res = summary([timed(lambda: model.score(images, texts), device)[:2] for _ in range(repeats)])
+    except Exception as e:  # noqa: BLE001 - a missing compiler or an unsupported op is a result, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    return dict(res, first_call_seconds=first, pairs_per_s=len(images) * len(texts) / res["seconds"])
+
+
+# ---- peak memory, in a fresh child process --------------------------------------------------------------------------
+def current_bytes(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated()
+    return _status_kb("VmRSS") * 1024
+
+
+def reset_peak(device):
+    """Start a fresh peak; returns the memory in use now (weights and all)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:                  # Linux: resets VmHWM to the current RSS
+                f.write("5")
+        except OSError:
+            pass
+    return current_bytes(device)
+
+
+def peak_bytes(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    kb = _status_kb("VmHWM")
+    return kb * 1024 if kb else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kb(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def train_step(model, images, texts, generator):
+    """One optimizer step of the few-shot training: margin loss (eq. 6) on p^k/p^v (eq. 5) and head logits."""
+    import prompt_delta
+    import triplet_loss
+    params = prompt_delta.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    mats = model.score_items([(images, texts)], train=True, generator=generator)
+    loss = triplet_loss.margin_loss(mats, margin=0.1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def release(device):
+    """Hand freed memory back (glibc heap, CUDA cache) so that the next peak starts from what is really in use."""
+    import ctypes
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(fn, device, **info):
+    release(device)
+    base = reset_peak(device)
+    seconds = timed(fn, device)[0]
+    peak = peak_bytes(device)
+    return dict(peak_bytes=peak, base_bytes=base, above_base_bytes=peak - base, seconds=seconds, **info)
+
+
+def run_memory_child(args):
+    """Peak memory in a fresh process (--memory-child): load once, then, smallest first, each measurement from a
+    reset peak: `score` of one pair at UNet batch 1, one pair of the official loop (batch 2), one training step."""
+    model = load(args.model, args)
+    images, texts = workload(1, max(1, args.train_texts), model.resolution, args.seed)
+    batch_size, model.batch_size = model.batch_size, 1
+    model.score(images, texts[:1])                                         # one-time allocations are not the peak
+    out = {"score_batch1": measure(lambda: model.score(images, texts[:1]), args.device, pairs=1, unet_batch=1),
+           "official_pair": measure(lambda: official_scores(model, images, texts[:1]), args.device, pairs=1,
+                                    unet_batch=2)}
+    model.batch_size = batch_size
+    import prompt_delta
+    prompt_delta.attach(model)                                             # p^k, p^v exist before the peak resets
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    g = torch.Generator().manual_seed(args.seed)
+    out["train_step"] = measure(lambda: train_step(model, images, texts, g), args.device, pairs=len(texts),
+                                unet_batch=len(texts), gradient_checkpointing=args.gradient_checkpointing)
+    for v in out.values():
+        v.update(resolution=model.resolution, measure="cuda max_memory_allocated"
+                 if torch.device(args.device).type == "cuda" else "process peak RSS (VmHWM)")
+    return out
+
+
+def measure_memory(path, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--model", path, "--device", args.device,
+           "--precision", args.precision, "--seed", str(args.seed), "--train-texts", str(args.train_texts),
+           "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith(CHILD_MARK):
+            return json.loads(line[len(CHILD_MARK):])
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"memory child exited {out.returncode}: {tail}"}
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def targets(res, args):
+    """The issue's targets, on wall time (CPU time alongside); the SD 2.1-base memory targets apply to that
+    architecture in fp16 on cuda only."""
+    sd2 = res["config"]["sd2_architecture"]
+    gpu_fp16 = torch.device(args.device).type == "cuda" and args.precision == "fp16"
+    tp, co, mem = res["throughput"], res["capture_overhead"], res.get("memory", {})
+    out = {"ratio_at_least_3x": dict(value=tp["ratio"], cpu_time_value=tp["ratio_cpu_time"], target=3.0),
+           "capture_overhead_at_most_10pct": dict(value=co["capture_overhead"],
+                                                  cpu_time_value=co["capture_overhead_cpu_time"], target=0.10)}
+    if sd2 and gpu_fp16:
+        out["sd2_fp16_score_peak_at_most_5GB"] = dict(value=mem.get("score_batch1", {}).get("peak_bytes"), target=5e9)
+        out["sd2_fp16_train_step_peak_at_most_12GB"] = dict(value=mem.get("train_step", {}).get("peak_bytes"),
+                                                            target=12e9)
+    for key, t in out.items():
+        t["met"] = None if t["value"] is None else (t["value"] >= t["target"] if "least" in key
+                                                    else t["value"] <= t["target"])
+    return out
+
+
+def gb(b):
+    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def print_rows(rows):
+    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(widths[k]) if k == 0 else str(v).rjust(widths[k]) for k, v in enumerate(r)))
+
+
+def print_table(res):
+    c, w, tp, co = res["config"], res["workload"], res["throughput"], res["capture_overhead"]
+    o, f = tp["ours"], tp["official"]
+    cpu = c["device"] == "cpu"
+    print(f"\nDiscffusion benchmark: {c['model']} (UNet {c['unet_params'] / 1e6:.1f}M params, {c['n_layers']} "
+          f"cross-attention layers, {c['resolution']}px), {c['device']} {c['precision']}, torch {c['torch']}, "
+          + (f"{c['threads']} threads (load average {c['load_average_at_start']:.1f} on {c['cpu_count']} cores)"
+             if cpu else str(c["gpu"])))
+    print(f"workload: {w['images']} images x {w['texts']} texts x {w['timesteps']} timesteps "
+          f"{w['timestep_values']}, median of {w['repeats']} runs\n")
+    rows = [("", "this project", "official-style loop", "ours/official"),
+            ("(image, text, t) evaluations", o["evaluations"], f["evaluations"], ""),
+            ("UNet calls (rows)", f"{o['unet_calls']} ({o['unet_rows']})", f"{f['unet_calls']} ({f['unet_rows']})",
+             ""),
+            ("VAE encodes (images)", o["vae_rows"], f["vae_rows"], ""),
+            ("text encodes (texts)", o["text_rows"], f["text_rows"], ""),
+            ("seconds per call (wall)", f"{o['seconds']:.3f}", f"{f['seconds']:.3f}", ""),
+            ("pairs/s", f"{o['pairs_per_s']:.3f}", f"{f['pairs_per_s']:.3f}", f"{tp['ratio']:.2f}x")]
+    if cpu:
+        rows += [("CPU seconds per call", f"{o['cpu_seconds']:.3f}", f"{f['cpu_seconds']:.3f}", ""),
+                 ("pairs per CPU second", f"{o['pairs_per_cpu_s']:.3f}", f"{f['pairs_per_cpu_s']:.3f}",
+                  f"{tp['ratio_cpu_time']:.2f}x")]
+    if "compile" in res:
+        cp = res["compile"]
+        rows.append(("pairs/s, torch.compile'd UNet", cp.get("error", "")[:40] or f"{cp['pairs_per_s']:.3f}", "",
+                     "" if "error" in cp else f"{cp['pairs_per_s'] / o['pairs_per_s']:.2f}x eager"))
+    mem = res.get("memory", {})
+    if "error" in mem:
+        rows.append(("peak memory", mem["error"][:70], "", ""))
+    elif mem:
+        s, p, t = mem["score_batch1"], mem["official_pair"], mem["train_step"]
+        rows += [(f"peak memory, 1 pair ({'CUDA' if not cpu else 'RSS'})", gb(s["peak_bytes"]), gb(p["peak_bytes"]),
+                  ""),
+                 ("  UNet batch", 1, 2, ""),
+                 ("  above the loaded model", gb(s["above_base_bytes"]), gb(p["above_base_bytes"]), ""),
+                 (f"train step, 1 image x {t['pairs']} texts", gb(t["peak_bytes"]), "", ""),
+                 ("  gradient checkpointing", "on" if t["gradient_checkpointing"] else "off", "", ""),
+                 ("  above the loaded model", gb(t["above_base_bytes"]), "", ""),
+                 ("  seconds (one step)", f"{t['seconds']:.2f}", "", "")]
+    print_rows(rows)
+    a = tp["agreement"]
+    print(f"\nattention scores, ours vs official loop: max |diff| {a['max_abs_diff_attention']:.2e} "
+          f"(scores span {a['score_range'][0]:.4f}..{a['score_range'][1]:.4f})\n")
+    rows = [(f"UNet forward, batch {co['batch']}, median of {co['iters']}", "wall s", "CPU s", "vs stock, wall",
+             "vs stock, CPU")]
+    for k, label in (("stock", "stock processors (SDPA everywhere)"), ("capture", "capture on attn2 (this project)"),
+                     ("official_attention", "explicit attn1 + capture (official)")):
+        over = [f"{100 * co[f'{k}_overhead{x}']:+.1f}%" if k != "stock" else "" for x in ("", "_cpu_time")]
+        rows.append((label, f"{co[k]['seconds']:.4f}", f"{co[k]['cpu_seconds']:.4f}", *over))
+    print_rows(rows)
+    print()
+    for key, t in res["targets"].items():
+        v, vc = t["value"], t.get("cpu_time_value")
+        fmt = (lambda x: f"{x:.2f}x") if "ratio" in key else (lambda x: f"{100 * x:+.1f}%") if "pct" in key else gb
+        shown = "-" if v is None else fmt(v) + (f" (CPU time {fmt(vc)})" if cpu and vc is not None else "")
+        print(f"target {key}: {shown} -> {dict([(True, 'met'), (False, 'MISSED'), (None, 'not measured')])[t['met']]}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(CHILD_MARK + json.dumps(run_memory_child(args)), flush=True)
+        return None
+    torch.manual_seed(args.seed)
+    path = model_path(args)
+    model = load(path, args)
+    images, texts = workload(args.images, args.texts, model.resolution, args.seed)
+    res = {"config": {"model": args.model or f"preset {args.preset} (random weights)", "path": path,
+                      "device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
+                      "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
+                      "torch": torch.__version__, "seed": args.seed, "resolution": model.resolution,
+                      "unet_params": sum(p.numel() for p in model.unet.parameters()),
+                      "n_layers": len(model.scorer.layers), "batch_size": model.batch_size,
+                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                      "sd2_architecture": is_sd2(model)},
+           "workload": {"images": args.images, "texts": args.texts, "pairs": args.images * args.texts,
+                        "timesteps": len(model.levels), "timestep_values": [model.timestep(l) for l in model.levels],
+                        "repeats": args.repeats}}
+    res["throughput"] = bench_throughput(model, images, texts, args.repeats, args.device)
+    res["capture_overhead"] = bench_capture_overhead(model, images, texts, args.iters, args.device)
+    if args.compile:
+        res["compile"] = bench_compile(model, images, texts, args.repeats, args.device)
+    del model
+    if not args.no_memory:
+        res["memory"] = measure_memory(path, args)
+    res["config"]["load_average_at_end"] = os.getloadavg()[0]
+    res["targets"] = targets(res, args)
+    with open(args.output, "w") as f:
+        json.dump(res, f, indent=1)
+    print_table(res)
+    print(f"\nwrote {args.output}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
