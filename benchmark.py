@@ -60,14 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="unet.enable_gradient_checkpointing() for the training step (default on)")
     p.add_argument("--compile", action="store_true", help="also time `score` with torch.compile'd UNet")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")
     p.add_argument("--quick", action="store_true", help="1 image x 2 texts, 1 repeat, 2 iters: for development")
     p.add_argument("--threads", type=int, help="torch threads (default on cpu: the cores not already busy, from the "
                    "load average, at least 1; oversubscribed threads stall badly on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="random weights, inputs and noise")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "discffusion-bench"),
                    help="where preset models are built (once per preset and seed)")
-    p.add_argument("--output", default="benchmark.json", help="JSON with every figure")
+    p.add_argument("--output", default="runs/benchmark.json", help="JSON with every figure (default: %(default)s)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)   # internal: the memory process
     args = p.parse_args(argv)
     if args.quick:
@@ -216,7 +216,8 @@ def official_scores(model, images, texts):
     """The public code's loop, pair by pair -> dict(attention (I, M), itm (I, M), evaluations).
 
     Per pair: text-encode ["", text] and preprocess the image (one pipeline call); per timestep: VAE-encode the image
-    again and run the UNet with the capture on [uncond, cond]. Same levels, timesteps and eps as `Discffusion.score`.
+    again and run the UNet (explicit self-attention, capture on attn2) on [uncond, cond]. Same levels, timesteps and
+    eps as `Discffusion.score`.
     """
     shape = (model.unet.config.in_channels,) + (model.resolution // model.vae_scale,) * 2
     noise = model.level_noise(shape)                                      # (n_levels, 4, h, w), shared by all pairs
@@ -420,6 +421,7 @@ def run_memory_child(args):
 
 
 def measure_memory(path, args):
+    path = os.path.abspath(path) if os.path.isdir(path) else path              # the child runs from the repo root
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--model", path, "--device", args.device,
            "--precision", args.precision, "--seed", str(args.seed), "--train-texts", str(args.train_texts),
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
@@ -552,6 +554,7 @@ def main(argv=None):
         res["memory"] = measure_memory(path, args)
     res["config"]["load_average_at_end"] = os.getloadavg()[0]
     res["targets"] = targets(res, args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(res, f, indent=1)
     print_table(res)

@@ -67,16 +67,28 @@ def test_capture_overhead_restores_the_capture(model):
     assert torch.equal(model.score(images, texts), before)
 
 
+def test_train_step_updates_only_the_prompt_deltas(tiny_sd):
+    import prompt_delta
+    m = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    m.unet.enable_gradient_checkpointing()
+    frozen = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    images, texts = benchmark.workload(1, 2, m.resolution)
+    loss = benchmark.train_step(m, images, texts, torch.Generator().manual_seed(0))
+    assert loss > 0                                                   # zero deltas: equal-ish scores, hinge active
+    assert any(p.abs().sum() > 0 for p in prompt_delta.attach(m).parameters())
+    assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in frozen.items())
+
+
 def test_end_to_end_tiny_preset_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    benchmark.main(["--preset", "tiny", "--device", "cpu", "--images", "1", "--texts", "2", "--repeats", "1",
+    benchmark.main(["--preset", "tiny", "--device", "cpu", "--images", "1", "--texts", "1", "--repeats", "1",
                     "--iters", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
     res = json.loads(out.read_text())
     assert {"config", "workload", "throughput", "capture_overhead", "memory", "targets"} <= set(res)
     tp = res["throughput"]
     for key in ("ours", "official"):
         assert {"seconds", "pairs_per_s", "evaluations", "unet_calls", "unet_rows", "vae_rows"} <= set(tp[key])
-        assert tp[key]["evaluations"] == 1 * 2 * res["workload"]["timesteps"] == 8
+        assert tp[key]["evaluations"] == 1 * 1 * res["workload"]["timesteps"] == 4
     assert tp["ratio"] > 0 and tp["agreement"]["max_abs_diff_attention"] < 1e-5
     for kind in ("score_batch1", "official_pair", "train_step"):
         assert "error" not in res["memory"][kind], res["memory"][kind]
