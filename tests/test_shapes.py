@@ -110,3 +110,66 @@ def test_bad_vocabulary(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--out", str(tmp_path), "--colors", "mauve"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "mauve" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- the committed model -------------------------------------------------------------------------------------------
+
+def test_model_folder_is_diffusers_layout():
+    import json
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    with open(os.path.join(MODEL, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert part in index and os.path.isdir(os.path.join(MODEL, part))
+    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(MODEL, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder")
+    tok = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "epsilon"
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 32
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert vae.config.scaling_factor != 0.18215  # calibrated on the shapes latents
+    for word in shapes.words():  # every word of the world is one token
+        assert len(tok(word).input_ids) == 3, word
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(MODEL) for f in fs)
+    assert size < 20e6
+
+
+def test_model_loads_through_discffusion():
+    from discffusion import Discffusion
+    model = Discffusion.from_pretrained(MODEL, device="cpu")
+    assert model.resolution == 32
+    img = Image.new("RGB", (32, 32), shapes.BACKGROUND)
+    s = model.score([img, img], ["a red circle left of a blue square", "a green square above a yellow circle"])
+    assert s.shape == (2, 2) and bool(s.isfinite().all())
+
+
+def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
+    """Zero-shot DiffusionITM on a fixed split of subject and object swaps (seed 123, 24 items, 10 timesteps).
+
+    A scorer that ignores the text, the image or the unconditional term scores near 0.5; the committed model scores
+    0.92 here, so 0.75 (P <= 0.01 for a coin) cannot be passed by chance."""
+    from datasets import load_comvg
+    from diffusion_itm import DiffusionITM
+    shapes.write_comvg(str(tmp_path), n=12, seed=123)
+    items = [it for it in load_comvg(str(tmp_path))[0] if it.category in ("subject", "object")]
+    m = DiffusionITM.from_pretrained(MODEL, device="cpu", n_timesteps=10, batch_size=64)
+    out = m.score_items([([Image.open(p) for p in it.images], it.texts) for it in items])
+    acc = float(np.mean([float(s[0, 0] > s[1, 0]) for s in out]))
+    assert acc >= 0.75, acc
+
+
+def test_pretraining_is_reproducible(tmp_path):
+    """Two tiny runs of pretrain_shapes.py with one seed write identical weights, in diffusers layout."""
+    import pretrain_shapes
+    from discffusion import load_components
+    args = ["--images", "32", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4", "--grid", ""]
+    for run in ("a", "b"):
+        pretrain_shapes.main(["--out", str(tmp_path / run)] + args)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
+    assert set(load_components(str(tmp_path / "a"), None)) == {"tokenizer", "text_encoder", "vae", "unet", "scheduler"}

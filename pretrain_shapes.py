@@ -1,0 +1,253 @@
+"""Pretrain a tiny Stable Diffusion on the shapes world, on CPU, and save it in diffusers layout.
+
+Not a paper section: it makes the embedded default model `models/tiny-shapes-sd` (what `Discffusion.from_pretrained`
+and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained in two stages:
+  1. VAE (AutoencoderKL, 32x32x3 image <-> 4x16x16 latent): reconstruction MSE + a small KL term; the latent scaling
+     factor is set so that scaled latents have unit std, as in SD.
+  2. Text encoder (CLIPTextModel, 2 layers, 64 wide) and UNet (UNet2DConditionModel, 32/64/64 channels, cross-attention
+     at 16x16 and 8x8 and in the mid block), trained jointly with the standard epsilon-prediction loss
+     || eps - eps_theta(z_t, t, y) ||^2 under a DDPMScheduler (1000 steps), 10% empty captions, AdamW.
+Deterministic for a given --seed (single process, fixed thread count).
+
+    python pretrain_shapes.py --out models/tiny-shapes-sd
+"""
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import shapes
+from sd_configs import SCHEDULER, write_tokenizer
+
+MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+           norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS)
+UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=2, cross_attention_dim=64, norm_num_groups=8)  # attention_head_dim = heads per layer
+
+
+def log(msg, t0=[time.time()]):
+    print(f"[{time.time() - t0[0]:7.1f}s] {msg}", flush=True)
+
+
+def lr_at(step, steps, lr, warmup=50):
+    """Linear warm-up, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def to_tensor(images):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(vae, x, steps, batch, lr, kl_weight, g):
+    """Reconstruction MSE + kl_weight * KL, on images x (N, 3, H, W) in [-1, 1]."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        xb = x[torch.randint(0, len(x), (batch,), generator=g)]
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)  # (B, 4, 16, 16)
+        rec = vae.decode(z).sample                                           # (B, 3, 32, 32)
+        mse, kl = F.mse_loss(rec, xb), post.kl().mean() / z[0].numel()
+        (mse + kl_weight * kl).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step:4d}  mse {mse.item():.4f}  kl/dim {kl.item():.2f}")
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, x, batch=256):
+    """Latent means (N, 4, 16, 16), unscaled."""
+    return torch.cat([vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+
+
+def shapes_tokenizer(folder, words):
+    """`sd_configs.write_tokenizer` with an order of merges in which every word is one token.
+
+    A word's merges are only reached if no earlier word's merge splits it first ('ri' of 'right' breaks 'triangle'),
+    so longer words go first, then seeded shuffles until every word encodes as one token."""
+    order = sorted(words, key=lambda w: (-len(w), w))
+    for attempt in range(100):
+        tok = write_tokenizer(folder, order, MAX_TOKENS)
+        if all(len(tok(w).input_ids) == 3 for w in words):  # BOS, word, EOS
+            return tok
+        random.Random(attempt).shuffle(order)
+    raise RuntimeError(f"no merge order makes every word of {words} one token")
+
+
+def tokenize(tok, texts):
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids  # (N, MAX_TOKENS)
+
+
+def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, lr, p_empty, g):
+    """Epsilon-prediction loss on scaled latents z (N, 4, 16, 16); ids (N, 2, L): two true captions per image."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    avg = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        idx = torch.randint(0, len(z), (batch,), generator=g)
+        which = torch.randint(0, 2, (batch,), generator=g)
+        y = ids[idx, which]                                                   # (B, L)
+        y[torch.rand(batch, generator=g) < p_empty] = empty_ids
+        z0 = z[idx]
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        zt = sched.add_noise(z0, eps, t)
+        cond = text_encoder(y).last_hidden_state                             # (B, L, 64)
+        loss = F.mse_loss(unet(zt, t, cond).sample, eps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"diffusion step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+    return unet, text_encoder
+
+
+def save(folder, vae, text_encoder, tok, unet, sched):
+    """Diffusers layout, as `StableDiffusionPipeline.from_pretrained` reads it."""
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    tok.save_pretrained(os.path.join(folder, "tokenizer"))
+    sched.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                   "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+                   "feature_extractor": [None, None], "requires_safety_checker": False}, f, indent=1)
+
+
+GRID_CAPTIONS = ("a red circle left of a blue square", "a blue square left of a red circle",
+                 "a green triangle above a yellow circle", "a yellow circle above a green triangle",
+                 "a yellow square right of a red triangle", "a blue circle below a green square", "")
+
+
+@torch.no_grad()
+def sample(folder, captions, n=6, steps=50, guidance=4.0, seed=0):
+    """DDIM sampling with classifier-free guidance from a saved model: images (len(captions), n, H, W, 3) uint8."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval()
+    tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    sched = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    sched.set_timesteps(steps)
+    cond = text_encoder(tokenize(tok, list(captions))).last_hidden_state.repeat_interleave(n, 0)  # (C*n, L, D)
+    uncond = text_encoder(tokenize(tok, [""])).last_hidden_state.expand_as(cond)
+    size = unet.config.sample_size
+    z = torch.randn((len(captions) * n, unet.config.in_channels, size, size),
+                    generator=torch.Generator().manual_seed(seed))                   # (C*n, 4, 16, 16)
+    for t in sched.timesteps:
+        e_c, e_u = unet(torch.cat([z, z]), t, torch.cat([cond, uncond])).sample.chunk(2)
+        z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    x = vae.decode(z / vae.config.scaling_factor).sample                             # (C*n, 3, 32, 32)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return x.reshape(len(captions), n, *x.shape[1:])
+
+
+def draw_grid(images, captions, path, scale=3):
+    """One row per caption: the caption, then its samples, each `scale` times larger."""
+    from PIL import Image, ImageDraw
+    rows, n, h, w, _ = images.shape
+    label = 260
+    grid = Image.new("RGB", (label + n * (w * scale + 4), rows * (h * scale + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        y = r * (h * scale + 4)
+        draw.text((6, y + h * scale // 2 - 6), captions[r] or '"" (unconditional)', fill="black")
+        for c in range(n):
+            tile = Image.fromarray(images[r, c]).resize((w * scale, h * scale), Image.NEAREST)
+            grid.paste(tile, (label + c * (w * scale + 4), y + 2))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="models/tiny-shapes-sd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=20000, help="training images (drawn once, encoded once)")
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-3, help="per latent dimension, relative to the per-pixel MSE")
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (for the unconditional)")
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
+    p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
+    a = p.parse_args(argv)
+    t_start = time.time()
+    torch.set_num_threads(a.threads)
+    if a.grid_only:
+        draw_grid(sample(a.out, GRID_CAPTIONS, seed=a.seed), GRID_CAPTIONS, a.grid)
+        return log(f"wrote {a.grid}")
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    g = torch.Generator().manual_seed(a.seed)
+
+    log(f"drawing {a.images} training images")
+    images, captions = shapes.training_pairs(a.images, seed=10_000 + a.seed)
+    x = to_tensor(images)                                                    # (N, 3, 32, 32)
+
+    vae = train_vae(AutoencoderKL(**VAE), x, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, g).eval()
+    mu = encode(vae, x)                                                      # (N, 4, 16, 16)
+    vae.register_to_config(scaling_factor=float(1 / mu.std()))
+    z = mu * vae.config.scaling_factor
+    log(f"latents {tuple(z.shape)}, scaling factor {vae.config.scaling_factor:.4f}")
+    vae.requires_grad_(False)
+
+    tok = shapes_tokenizer(tempfile.mkdtemp(), shapes.words())
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TEXT))
+    unet = UNet2DConditionModel(**UNET)
+    sched = DDPMScheduler(**SCHEDULER)
+    ids = tokenize(tok, [c for pair in captions for c in pair]).view(len(captions), 2, -1)  # (N, 2, L)
+    empty_ids = tokenize(tok, [""])[0]
+    log(f"unet {sum(q.numel() for q in unet.parameters()) / 1e6:.2f}M, "
+        f"text encoder {sum(q.numel() for q in text_encoder.parameters()) / 1e6:.2f}M, "
+        f"vae {sum(q.numel() for q in vae.parameters()) / 1e6:.2f}M parameters")
+    unet.train()
+    text_encoder.train()
+    train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, a.steps, a.batch, a.lr, a.p_empty, g)
+    save(a.out, vae, text_encoder.eval(), tok, unet.eval(), sched)
+    log(f"saved {a.out}")
+    if a.grid:
+        draw_grid(sample(a.out, GRID_CAPTIONS, seed=a.seed), GRID_CAPTIONS, a.grid)
+        log(f"wrote {a.grid}")
+    log(f"done in {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
