@@ -258,6 +258,10 @@ def load_data(args):
     for name, root in dataset_roots(args):
         split = None if args.split == "all" else (args.split or DEFAULT_SPLIT.get(name))
         items, report = load_items(name, root, args.annotations, seed=args.seed, split=split)
+        if name == "shapes":  # the held-out split of `train.py --dataset shapes` (same shots and seed)
+            import train
+            items = train.split_items(items, train.DATASET_DEFAULTS["shapes"]["shots"], args.seed)[1]
+            split = "test"
         out[name] = (root, split, items[:args.limit] if args.limit else items, report)
     return out
 
