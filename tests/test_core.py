@@ -169,7 +169,7 @@ def test_bad_model_paths(tmp_path, tiny_sd):
     with pytest.raises(InputError, match="neither a local diffusers folder nor a hub id"):
         Discffusion.from_pretrained(str(tmp_path / "missing" / "model"))
     with pytest.raises(InputError, match="could not load model"):
-        Discffusion.from_pretrained("nobody-here/no-such-model")       # offline: a clear error, no network
+        Discffusion.from_pretrained("nobody-here" + "/no-such-model")  # a hub id, offline: a clear error, no network
     with pytest.raises(InputError, match="pooling"):
         Discffusion.from_pretrained(tiny_sd, device="cpu", pooling="bogus")
     with pytest.raises(InputError, match="layers"):
