@@ -2,11 +2,13 @@
 
 Not a paper section: it makes the embedded default model `models/tiny-shapes-sd` (what `Discffusion.from_pretrained`
 and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained in two stages:
-  1. VAE (AutoencoderKL, 32x32x3 image <-> 4x16x16 latent): reconstruction MSE + a small KL term; the latent scaling
-     factor is set so that scaled latents have unit std, as in SD.
-  2. Text encoder (CLIPTextModel, 2 layers, 64 wide) and UNet (UNet2DConditionModel, 32/64/64 channels, cross-attention
-     at 16x16 and 8x8 and in the mid block), trained jointly with the standard epsilon-prediction loss
-     || eps - eps_theta(z_t, t, y) ||^2 under a DDPMScheduler (1000 steps), 10% empty captions, AdamW.
+  1. VAE (AutoencoderKL with one block, so no downsampling: 32x32x3 image <-> 4x32x32 latent): reconstruction MSE +
+     a small KL term; the latent scaling factor is set so that scaled latents have unit std, as in SD. Keeping the
+     latent at full resolution makes the model the issue's pixel-space 32x32 prototype with a real (small) VAE in front.
+  2. Text encoder (CLIPTextModel, 2 layers, 64 wide) and UNet (UNet2DConditionModel, 32/64/64 channels: no attention
+     at 32x32, cross-attention at 16x16, 8x8 and in the 8x8 mid block), trained jointly with the standard
+     epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2 under a DDPMScheduler (1000 steps), 10% empty
+     captions, AdamW, batch 32, 767 steps (the prototype's recipe).
 Deterministic for a given --seed (single process, fixed thread count).
 
     python pretrain_shapes.py --out models/tiny-shapes-sd
@@ -19,7 +21,6 @@ import random
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -30,14 +31,14 @@ from sd_configs import SCHEDULER, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
 
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,), layers_per_block=1,
+           down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
            norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=MAX_TOKENS)
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=2, cross_attention_dim=64, norm_num_groups=8)  # attention_head_dim = heads per layer
 
 
@@ -65,7 +66,7 @@ def train_vae(vae, x, steps, batch, lr, kl_weight, g):
             group["lr"] = lr_at(step, steps, lr)
         xb = x[torch.randint(0, len(x), (batch,), generator=g)]
         post = vae.encode(xb).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)  # (B, 4, 16, 16)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)  # (B, 4, 32, 32)
         rec = vae.decode(z).sample                                           # (B, 3, 32, 32)
         mse, kl = F.mse_loss(rec, xb), post.kl().mean() / z[0].numel()
         (mse + kl_weight * kl).backward()
@@ -78,7 +79,7 @@ def train_vae(vae, x, steps, batch, lr, kl_weight, g):
 
 @torch.no_grad()
 def encode(vae, x, batch=256):
-    """Latent means (N, 4, 16, 16), unscaled."""
+    """Latent means (N, 4, 32, 32), unscaled."""
     return torch.cat([vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
 
 
@@ -102,7 +103,7 @@ def tokenize(tok, texts):
 
 
 def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, lr, p_empty, g):
-    """Epsilon-prediction loss on scaled latents z (N, 4, 16, 16); ids (N, 2, L): two true captions per image."""
+    """Epsilon-prediction loss on scaled latents z (N, 4, 32, 32); ids (N, 2, L): two true captions per image."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     avg = None
@@ -165,7 +166,7 @@ def sample(folder, captions, n=6, steps=50, guidance=4.0, seed=0):
     uncond = text_encoder(tokenize(tok, [""])).last_hidden_state.expand_as(cond)
     size = unet.config.sample_size
     z = torch.randn((len(captions) * n, unet.config.in_channels, size, size),
-                    generator=torch.Generator().manual_seed(seed))                   # (C*n, 4, 16, 16)
+                    generator=torch.Generator().manual_seed(seed))                   # (C*n, 4, 32, 32)
     for t in sched.timesteps:
         e_c, e_u = unet(torch.cat([z, z]), t, torch.cat([cond, uncond])).sample.chunk(2)
         z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
@@ -200,7 +201,7 @@ def main(argv=None):
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-3, help="per latent dimension, relative to the per-pixel MSE")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=767)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (for the unconditional)")
@@ -222,7 +223,7 @@ def main(argv=None):
     x = to_tensor(images)                                                    # (N, 3, 32, 32)
 
     vae = train_vae(AutoencoderKL(**VAE), x, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, g).eval()
-    mu = encode(vae, x)                                                      # (N, 4, 16, 16)
+    mu = encode(vae, x)                                                      # (N, 4, 32, 32)
     vae.register_to_config(scaling_factor=float(1 / mu.std()))
     z = mu * vae.config.scaling_factor
     log(f"latents {tuple(z.shape)}, scaling factor {vae.config.scaling_factor:.4f}")

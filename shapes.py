@@ -11,6 +11,7 @@ is a sentence, its positive image and a negative image whose scene changes the s
 """
 import argparse
 import csv
+import io
 import os
 import random
 import sys
@@ -126,8 +127,15 @@ def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES,
     return path
 
 
-def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS):
-    """n images of random scenes and their captions, for pretraining.
+def jpeg(img, quality=95):
+    """The image as written to and read back from a .jpg (4:4:4, no chroma subsampling)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, subsampling=0)
+    return Image.open(buf).convert("RGB")
+
+
+def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS, quality=95):
+    """n images of random scenes and their captions, for pretraining; JPEG round-tripped like the ComVG files.
 
     Returns images (n, size, size, 3) uint8 and, per image, its two true captions: the scene's and the mirrored one
     ('a red circle left of a blue square' / 'a blue square right of a red circle')."""
@@ -136,7 +144,7 @@ def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, rela
     images, captions = np.zeros((n, size, size, 3), np.uint8), []
     for i in range(n):
         s, r, o = scene = sample_scene(rng, objs, relations)
-        images[i] = np.asarray(render(scene, rng, size))
+        images[i] = np.asarray(jpeg(render(scene, rng, size), quality))
         captions.append((caption(scene), caption((o, INVERSE[r], s))))
     return images, captions
 

@@ -148,18 +148,18 @@ def test_model_loads_through_discffusion():
 
 
 def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
-    """Zero-shot DiffusionITM on a fixed split of subject and object swaps (seed 123, 24 items, 10 timesteps).
+    """Zero-shot DiffusionITM on a fixed split of subject and object swaps (seed 123, 48 items, 10 timesteps).
 
     A scorer that ignores the text, the image or the unconditional term scores near 0.5; the committed model scores
-    0.92 here, so 0.75 (P <= 0.01 for a coin) cannot be passed by chance."""
+    0.83 here, and 0.70 (34 of 48; P < 0.003 for a coin) cannot be passed by chance."""
     from datasets import load_comvg
     from diffusion_itm import DiffusionITM
-    shapes.write_comvg(str(tmp_path), n=12, seed=123)
+    shapes.write_comvg(str(tmp_path), n=24, seed=123)
     items = [it for it in load_comvg(str(tmp_path))[0] if it.category in ("subject", "object")]
     m = DiffusionITM.from_pretrained(MODEL, device="cpu", n_timesteps=10, batch_size=64)
     out = m.score_items([([Image.open(p) for p in it.images], it.texts) for it in items])
     acc = float(np.mean([float(s[0, 0] > s[1, 0]) for s in out]))
-    assert acc >= 0.75, acc
+    assert acc >= 0.70, acc
 
 
 def test_pretraining_is_reproducible(tmp_path):
@@ -173,3 +173,31 @@ def test_pretraining_is_reproducible(tmp_path):
                  "text_encoder/model.safetensors"):
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
     assert set(load_components(str(tmp_path / "a"), None)) == {"tokenizer", "text_encoder", "vae", "unet", "scheduler"}
+
+
+def test_embedded_default_runs_end_to_end(tmp_path, capsys):
+    """`train.py --dataset shapes` then `evaluate.py --dataset shapes`, with only the paths and the length cut short:
+    the world is written on first use, the committed model is the default, and both print the Discffusion and
+    DiffusionITM rows."""
+    import json
+    import evaluate
+    import train
+    data, run = str(tmp_path / "shapes"), str(tmp_path / "run")
+    res = train.main(["--dataset", "shapes", "--data-root", data, "--output-dir", run, "--steps", "2",
+                      "--eval-limit", "4", "--itm-timesteps", "2"])
+    assert os.path.exists(os.path.join(data, "comvg.csv"))                       # written on first use
+    assert os.path.samefile(res["args"]["model"], MODEL)                         # the committed model by default
+    assert res["split"]["train"] == 60 and res["train"]["steps"] == 2
+    assert set(res["compare"]) == {"diffusion_itm"}
+    out = capsys.readouterr().out
+    for row in ("discffusion zero-shot", "discffusion few-shot", "diffusion_itm zero-shot"):
+        assert row in out, row
+    deltas = os.path.join(run, "prompt_deltas.safetensors")
+    results = str(tmp_path / "results.json")
+    assert evaluate.main(["--dataset", "shapes", "--data-root", data, "--limit", "4", "--itm-timesteps", "2",
+                          "--checkpoint", deltas, "--methods", "discffusion", "--output", results]) == 0
+    with open(results) as f:
+        ours = json.load(f)["datasets"]["shapes"]
+    assert ours["n_items"] == 4
+    few = res["few_shot"]["metrics"]                                             # the same deltas, the same 4 items
+    assert ours["metrics"] == few
