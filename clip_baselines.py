@@ -24,12 +24,12 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 from datasets import InputError
 from discffusion import to_rgb
+from prompt_delta import read_checkpoint
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip_ft", "clip_prompt")
@@ -214,13 +214,13 @@ class ClipMatcher(nn.Module):
         save_file(tensors, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
     def load_trained(self, path):
-        """Load save_trained's file; a different method or tensor shape raises ValueError naming it.
+        """Load save_trained's file; a missing or unreadable file, another method or a tensor shape that differs is
+        an InputError naming it.
 
         A different base model with matching shapes only warns (a hub id and its local copy are the same model).
         Returns the file's metadata."""
-        with safe_open(path, framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = load_file(path)
+        raw, tensors = read_checkpoint(path)
+        meta = {k: json.loads(v) for k, v in raw.items()}
         if meta.get("method") != self.method:
             raise InputError(f"{path}: trained with method {meta.get('method')!r}, this model is {self.method!r}")
         own = self.trained_state()

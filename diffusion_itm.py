@@ -33,11 +33,11 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from datasets import InputError
 from discffusion import DEFAULT_MODEL, Discffusion
+from prompt_delta import read_checkpoint
 
 VARIANTS = ("itm", "classifier", "combined")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -223,14 +223,7 @@ class DiffusionITM(nn.Module):
 
         A different format, LoRA configuration, tensor set or shape is an InputError naming it; a different base
         model name with matching shapes only warns (a hub id and its local copy are the same model)."""
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
-            raise InputError(f"checkpoint {path} does not exist") from None
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
-            raise InputError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__})") from None
+        raw, tensors = read_checkpoint(path)
         try:
             meta = {k: json.loads(v) for k, v in raw.items()}
         except json.JSONDecodeError:

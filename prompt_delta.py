@@ -63,16 +63,21 @@ def save(path, model, training_args=None):
     save_file(tensors, str(path), metadata=meta)
 
 
-def load(path, model):
-    """Load a file written by `save` onto `model`; a layer or shape mismatch is an InputError naming it."""
+def read_checkpoint(path):
+    """(metadata, tensors) of a safetensors file; a missing or unreadable file is an InputError naming it.
+    Shared by every method's load_trained."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise InputError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
         raise InputError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__})") from None
+
+
+def load(path, model):
+    """Load a file written by `save` onto `model`; a layer or shape mismatch is an InputError naming it."""
+    meta, tensors = read_checkpoint(path)
     if meta.get("format") != "discffusion-prompt-deltas-v1":
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
     saved_layers = json.loads(meta["layers"])
