@@ -8,7 +8,8 @@ and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained 
   2. Text encoder (CLIPTextModel, 2 layers, 64 wide) and UNet (UNet2DConditionModel, 32/64/64 channels: no attention
      at 32x32, cross-attention at 16x16, 8x8 and in the 8x8 mid block), trained jointly with the standard
      epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2 under a DDPMScheduler (1000 steps), 10% empty
-     captions, AdamW, batch 32, 767 steps (the prototype's recipe).
+     captions, AdamW, batch 32, 767 steps (the prototype's recipe) at lr 2e-3 rather than the prototype's 5e-4: in the
+     same 767 steps it ends at a diffusion loss of 0.018 instead of 0.032 (1e-3: 0.023).
 Deterministic for a given --seed (single process, fixed thread count).
 
     python pretrain_shapes.py --out models/tiny-shapes-sd
@@ -203,7 +204,7 @@ def main(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-3, help="per latent dimension, relative to the per-pixel MSE")
     p.add_argument("--steps", type=int, default=767)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (for the unconditional)")
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
