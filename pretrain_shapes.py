@@ -15,7 +15,6 @@ Deterministic for a given --seed (single process, fixed thread count).
     python pretrain_shapes.py --out models/tiny-shapes-sd
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import shapes
-from sd_configs import SCHEDULER, write_tokenizer
+from sd_configs import SCHEDULER, save_sd, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
 
@@ -131,22 +130,6 @@ def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, 
     return unet, text_encoder
 
 
-def save(folder, vae, text_encoder, tok, unet, sched):
-    """Diffusers layout, as `StableDiffusionPipeline.from_pretrained` reads it."""
-    os.makedirs(folder, exist_ok=True)
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    tok.save_pretrained(os.path.join(folder, "tokenizer"))
-    sched.save_pretrained(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-                   "feature_extractor": [None, None], "requires_safety_checker": False}, f, indent=1)
-
-
 GRID_CAPTIONS = ("a red circle left of a blue square", "a blue square left of a red circle",
                  "a green triangle above a yellow circle", "a yellow circle above a green triangle",
                  "a yellow square right of a red triangle", "a blue circle below a green square", "")
@@ -156,12 +139,10 @@ GRID_CAPTIONS = ("a red circle left of a blue square", "a blue square left of a 
 def sample(folder, captions, n=6, steps=50, guidance=4.0, seed=0):
     """DDIM sampling with classifier-free guidance from a saved model: images (len(captions), n, H, W, 3) uint8."""
     from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval()
-    tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    sched = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    from discffusion import load_components
+    parts = load_components(folder, torch.float32)
+    tok, text_encoder, vae, unet = (parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet"))  # eval mode
+    sched = DDIMScheduler.from_config(parts["scheduler"].config)
     sched.set_timesteps(steps)
     cond = text_encoder(tokenize(tok, list(captions))).last_hidden_state.repeat_interleave(n, 0)  # (C*n, L, D)
     uncond = text_encoder(tokenize(tok, [""])).last_hidden_state.expand_as(cond)
@@ -243,7 +224,7 @@ def main(argv=None):
     unet.train()
     text_encoder.train()
     train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, a.steps, a.batch, a.lr, a.p_empty, g)
-    save(a.out, vae, text_encoder.eval(), tok, unet.eval(), sched)
+    save_sd(a.out, unet.eval(), vae, text_encoder.eval(), sched, tok)
     log(f"saved {a.out}")
     if a.grid:
         draw_grid(sample(a.out, GRID_CAPTIONS, seed=a.seed), GRID_CAPTIONS, a.grid)

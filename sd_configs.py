@@ -88,6 +88,22 @@ def calibrate_latent_scale(vae, size=64):
     vae.register_to_config(scaling_factor=1.0 / std)
 
 
+def save_sd(folder, unet, vae, text_encoder, scheduler, tokenizer=None):
+    """The parts in diffusers layout with a model_index.json, as `StableDiffusionPipeline.from_pretrained` reads them
+    (tokenizer=None: already written to folder/tokenizer)."""
+    os.makedirs(folder, exist_ok=True)
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler, tokenizer=tokenizer)
+    for name, part in parts.items():
+        if part is not None:
+            part.save_pretrained(os.path.join(folder, name))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                   "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+                   "feature_extractor": [None, None], "requires_safety_checker": False}, f, indent=1)
+
+
 def make_random_sd(preset, folder, seed=0, words=WORDS):
     """Build the preset with random weights (seeded) and save it in diffusers layout; returns `folder`."""
     cfg = PRESETS[preset]
@@ -103,13 +119,5 @@ def make_random_sd(preset, folder, seed=0, words=WORDS):
                         up_block_types=("UpDecoderBlock2D",) * n_down, **cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     calibrate_latent_scale(vae)
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    DDPMScheduler(**SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "scheduler": ["diffusers", "DDPMScheduler"]}, f, indent=1)
+    save_sd(folder, unet, vae, text_encoder, DDPMScheduler(**SCHEDULER))
     return folder

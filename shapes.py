@@ -117,7 +117,7 @@ def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES,
             ids = (image_id + 1, image_id + 2)
             image_id += 2
             for i, scene in zip(ids, (pos, neg)):
-                render(scene, rng, size).save(os.path.join(out, "images", f"{i}.jpg"), quality=quality, subsampling=0)
+                save_jpeg(render(scene, rng, size), os.path.join(out, "images", f"{i}.jpg"), quality)
             rows.append([len(rows) + 1, caption(pos), ",".join(pos), str(neg), ids[0], ids[1], slot])
     path = os.path.join(out, "comvg.csv")
     with open(path, "w", newline="") as f:
@@ -127,10 +127,15 @@ def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES,
     return path
 
 
+def save_jpeg(img, fp, quality=95):
+    """The ComVG files' encoding: JPEG at `quality`, 4:4:4 (no chroma subsampling)."""
+    img.save(fp, format="JPEG", quality=quality, subsampling=0)
+
+
 def jpeg(img, quality=95):
-    """The image as written to and read back from a .jpg (4:4:4, no chroma subsampling)."""
+    """The image as written to and read back from a .jpg by `write_comvg`."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, subsampling=0)
+    save_jpeg(img, buf, quality)
     return Image.open(buf).convert("RGB")
 
 

@@ -116,18 +116,14 @@ def test_bad_vocabulary(tmp_path):
 
 def test_model_folder_is_diffusers_layout():
     import json
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from discffusion import load_components
     with open(os.path.join(MODEL, "model_index.json")) as f:
         index = json.load(f)
     assert index["_class_name"] == "StableDiffusionPipeline"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert part in index and os.path.isdir(os.path.join(MODEL, part))
-    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(MODEL, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    parts = load_components(MODEL, None)                                         # each part's stock from_pretrained
+    unet, vae, text_encoder, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
     assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "epsilon"
     assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 32
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
