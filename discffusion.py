@@ -143,7 +143,6 @@ class Discffusion(nn.Module):
         """texts -> hidden states (M, L, D) and the real-token mask (M, L): caption tokens only, no BOS/EOS/padding."""
         tok = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
-        lengths = tok.attention_mask.sum(1)                                    # BOS + caption + EOS
         if not self._warned_truncation:
             full = self.tokenizer(list(texts), truncation=False, verbose=False).input_ids
             longest = max(len(ids) for ids in full)
@@ -151,8 +150,11 @@ class Discffusion(nn.Module):
                 warnings.warn(f"captions longer than {self.tokenizer.model_max_length} tokens are truncated "
                               f"(longest: {longest}); warned once per run", stacklevel=2)
                 self._warned_truncation = True
-        pos = torch.arange(tok.input_ids.shape[1])
-        mask = (pos[None] >= 1) & (pos[None] < (lengths[:, None] - 1))        # (M, L)
+        am = tok.attention_mask.bool()                                         # (M, L) BOS + caption + EOS
+        pos = torch.arange(am.shape[1])
+        first = am.int().argmax(1)                                             # BOS (padding on either side)
+        last = am.shape[1] - 1 - am.int().flip(1).argmax(1)                    # EOS
+        mask = am & (pos[None] > first[:, None]) & (pos[None] < last[:, None])  # (M, L)
         hidden = self.text_encoder(tok.input_ids.to(self.device))[0]          # (M, L, D)
         return hidden.to(self.dtype), mask.to(self.device)
 

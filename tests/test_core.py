@@ -95,6 +95,11 @@ def test_score_equals_direct_computation_from_the_maps(tiny_sd):
     # the mask is the caption's tokens: no BOS, no EOS, no padding
     ids = m.tokenizer(txt[0]).input_ids
     assert mask[0].sum().item() == len(ids) - 2 and not mask[0, 0] and not mask[0, len(ids) - 1]
+    # padding on the left (the shapes model's tokenizer): the mask still marks exactly the caption's tokens
+    m.tokenizer.padding_side = "left"
+    left = m.encode_texts(txt)[1][0]
+    L, n = left.shape[0], len(ids)
+    assert left.tolist() == [False] * (L - n + 1) + [True] * (n - 2) + [False]
 
 
 def test_no_batch_mixing_and_permutation(model):
