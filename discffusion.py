@@ -151,10 +151,8 @@ class Discffusion(nn.Module):
                               f"(longest: {longest}); warned once per run", stacklevel=2)
                 self._warned_truncation = True
         am = tok.attention_mask.bool()                                         # (M, L) BOS + caption + EOS
-        pos = torch.arange(am.shape[1])
-        first = am.int().argmax(1)                                             # BOS (padding on either side)
-        last = am.shape[1] - 1 - am.int().flip(1).argmax(1)                    # EOS
-        mask = am & (pos[None] > first[:, None]) & (pos[None] < last[:, None])  # (M, L)
+        count = am.cumsum(1)                                                   # 1 at BOS, padding on either side
+        mask = am & (count > 1) & (count < am.sum(1, keepdim=True))            # (M, L) without BOS and EOS
         hidden = self.text_encoder(tok.input_ids.to(self.device))[0]          # (M, L, D)
         return hidden.to(self.dtype), mask.to(self.device)
 
