@@ -290,13 +290,26 @@ def default_runs(args, names):
     return runs
 
 
-def load_scorer(model_id, args, dtype=None, batch_size=None):
+def scorer_options(args, keys=("lam", "pooling"), checkpoint=None):
+    """Scorer options (eq. 3's lambda and pooling; DiffusionITM's timesteps): the command line's; else those the
+    checkpoint was trained with (train.py records its arguments in the file); else the data set's default (the shapes
+    world: lambda 100, 50 DiffusionITM timesteps; train.DATASET_DEFAULTS); else train.GENERIC_DEFAULTS."""
+    import train
+    trained = {}
+    if checkpoint:
+        from prompt_delta import read_checkpoint
+        trained = json.loads(read_checkpoint(checkpoint)[0].get("training_args") or "{}")
+    fallback = {**train.GENERIC_DEFAULTS, **train.DATASET_DEFAULTS.get(getattr(args, "dataset", None), {})}
+    return {key: next(v for v in (getattr(args, key, None), trained.get(key), fallback[key]) if v is not None)
+            for key in keys}
+
+
+def load_scorer(model_id, args, dtype=None, batch_size=None, checkpoint=None):
     """Discffusion.from_pretrained with the scorer options of `add_scorer_args` (defaults where args lacks them)."""
     from discffusion import Discffusion
-    opts = dict(levels=getattr(args, "levels", LEVELS), lam=getattr(args, "lam", 1.0),
-                pooling=getattr(args, "pooling", "lse"), layers=getattr(args, "layers", "all"),
+    opts = dict(levels=getattr(args, "levels", LEVELS), layers=getattr(args, "layers", "all"),
                 resolution=getattr(args, "resolution", None), resize_via=getattr(args, "resize_via", None),
-                seed=getattr(args, "seed", 0))
+                seed=getattr(args, "seed", 0), **scorer_options(args, checkpoint=checkpoint))
     if batch_size:
         opts["batch_size"] = batch_size
     return Discffusion.from_pretrained(model_id, device=getattr(args, "device", None), dtype=dtype, **opts)
@@ -319,16 +332,17 @@ def checkpoint_for(args, method):
 
 def load_model(args, method="discffusion", checkpoint=None):
     """The scorer of one method (§5.3 baselines included), with its learned tensors when a checkpoint is given."""
+    batch_size = getattr(args, "eval_batch_size", None) or args.batch_size  # train.py: items per micro-batch
     if method == "discffusion":
-        model = load_scorer(args.model, args, dtype=args.dtype, batch_size=args.batch_size)
+        model = load_scorer(args.model, args, dtype=args.dtype, batch_size=batch_size, checkpoint=checkpoint)
     elif method == "diffusion_itm":
         from diffusion_itm import DiffusionITM
-        opts = dict(lam=args.lam, pooling=args.pooling, layers=args.layers, resolution=args.resolution,
-                    resize_via=args.resize_via)
+        opts = scorer_options(args, ("lam", "pooling", "itm_timesteps"))
         model = DiffusionITM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                              variant=getattr(args, "itm_variant", "itm"),
-                                             n_timesteps=getattr(args, "itm_timesteps", 10), seed=args.seed,
-                                             batch_size=args.batch_size, **opts)
+                                             n_timesteps=opts.pop("itm_timesteps"), seed=args.seed,
+                                             batch_size=batch_size, layers=args.layers,
+                                             resolution=args.resolution, resize_via=args.resize_via, **opts)
     elif method in ("clip_ft", "clip_prompt"):
         from clip_baselines import ClipMatcher
         model = ClipMatcher.from_pretrained(getattr(args, "clip_model", None) or CLIP_MODEL, method=method,
@@ -463,9 +477,11 @@ def build_parser():
 def add_scorer_args(p):
     """The scorer options (Discffusion.from_pretrained), shared with train.py."""
     g = p.add_argument_group("scorer (passed to Discffusion.from_pretrained)")
-    g.add_argument("--pooling", default="lse", choices=("lse", "max", "mean", "cosine", "official"),
-                   help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling")
-    g.add_argument("--lam", type=float, default=1.0, help="LogSumExp lambda (eq. 3)")
+    g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
+                   help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
+                        "(evaluate.py: default the --checkpoint's own)")
+    g.add_argument("--lam", type=float, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
+                                             "evaluate.py: default the --checkpoint's own)")
     g.add_argument("--layers", type=_layers, default="all", help="'all' or K = the last K cross-attention layers")
     g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
                    + ",".join(map(str, LEVELS)) + ")")
@@ -476,7 +492,8 @@ def add_scorer_args(p):
     b.add_argument("--itm-variant", default="itm", choices=("itm", "classifier", "combined"),
                    help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
                         "attention + itm sum (combined)")
-    b.add_argument("--itm-timesteps", type=int, default=10, help="diffusion_itm: timesteps spread over [10, 990)")
+    b.add_argument("--itm-timesteps", type=int, help="diffusion_itm: timesteps spread over [10, 990) (default 10; "
+                                                     "50 for the shapes world)")
     return g
 
 

@@ -5,12 +5,13 @@ and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained 
   1. VAE (AutoencoderKL with one block, so no downsampling: 32x32x3 image <-> 4x32x32 latent): reconstruction MSE +
      a small KL term; the latent scaling factor is set so that scaled latents have unit std, as in SD. Keeping the
      latent at full resolution makes the model the issue's pixel-space 32x32 prototype with a real (small) VAE in front.
-  2. Text encoder (CLIPTextModel, 2 layers, 64 wide) and UNet (UNet2DConditionModel, 32/64/64 channels: no attention
-     at 32x32, cross-attention at 16x16, 8x8 and in the 8x8 mid block), trained jointly with the standard
-     epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2 under a DDPMScheduler (1000 steps), 10% empty
-     captions, AdamW, batch 32, 767 steps (the prototype's recipe) at lr 2e-3 rather than the prototype's 5e-4: in the
-     same 767 steps it ends at a diffusion loss of 0.018 instead of 0.032 (1e-3: 0.023).
-Deterministic for a given --seed (single process, fixed thread count).
+  2. Text encoder (CLIPTextModel, 2 layers, 64 wide; its tokenizer pads on the left, see `shapes_tokenizer`) and
+     UNet (UNet2DConditionModel, 32/64/64 channels: no attention at 32x32, cross-attention at 16x16, 8x8 and in the
+     8x8 mid block), trained jointly with the standard epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2
+     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps (the prototype's recipe) at
+     lr 2e-3 rather than the prototype's 5e-4: in the same 767 steps it ends at a diffusion loss of 0.018 instead of
+     0.032 (1e-3: 0.023).
+Deterministic for a given --seed and --threads. 20.1 min on 2 idle CPU cores (--threads 2, the default).
 
     python pretrain_shapes.py --out models/tiny-shapes-sd
 """
@@ -84,13 +85,18 @@ def encode(vae, x, batch=256):
 
 
 def shapes_tokenizer(folder, words):
-    """`sd_configs.write_tokenizer` with an order of merges in which every word is one token.
+    """`sd_configs.write_tokenizer` with an order of merges in which every word is one token, padding on the left.
 
     A word's merges are only reached if no earlier word's merge splits it first ('ri' of 'right' breaks 'triangle'),
-    so longer words go first, then seeded shuffles until every word encodes as one token."""
+    so longer words go first, then seeded shuffles until every word encodes as one token.
+    Left padding: in the causal text encoder, right-hand padding tokens attend to the whole caption, so every pad
+    carries a summary of the sentence that competes with the caption's own tokens for the UNet's cross-attention
+    (eq. 3-4 pools attention on the caption's tokens only); left-hand pads see only earlier pads and stay the same
+    for every caption. The setting is saved with the tokenizer, so every loader pads the same way."""
     order = sorted(words, key=lambda w: (-len(w), w))
     for attempt in range(100):
         tok = write_tokenizer(folder, order, MAX_TOKENS)
+        tok.padding_side = "left"
         if all(len(tok(w).input_ids) == 3 for w in words):  # BOS, word, EOS
             return tok
         random.Random(attempt).shuffle(order)
@@ -187,7 +193,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (for the unconditional)")
-    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for a reproducible model)")
     p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
     p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
     a = p.parse_args(argv)

@@ -30,10 +30,13 @@ import triplet_loss
 from datasets import InputError
 
 
-GENERIC_DEFAULTS = dict(shots="0.05", lr=1e-4, compare="")
+GENERIC_DEFAULTS = dict(shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10)
 # the embedded default (shapes.py + models/tiny-shapes-sd): 60 training items, 300 steps, a larger learning rate for
-# the tiny model, and DiffusionITM beside it
-DATASET_DEFAULTS = {"shapes": dict(shots="60", steps=300, lr=3e-3, compare="diffusion_itm")}
+# the tiny model, a sharper LogSumExp (attention probabilities lie in [0, 1], so at lambda 1 eq. 3 is within a constant
+# of mean pooling over the image tokens; lambda 100 is close to max pooling: see README), and DiffusionITM beside it,
+# with 50 timesteps (nearer the DiffusionITM paper's 100-200 samples; cheap on the tiny model)
+DATASET_DEFAULTS = {"shapes": dict(shots="60", steps=300, lr=3e-3, lam=100.0, itm_timesteps=50,
+                                   compare="diffusion_itm")}
 
 
 def parse_args(argv=None):
@@ -57,6 +60,8 @@ def parse_args(argv=None):
                                      "row each (e.g. diffusion_itm,clip_ft; shapes default: diffusion_itm)")
     p.add_argument("--batch-size", type=int, default=4, help="items per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="items per scoring call when evaluating, and rows "
+                                                                   "per UNet call (scores do not depend on it)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; shapes 3e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
@@ -200,7 +205,7 @@ def train(args, model, params, train_items, test_items, log=print):
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum"):
+        for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling"):
             if ck["args"].get(key) != getattr(args, key):
                 raise InputError(f"--resume: {ckpt_path} was written with --{key.replace('_', '-')} "
                                  f"{ck['args'].get(key)}, this run has {getattr(args, key)}")
@@ -241,7 +246,7 @@ def train(args, model, params, train_items, test_items, log=print):
             atomic_save({"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
                          "rng": torch.get_rng_state(), "history": history, "args": vars(args)}, ckpt_path)
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.batch_size,
+            res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
             log(f"step {done}: " + json.dumps(res["metrics"]))
     return history
@@ -281,20 +286,20 @@ def main(argv=None):
                "split": {"train": len(train_items), "test": len(test_items), "seed": args.seed, "shots": args.shots}}
     if not args.no_zero_shot:
         with torch.no_grad():
-            results["zero_shot"] = evaluate.evaluate_items(model, name, test_items, args.batch_size,
+            results["zero_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size,
                                                            desc="zero-shot")
     t = time.time()
     history = train(args, model, params, train_items, test_items)
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
     model.save_trained(trained_file(args), vars(args))
-    results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.batch_size, desc="few-shot")
+    results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
     del model
     results["compare"] = {}
     for method in [m for m in args.compare.split(",") if m]:
         other = evaluate.load_model(args, method)
         with torch.no_grad():
-            results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.batch_size,
+            results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.eval_batch_size,
                                                                  desc=f"{method} zero-shot")
         del other
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:

@@ -191,6 +191,41 @@ def test_end_to_end_tiny_sd(tmp_path, tiny_sd, capsys):
     assert json.load(open(out2))["datasets"]["winoground"]["metrics"] == w["metrics"]
 
 
+def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp_path, tiny_sd):
+    """--lam / --pooling / --itm-timesteps from the command line, else the checkpoint's training arguments, else the
+    data set's default (shapes: lambda 100, 50 timesteps; train.py's), else lambda 1, LogSumExp, 10 timesteps; and the
+    scores are the trained model's."""
+    from PIL import Image
+    import train
+    from discffusion import Discffusion
+    trained = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=8.0, pooling="max")
+    with torch.no_grad():
+        for i, p in enumerate(trained.trainable_parameters()):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    ckpt = str(tmp_path / "deltas.safetensors")
+    trained.save_trained(ckpt, {"lam": 8.0, "pooling": "max"})
+    parse = lambda *a: evaluate.build_parser().parse_args(["--model", tiny_sd, "--device", "cpu", *a])  # noqa: E731
+    opts = lambda args, ckpt=None: evaluate.scorer_options(args, ("lam", "pooling", "itm_timesteps"), ckpt)  # noqa
+    assert opts(parse()) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10}
+    assert opts(parse("--dataset", "comvg")) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10}
+    assert opts(parse("--dataset", "shapes")) == {"lam": 100.0, "pooling": "lse", "itm_timesteps": 50}
+    assert opts(parse("--dataset", "shapes"), ckpt) == {"lam": 8.0, "pooling": "max", "itm_timesteps": 50}
+    assert opts(parse("--lam", "3", "--itm-timesteps", "4"), ckpt) == {"lam": 3.0, "pooling": "max",
+                                                                      "itm_timesteps": 4}
+    for name, want in (("shapes", (100.0, "lse", 50)), ("comvg", (1.0, "lse", 10))):   # train.py fills the same
+        a = train.parse_args(["--dataset", name])
+        assert (a.lam, a.pooling, a.itm_timesteps) == want
+    images = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    texts = ["a red circle", "a blue square", "a green one"]
+    with torch.no_grad():
+        want = trained.score(images, texts)
+        got = evaluate.load_model(parse(), "discffusion", ckpt)
+        assert got.config["lam"] == 8.0 and got.config["pooling"] == "max"
+        assert torch.allclose(got.score(images, texts), want, atol=1e-6)
+        at_one = evaluate.load_model(parse("--lam", "1", "--pooling", "lse"), "discffusion", ckpt)
+        assert not torch.allclose(at_one.score(images, texts), want, atol=1e-4)
+
+
 def test_bad_model_path_exits_2(tmp_path, capsys):
     pytest.importorskip("discffusion")
     comvg = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)

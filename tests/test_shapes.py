@@ -138,6 +138,11 @@ def test_model_loads_through_discffusion():
     from discffusion import Discffusion
     model = Discffusion.from_pretrained(MODEL, device="cpu")
     assert model.resolution == 32
+    # its tokenizer pads on the left (pretrain_shapes.shapes_tokenizer); the mask is the caption's words wherever
+    # the padding sits: 8 words, each one token, at the end of the 16 positions just before EOS
+    assert model.tokenizer.padding_side == "left"
+    _, mask = model.encode_texts(["a red circle left of a blue square"])
+    assert mask[0].tolist() == [False] * 7 + [True] * 8 + [False]
     img = Image.new("RGB", (32, 32), shapes.BACKGROUND)
     s = model.score([img, img], ["a red circle left of a blue square", "a green square above a yellow circle"])
     assert s.shape == (2, 2) and bool(s.isfinite().all())
@@ -147,7 +152,7 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
     """Zero-shot DiffusionITM on a fixed split of subject and object swaps (seed 123, 48 items, 10 timesteps).
 
     A scorer that ignores the text, the image or the unconditional term scores near 0.5; the committed model scores
-    0.81 here, and 0.70 (34 of 48; P < 0.003 for a coin) cannot be passed by chance."""
+    0.85 here, and 0.70 (34 of 48; P < 0.003 for a coin) cannot be passed by chance."""
     from datasets import load_comvg
     from diffusion_itm import DiffusionITM
     shapes.write_comvg(str(tmp_path), n=24, seed=123)
@@ -162,7 +167,8 @@ def test_pretraining_is_reproducible(tmp_path):
     """Two tiny runs of pretrain_shapes.py with one seed write identical weights, in diffusers layout."""
     import pretrain_shapes
     from discffusion import load_components
-    args = ["--images", "32", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4", "--grid", ""]
+    args = ["--images", "32", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4", "--grid", "",
+            "--threads", "1"]
     for run in ("a", "b"):
         pretrain_shapes.main(["--out", str(tmp_path / run)] + args)
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -193,7 +199,9 @@ def test_embedded_default_runs_end_to_end(tmp_path, capsys):
     assert evaluate.main(["--dataset", "shapes", "--data-root", data, "--limit", "4", "--itm-timesteps", "2",
                           "--checkpoint", deltas, "--methods", "discffusion", "--output", results]) == 0
     with open(results) as f:
-        ours = json.load(f)["datasets"]["shapes"]
+        ours = json.load(f)
+    assert ours["model"]["lam"] == res["model"]["lam"] == 100.0                 # the shapes lambda, in both scripts
+    ours = ours["datasets"]["shapes"]
     assert ours["n_items"] == 4
     few = res["few_shot"]["metrics"]                                             # the same deltas, the same 4 items
     assert ours["metrics"] == few
