@@ -292,13 +292,15 @@ def default_runs(args, names):
 
 def scorer_options(args, keys=("lam", "pooling"), checkpoint=None):
     """Scorer options (eq. 3's lambda and pooling; DiffusionITM's timesteps): the command line's; else those the
-    checkpoint was trained with (train.py records its arguments in the file); else the data set's default (the shapes
-    world: lambda 100, 50 DiffusionITM timesteps; train.DATASET_DEFAULTS); else train.GENERIC_DEFAULTS."""
+    checkpoint's deltas were learned under (prompt_delta.save records them; older files: train.py's arguments); else
+    the data set's default (the shapes world: lambda 100, 50 DiffusionITM timesteps; train.DATASET_DEFAULTS); else
+    train.GENERIC_DEFAULTS."""
     import train
     trained = {}
     if checkpoint:
         from prompt_delta import read_checkpoint
-        trained = json.loads(read_checkpoint(checkpoint)[0].get("training_args") or "{}")
+        meta = read_checkpoint(checkpoint, tensors=False)[0]
+        trained = json.loads(meta.get("scorer") or meta.get("training_args") or "{}")
     fallback = {**train.GENERIC_DEFAULTS, **train.DATASET_DEFAULTS.get(getattr(args, "dataset", None), {})}
     return {key: next(v for v in (getattr(args, key, None), trained.get(key), fallback[key]) if v is not None)
             for key in keys}

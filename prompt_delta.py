@@ -4,7 +4,8 @@ p^k, p^v have exactly the shape of to_k.weight / to_v.weight (inner_dim, cross_a
 (so the model starts bit-for-bit as the pretrained one) and, with the per-(layer, head) weight logits of the dynamic
 head weighting, are the only trainable tensors: UNet, VAE and text encoder stay frozen. They are stored in float32
 even when the UNet runs in fp16/bf16. Saved as one small safetensors file with metadata (base model, layer names,
-shapes, training arguments); loading onto a model whose layers or shapes differ fails naming the mismatch.
+shapes, the scorer's lambda and pooling, training arguments); loading onto a model whose layers or shapes differ
+fails naming the mismatch.
 """
 import json
 
@@ -59,16 +60,17 @@ def save(path, model, training_args=None):
     tensors = state_tensors(model)
     meta = {"base_model": model.name, "layers": json.dumps(model.scorer.layers),
             "shapes": json.dumps({k: list(t.shape) for k, t in tensors.items()}),
+            "scorer": json.dumps({"lam": model.scorer.lam, "pooling": model.scorer.pooling}),  # learned under these
             "training_args": json.dumps(training_args or {}, default=str), "format": "discffusion-prompt-deltas-v1"}
     save_file(tensors, str(path), metadata=meta)
 
 
-def read_checkpoint(path):
-    """(metadata, tensors) of a safetensors file; a missing or unreadable file is an InputError naming it.
-    Shared by every method's load_trained."""
+def read_checkpoint(path, tensors=True):
+    """(metadata, tensors) of a safetensors file ({} for tensors=False: the header only); a missing or unreadable file
+    is an InputError naming it. Shared by every method's load_trained."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except FileNotFoundError:
         raise InputError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
@@ -99,7 +101,7 @@ def load(path, model):
             deltas.k[key].copy_(tensors[f"delta_k.{name}"])
             deltas.v[key].copy_(tensors[f"delta_v.{name}"])
             model.scorer.head_logits[key].copy_(tensors[f"head_logits.{name}"])
-    return {k: (json.loads(v) if k in ("layers", "shapes", "training_args") else v) for k, v in meta.items()}
+    return {k: (json.loads(v) if k in ("layers", "shapes", "scorer", "training_args") else v) for k, v in meta.items()}
 
 
 def _key(name):

@@ -203,7 +203,7 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
         for i, p in enumerate(trained.trainable_parameters()):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     ckpt = str(tmp_path / "deltas.safetensors")
-    trained.save_trained(ckpt, {"lam": 8.0, "pooling": "max"})
+    trained.save_trained(ckpt)                                 # the file records the scorer's own lambda and pooling
     parse = lambda *a: evaluate.build_parser().parse_args(["--model", tiny_sd, "--device", "cpu", *a])  # noqa: E731
     opts = lambda args, ckpt=None: evaluate.scorer_options(args, ("lam", "pooling", "itm_timesteps"), ckpt)  # noqa
     assert opts(parse()) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10}
