@@ -1,0 +1,118 @@
+"""What every file shares: the bad-input error and its CLI wrapper, precisions, checkpoint files, item flattening.
+
+Not a paper section. The lowest module of the project: it imports nothing of ours, and every other file may import
+it. The import order, lowest first:
+
+    common -> lse_pool -> attention_capture -> prompt_delta -> discffusion -> diffusion_itm, clip_baselines
+           -> triplet_loss -> shapes -> datasets -> methods -> evaluate -> train        (benchmark, pretrain_shapes)
+"""
+import json
+import os
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_LISTED = 20  # names listed in a report or message (all are counted)
+
+
+class InputError(Exception):
+    """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
+
+
+def run_cli(main, argv=None):
+    """main(argv) -> exit code, with InputError as one `error: ...` line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def resolve_dtype(dtype, device):
+    """None (fp16 on CUDA, fp32 elsewhere), a name of DTYPES, or a torch.dtype -> torch.dtype."""
+    if dtype is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"precision {dtype!r}: choose from {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def default_device(device=None):
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- trained tensors on disk: one safetensors file, metadata as JSON strings --------------------------------------
+
+def save_tensors(path, tensors, meta):
+    """Write float32 CPU copies of `tensors` and JSON-encoded `meta` to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, tmp,
+              metadata={k: json.dumps(v, default=str) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, tensors=True):
+    """(metadata with JSON values decoded, tensors) of a safetensors file ({} for tensors=False: the header only);
+    a missing or unreadable file is an InputError naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw, out = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise InputError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__})") from None
+    return {k: _json_or_text(v) for k, v in raw.items()}, out
+
+
+def _json_or_text(value):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def check_tensors(path, saved, own, about=""):
+    """Raise an InputError naming the first difference between a file's tensors and the model's {name: tensor}."""
+    extra, lacking = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
+    if extra or lacking:
+        raise InputError(f"checkpoint {path}{about} does not fit this model: not in this model {extra[:3]}, "
+                         f"not in the checkpoint {lacking[:3]}")
+    for k, t in own.items():
+        if saved[k].shape != t.shape:
+            raise InputError(f"checkpoint {path}{about}: {k} has shape {tuple(saved[k].shape)} in the file, "
+                             f"{tuple(t.shape)} in this model")
+
+
+def copy_tensors(saved, own):
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(saved[k])
+
+
+# ---- items -> (image, text) pairs and back ------------------------------------------------------------------------
+
+def pair_index(shapes):
+    """Item shapes [(n_img, n_txt), ...] -> (image index, text index) of every pair, item by item, row-major, into
+    the concatenated images and texts of all items."""
+    img, txt, i0, t0 = [], [], 0, 0
+    for n, m in shapes:
+        img += [i0 + i for i in range(n) for _ in range(m)]
+        txt += [t0 + j for _ in range(n) for j in range(m)]
+        i0, t0 = i0 + n, t0 + m
+    return img, txt
+
+
+def split_scores(flat, shapes):
+    """Pair scores (P,) in pair_index order -> one (n_img, n_txt) matrix per item."""
+    return [s.reshape(shape) for s, shape in zip(flat.split([n * m for n, m in shapes]), shapes)]
+
+
+def layer_key(name):
+    """A module name usable as an nn.ParameterDict key."""
+    return name.replace(".", "_")
