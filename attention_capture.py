@@ -9,14 +9,16 @@ processor) and hands A to `lse_pool.pool`, keeping only the pooled (B, heads) va
 asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
 
 `AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
-weighting" (zero-initialised: softmax of zeros = the plain average over heads), and combines a forward pass's pooled
-values into one score per example: the weighted mean over heads, then the mean over layers.
+weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
+p^k, p^v (`prompt_delta.PromptDeltas`), and combines a forward pass's pooled values into one score per example: the
+weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training changes.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from common import layer_key
 from lse_pool import POOLINGS, pool
+from prompt_delta import PromptDeltas
 
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
@@ -48,9 +50,9 @@ class CaptureProcessor:
 
     def __init__(self, name, scorer):
         self.name, self.scorer = name, scorer
-        self.delta_k = self.delta_v = None  # p^k, p^v of eq. 5, set by prompt_delta.PromptDeltas
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        """The stock AttnProcessor's input and output handling around `attend`."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -64,11 +66,23 @@ class CaptureProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        B, N, _ = hidden_states.shape
+        out = self.attend(attn, hidden_states, encoder_hidden_states, attention_mask)   # (B, N_img, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
+    def attend(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        B = hidden_states.shape[0]
         q = attn.to_q(hidden_states)                                          # (B, N_img, inner)
-        k = _linear(attn.to_k, encoder_hidden_states, self.delta_k)           # (B, L, inner)  eq. 5
-        v = _linear(attn.to_v, encoder_hidden_states, self.delta_v)
+        deltas = self.scorer.deltas
+        if deltas is None:
+            k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)  # (B, L, inner)
+        else:                                                                 # eq. 5
+            k = deltas.project("k", self.name, attn.to_k, encoder_hidden_states)
+            v = deltas.project("v", self.name, attn.to_v, encoder_hidden_states)
         d = k.shape[-1] // attn.heads
         q = q.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, N_img, d)
         k = k.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, L, d)
@@ -79,23 +93,8 @@ class CaptureProcessor:
             logits = logits + mask.view(B, attn.heads, -1, mask.shape[-1])
         A = logits.float().softmax(dim=-1)                                    # (B, heads, N_img, L)
         out = A.to(v.dtype) @ v                                               # (B, heads, N_img, d)
-
         self.scorer.record(self.name, A, logits, hidden_states, encoder_hidden_states)
-
-        out = out.transpose(1, 2).reshape(B, -1, attn.heads * d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def _linear(layer, x, delta):
-    """layer(x) with weight W, or with W + delta (eq. 5) when a prompt delta is attached."""
-    if delta is None:
-        return layer(x)
-    return F.linear(x, layer.weight + delta.to(layer.weight.dtype), layer.bias)
+        return out.transpose(1, 2).reshape(B, -1, attn.heads * d)
 
 
 class AttentionScorer(nn.Module):
@@ -110,12 +109,19 @@ class AttentionScorer(nn.Module):
         self.pooling, self.lam, self.keep_maps = pooling, float(lam), keep_maps
         self.heads = {n: unet.get_submodule(n).heads for n in self.layers}
         # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
-        self.head_logits = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
+        self.head_logits = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
         self.processors = {n: CaptureProcessor(n, self) for n in self.layers}
         procs = dict(unet.attn_processors)                                    # every layer must be named
         procs.update({f"{n}.processor": p for n, p in self.processors.items()})
         unet.set_attn_processor(procs)
+        self.deltas = None                                                   # eq. 5, from add_deltas
         self.mask, self.pooled, self.maps = None, {}, {}
+
+    def add_deltas(self, unet):
+        """Attach zero-initialised p^k, p^v (eq. 5) once; returns every trainable tensor (deltas, head logits)."""
+        if self.deltas is None:
+            self.deltas = PromptDeltas(unet, self.layers)
+        return list(self.deltas.parameters()) + list(self.head_logits.parameters())
 
     def begin(self, mask):
         """Call before a UNet pass: the real-token mask (B, L) of the texts in the batch."""
@@ -132,9 +138,5 @@ class AttentionScorer(nn.Module):
         missing = [n for n in self.layers if n not in self.pooled]
         if missing:
             raise RuntimeError(f"no attention captured for {missing}")
-        per_layer = [(self.pooled[n] * self.head_logits[_key(n)].softmax(0)).sum(-1) for n in self.layers]
+        per_layer = [(self.pooled[n] * self.head_logits[layer_key(n)].softmax(0)).sum(-1) for n in self.layers]
         return torch.stack(per_layer, dim=0).mean(0)                          # (B,)
-
-
-def _key(name):
-    return name.replace(".", "_")

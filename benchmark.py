@@ -37,7 +37,11 @@ import time
 import torch
 from PIL import Image
 
-from discffusion import DTYPES, Discffusion, preprocess
+import triplet_loss
+from attention_capture import CaptureProcessor
+from common import DTYPES
+from discffusion import Discffusion, preprocess
+from sd_configs import make_random_sd
 
 CHILD_MARK = "BENCHMARK_CHILD_RESULT "
 COLORS = "red green blue yellow white black".split()
@@ -84,7 +88,6 @@ def model_path(args):
     """--model as given, or the preset built with random weights once into --cache-dir."""
     if args.model:
         return args.model
-    from sd_configs import make_random_sd
     folder = os.path.join(args.cache_dir, f"{args.preset}-seed{args.seed}")
     if not os.path.exists(os.path.join(folder, "model_index.json")):     # written last by make_random_sd
         os.makedirs(args.cache_dir, exist_ok=True)
@@ -98,7 +101,7 @@ def model_path(args):
 
 
 def is_sd2(model):
-    """The SD 2.x-base UNet at 512x512 (what the issue's memory targets are about)."""
+    """The SD 2.x-base UNet at 512x512 (what the memory targets are about)."""
     cfg = model.unet.config
     return (tuple(cfg.block_out_channels) == (320, 640, 1280, 1280) and cfg.cross_attention_dim == 1024
             and model.resolution == 512)
@@ -167,20 +170,16 @@ class Counter:
 
 
 # ---- (b) the official per-pair loop ---------------------------------------------------------------------------------
-class OfficialAttnProcessor:
+class OfficialAttnProcessor(CaptureProcessor):
     """Self-attention as the official code computes it (its diffusers fork on torch 1.13, so no SDPA): explicit
     logits Q K^T / sqrt(d), softmax, A V, and the logsumexp of the logits per query token, which the fork computes
-    in every attention layer for its score (kept here in `lse`, unused)."""
+    in every attention layer for its score (kept here in `lse`, unused). The stock input / output handling is
+    CaptureProcessor's."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        residual = hidden_states
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    def __init__(self):
+        super().__init__("attn1", None)
+
+    def attend(self, attn, hidden_states, context, attention_mask):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))                 # (B * heads, N, d)
         k = attn.head_to_batch_dim(attn.to_k(context))                       # (B * heads, L, d)
         v = attn.head_to_batch_dim(attn.to_v(context))
@@ -188,13 +187,7 @@ class OfficialAttnProcessor:
                                q, k.transpose(-1, -2), beta=0, alpha=attn.scale)   # (B * heads, N, L)
         probs = logits.softmax(dim=-1).to(q.dtype)
         self.lse = torch.logsumexp(logits, dim=-1)                            # (B * heads, N)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))                     # (B, N, heads * d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attn.batch_to_head_dim(torch.bmm(probs, v))                    # (B, N, heads * d)
 
 
 class official_attention:
@@ -278,7 +271,7 @@ def bench_capture_overhead(model, images, texts, iters, device):
     """Plain UNet forward (stock processors) vs the capture, same batch (one image's candidates) and inputs; also
     the official code's explicit self-attention (with the capture), to show what SDPA saves."""
     latents = model.encode_images(images[:1])
-    hidden, mask = model.encode_texts(texts[:model.batch_size])
+    hidden, mask = model.encode_texts(texts[:model.pairs_per_call])
     B = hidden.shape[0]
     z_t, ts = model.add_noise(latents.expand(B, -1, -1, -1), model.level_noise(latents.shape[1:])[0],
                               model.timestep(model.levels[0]))
@@ -362,9 +355,7 @@ def _status_kb(key):
 
 def train_step(model, images, texts, generator):
     """One optimizer step of the few-shot training: margin loss (eq. 6) on p^k/p^v (eq. 5) and head logits."""
-    import prompt_delta
-    import triplet_loss
-    params = prompt_delta.trainable_parameters(model)
+    params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     mats = model.score_items([(images, texts)], train=True, generator=generator)
     loss = triplet_loss.margin_loss(mats, margin=0.1)
@@ -401,14 +392,13 @@ def run_memory_child(args):
     reset peak: `score` of one pair at UNet batch 1, one pair of the official loop (batch 2), one training step."""
     model = load(args.model, args)
     images, texts = workload(1, max(1, args.train_texts), model.resolution, args.seed)
-    batch_size, model.batch_size = model.batch_size, 1
+    pairs_per_call, model.pairs_per_call = model.pairs_per_call, 1
     model.score(images, texts[:1])                                         # one-time allocations are not the peak
-    out = {"score_batch1": measure(lambda: model.score(images, texts[:1]), args.device, pairs=1, unet_batch=1),
-           "official_pair": measure(lambda: official_scores(model, images, texts[:1]), args.device, pairs=1,
-                                    unet_batch=2)}
-    model.batch_size = batch_size
-    import prompt_delta
-    prompt_delta.attach(model)                                             # p^k, p^v exist before the peak resets
+    out = {"score_batch1": measure(lambda: model.score(images, texts[:1]), args.device, pairs=1, unet_batch=1)}
+    model.pairs_per_call = pairs_per_call                                  # the official pair: [uncond, cond] at once
+    out["official_pair"] = measure(lambda: official_scores(model, images, texts[:1]), args.device, pairs=1,
+                                   unet_batch=2)
+    model.trainable_parameters()                                           # p^k, p^v exist before the peak resets
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     g = torch.Generator().manual_seed(args.seed)
@@ -437,8 +427,8 @@ def measure_memory(path, args):
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 def targets(res, args):
-    """The issue's targets, on wall time (CPU time alongside); the SD 2.1-base memory targets apply to that
-    architecture in fp16 on cuda only."""
+    """The project's targets, on wall time (CPU time alongside): at least 3x the official loop's throughput, at most
+    10% capture overhead; on SD 2.1-base in fp16 on CUDA only, memory within the paper's V100 budget (App. B)."""
     sd2 = res["config"]["sd2_architecture"]
     gpu_fp16 = torch.device(args.device).type == "cuda" and args.precision == "fp16"
     tp, co, mem = res["throughput"], res["capture_overhead"], res.get("memory", {})
@@ -539,7 +529,7 @@ def main(argv=None):
                       "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
                       "torch": torch.__version__, "seed": args.seed, "resolution": model.resolution,
                       "unet_params": sum(p.numel() for p in model.unet.parameters()),
-                      "n_layers": len(model.scorer.layers), "batch_size": model.batch_size,
+                      "n_layers": len(model.scorer.layers), "pairs_per_call": model.pairs_per_call,
                       "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                       "sd2_architecture": is_sd2(model)},
            "workload": {"images": args.images, "texts": args.texts, "pairs": args.images * args.texts,

@@ -17,35 +17,32 @@ CLIP checkpoint (0.1 = 0.1 of cosine, where CLIP's exp(logit_scale) = 100 would 
     m = ClipMatcher.from_pretrained("openai/clip-vit-base-patch32", method="clip_prompt")   # or a local folder
     scores = m.score(images, texts)                                                         # (len(images), len(texts))
 """
-import json
-import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
-from datasets import InputError
+
+from common import (InputError, check_tensors, copy_tensors, default_device, pair_index, read_checkpoint,
+                    resolve_dtype, save_tensors, split_scores)
 from discffusion import to_rgb
-from prompt_delta import read_checkpoint
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip_ft", "clip_prompt")
 CTX_INIT = "a photo of a"  # CoCoOp's default context; used when it tokenizes to exactly n_ctx tokens
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ClipMatcher(nn.Module):
 
     def __init__(self, clip, tokenizer, image_processor, method="clip_ft", n_ctx=4, seed=0, name=DEFAULT_MODEL,
-                 batch_size=256):
+                 pairs_per_call=256):
         super().__init__()
         if method not in METHODS:
             raise InputError(f"method {method!r}: choose from {', '.join(METHODS)}")
         self.clip, self.tokenizer, self.image_processor = clip, tokenizer, image_processor
-        self.method, self.name, self.batch_size = method, name, batch_size
+        self.method, self.name, self.pairs_per_call = method, name, pairs_per_call
         self.n_ctx = n_ctx if method == "clip_prompt" else 0
         self.clip.requires_grad_(False)
         self.clip.eval()
@@ -73,12 +70,12 @@ class ClipMatcher(nn.Module):
     def from_pretrained(cls, path_or_id=DEFAULT_MODEL, method="clip_ft", device=None, dtype=None, n_ctx=4, seed=0,
                         **options):
         """A hub id or a local folder holding a CLIPModel, its CLIPTokenizer and CLIPImageProcessor."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = DTYPES.get(dtype, dtype) or torch.float32
+        device = default_device(device)
+        dtype = resolve_dtype(dtype or torch.float32, device)
         try:
             clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype).to(device)
             tokenizer = CLIPTokenizer.from_pretrained(path_or_id)
-            image_processor = CLIPImageProcessor.from_pretrained(path_or_id)
+            image_processor = AutoImageProcessor.from_pretrained(path_or_id)  # CLIP's; torchvision's fast one if present
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"could not load CLIP model {path_or_id!r}: {first}") from None
@@ -170,19 +167,15 @@ class ClipMatcher(nn.Module):
                 i0, t0 = i0 + n, t0 + m
             return out
         ids, mask = self.tokenize(texts)
-        img_idx, txt_idx, i0, t0 = [], [], 0, 0
-        for n, m in shapes:
-            img_idx += [i0 + i for i in range(n) for _ in range(m)]
-            txt_idx += [t0 + j for _ in range(n) for j in range(m)]
-            i0, t0 = i0 + n, t0 + m
+        img_idx, txt_idx = pair_index(shapes)
         img_idx, txt_idx = torch.tensor(img_idx), torch.tensor(txt_idx)
         flat = []
-        for s in range(0, len(img_idx), self.batch_size):
-            i, j = img_idx[s:s + self.batch_size], txt_idx[s:s + self.batch_size]
+        bs = self.pairs_per_call
+        for s in range(0, len(img_idx), bs):
+            i, j = img_idx[s:s + bs], txt_idx[s:s + bs]
             txt = self.prompt_text_features(img[i], ids[j], mask[j])                          # (chunk, P)
             flat.append((img[i] * txt).sum(-1))                                               # (chunk,)
-        flat = torch.cat(flat)
-        return [f.reshape(s) for f, s in zip(flat.split([n * m for n, m in shapes]), shapes)]
+        return split_scores(torch.cat(flat), shapes)
 
     def score_items(self, items, train=False, generator=None):
         """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
@@ -202,16 +195,10 @@ class ClipMatcher(nn.Module):
 
     # ---- trained tensors on disk ----
 
-    def _meta(self):
-        return dict(model=self.name, method=self.method, n_ctx=self.n_ctx,
-                    shapes={k: list(v.shape) for k, v in self.trained_state().items()})
-
-    def save_trained(self, path, metadata=None):
-        """One safetensors file with the method's tensors; metadata: JSON-able values, stored as JSON strings."""
-        meta = {**(metadata or {}), **self._meta()}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.trained_state().items()}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    def save_trained(self, path, training_args=None):
+        """One safetensors file with the method's tensors and metadata."""
+        save_tensors(path, self.trained_state(), dict(
+            model=self.name, method=self.method, n_ctx=self.n_ctx, training_args=training_args or {}))
 
     def load_trained(self, path):
         """Load save_trained's file; a missing or unreadable file, another method or a tensor shape that differs is
@@ -219,44 +206,13 @@ class ClipMatcher(nn.Module):
 
         A different base model with matching shapes only warns (a hub id and its local copy are the same model).
         Returns the file's metadata."""
-        raw, tensors = read_checkpoint(path)
-        meta = {k: json.loads(v) for k, v in raw.items()}
+        meta, tensors = read_checkpoint(path)
         if meta.get("method") != self.method:
             raise InputError(f"{path}: trained with method {meta.get('method')!r}, this model is {self.method!r}")
         own = self.trained_state()
-        if set(tensors) != set(own):
-            raise InputError(f"{path}: tensors {sorted(tensors)} do not match this model's {sorted(own)}")
-        for k, v in own.items():
-            if tensors[k].shape != v.shape:
-                raise InputError(f"{path}: {k} has shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in "
-                                 f"this model (trained on {meta.get('model')!r}, n_ctx={meta.get('n_ctx')}; this is "
-                                 f"{self.name!r}, n_ctx={self.n_ctx})")
+        check_tensors(path, tensors, own, f" (trained on {meta.get('model')!r}, n_ctx={meta.get('n_ctx')}; this is "
+                                          f"{self.name!r}, n_ctx={self.n_ctx})")
         if meta.get("model") != self.name:
             warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.name!r} (shapes match)")
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(tensors[k])
+        copy_tensors(tensors, own)
         return meta
-
-
-def make_random_clip(folder, words=None, seed=0, image_size=32):
-    """A tiny CLIP with random weights (seeded) saved as CLIPModel + tokenizer + image processor; returns `folder`.
-
-    Loads through the same ClipMatcher.from_pretrained(folder) path as real checkpoints, offline (tests)."""
-    from sd_configs import WORDS, write_tokenizer
-    max_len = 16
-    tok = write_tokenizer(folder, words or WORDS, max_len)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=max_len, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=image_size // 4),
-        projection_dim=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clip = CLIPModel(config)
-    clip.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return folder

@@ -1,13 +1,19 @@
 """What every file shares: the bad-input error and its CLI wrapper, precisions, checkpoint files, item flattening.
 
 Not a paper section. The lowest module of the project: it imports nothing of ours, and every other file may import
-it. The import order, lowest first:
+it. Imports run one way (tests/test_layout.py checks it); each file imports only files above it here:
 
-    common -> lse_pool -> attention_capture -> prompt_delta -> discffusion -> diffusion_itm, clip_baselines
-           -> triplet_loss -> shapes -> datasets -> methods -> evaluate -> train        (benchmark, pretrain_shapes)
+    common, lse_pool, triplet_loss, sd_configs          (no project imports but common)
+    prompt_delta -> attention_capture -> discffusion    (eq. 5 -> §4.3 capture and eq. 3-4 -> §4.2 the model)
+    diffusion_itm, clip_baselines -> methods            (the baselines; every method built from CLI options)
+    shapes -> datasets                                  (the embedded world; every data set, the few-shot split)
+    evaluate -> train                                   (metrics and tables; training)      benchmark, pretrain_shapes
 """
+import contextlib
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 import torch
@@ -21,9 +27,10 @@ class InputError(Exception):
 
 
 def run_cli(main, argv=None):
-    """main(argv) -> exit code, with InputError as one `error: ...` line on stderr and exit code 2."""
+    """Run main(argv) -> exit code 0, or 2 after an InputError printed as one `error: ...` line on stderr."""
     try:
-        return main(argv) or 0
+        main(argv)
+        return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,16 +51,42 @@ def default_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---- trained tensors on disk: one safetensors file, metadata as JSON strings --------------------------------------
+# ---- files: written atomically; trained tensors as one safetensors file with JSON metadata ----------------------
+
+def atomic_write(path, write):
+    """write(tmp), then rename it over `path`: a reader never sees a half-written file. Any failure (disk full,
+    read-only, not a folder) removes the temporary file, keeps the previous `path`, and is an InputError naming the
+    path and the cause."""
+    path = str(path)
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise InputError(f"cannot write {path}: {_cause(e, path)}") from None
+
+
+def _cause(e, path):
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 20:
+            return "no space left on device"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+
 
 def save_tensors(path, tensors, meta):
     """Write float32 CPU copies of `tensors` and JSON-encoded `meta` to one safetensors file, atomically."""
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, tmp,
-              metadata={k: json.dumps(v, default=str) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()},
+                                             tmp, metadata={k: json.dumps(v, default=str) for k, v in meta.items()}))
 
 
 def read_checkpoint(path, tensors=True):

@@ -4,12 +4,19 @@ Every loader yields `Item`s of one shape, so evaluation and training need no per
 an item is a small image-text matching problem whose score matrix is (len(images), len(texts)).
 
     items, report = LOADERS["comvg"]("data/comvg")      # every loader: (root, annotations=None, split=None, seed=0)
+    items, report = load_items("comvg")                 # the same, the folder found under data/ by any alias
+    train, test = split_items(items, "0.05", seed=0)     # the few-shot split of §5.2
 
 `report` counts what did not become an item: `malformed` records (each also listed in `warnings` with its file and
 line / index), items skipped because an image is `missing_images` on disk (distinct files in `missing_files`).
 A missing root, annotation file or image folder (no image found at all) raises `InputError` with one line naming
 what was looked for and every place searched. Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
 so an item's candidates do not depend on which other items are loaded.
+
+The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the groups are
+shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group is the
+held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a split
+(RefCOCOg) draw the shots from their train split and test on `eval_split`.
 """
 import csv
 import json
@@ -17,12 +24,13 @@ import os
 import pickle
 import random
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+import torch
 
-class InputError(Exception):
-    """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
+import shapes
+from common import MAX_LISTED, InputError
 
 
 @dataclass
@@ -36,8 +44,6 @@ class Item:
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------------
-
-MAX_LISTED = 20  # missing files listed by name in a report (all are counted)
 
 
 def new_report(dataset, files):
@@ -68,11 +74,10 @@ def check_root(root, what):
 
 def find_file(what, names, folders):
     """The first folders[i]/names[j] that exists (folders outer), else one-line InputError naming all of them."""
-    for d in folders:
-        for n in names:
-            if os.path.isfile(os.path.join(d, n)):
-                return os.path.join(d, n)
-    raise InputError(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
+    found = find_image(names, folders)
+    if found is None:
+        raise InputError(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
+    return found
 
 
 def given_file(what, path):
@@ -578,7 +583,6 @@ def load_shapes(root, annotations=None, split=None, seed=0, n=50):
     The world itself is always drawn with seed 0 (n items per subject / object / relation swap), so `--seed` moves
     the few-shot split and the noise, never the data."""
     if annotations is None and not os.path.exists(os.path.join(root, "comvg.csv")):
-        import shapes
         print(f"shapes: writing {3 * n} items to {root} (first use)")
         shapes.write_comvg(root, n=n, seed=0)
     items, report = load_comvg(root, annotations)
@@ -588,3 +592,141 @@ def load_shapes(root, annotations=None, split=None, seed=0, n=50):
 
 LOADERS = {"comvg": load_comvg, "refcocog": load_refcocog, "vqav2": load_vqav2, "winoground": load_winoground,
            "vlchecklist": load_vlchecklist, "coco": load_coco, "shapes": load_shapes}
+
+
+# ---- finding a data set's folder ---------------------------------------------------------------------------------
+
+TABLE_DATASETS = ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist")  # found automatically under data/
+ALIASES = {"comvg": ("comvg", "compositional_visual_genome"), "refcocog": ("refcocog",),
+           "vqav2": ("vqav2", "vqa", "vqa_v2"), "winoground": ("winoground",),
+           "vlchecklist": ("vlchecklist", "vl-checklist"), "coco": ("coco", "mscoco"), "shapes": ("shapes",)}
+DEFAULT_SPLIT = {"refcocog": "val", "vqav2": "val"}  # the split evaluated unless another is asked for
+
+
+def _norm(name):
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def default_root(name, data="data"):
+    """data/<name> (any alias and case, e.g. data/VL-CheckList), or data/<name> as the place looked if absent."""
+    subdirs = {_norm(d): os.path.join(data, d) for d in sorted(os.listdir(data))
+               if os.path.isdir(os.path.join(data, d))} if os.path.isdir(data) else {}
+    return next((subdirs[_norm(a)] for a in ALIASES[name] if _norm(a) in subdirs), os.path.join(data, name))
+
+
+def find_datasets(root="data"):
+    """[(data set, its folder)] of every table data set found under `root`."""
+    if not os.path.isdir(root):
+        raise InputError(f"data root not found: {root} is not a folder")
+    found = [(n, default_root(n, root)) for n in TABLE_DATASETS]
+    found = [(n, r) for n, r in found if os.path.isdir(r)]
+    if not found:
+        raise InputError(f"no data set found: looked for "
+                         f"{', '.join(os.path.join(root, ALIASES[n][0]) for n in TABLE_DATASETS)}")
+    return found
+
+
+def load_items(name, root=None, annotations=None, seed=0, split=None):
+    """(items, report) of data set `name` from its folder (default data/<name>); split None = every split."""
+    if name not in LOADERS:
+        raise InputError(f"unknown data set {name!r}: choose from {', '.join(sorted(LOADERS))}")
+    return LOADERS[name](root or default_root(name), annotations=annotations, split=split, seed=seed)
+
+
+# ---- the few-shot split (§5.2) -------------------------------------------------------------------------------------
+
+def parse_shots(value, n):
+    """--shots as a fraction ("0.05") or a count ("27") of n available items -> a count in [1, n - 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise InputError(f"--shots {value!r}: expected a fraction like 0.05 or a count like 27") from None
+    if x <= 0:
+        raise InputError(f"--shots {value}: must be positive")
+    if "." in str(value) or "e" in str(value).lower():
+        if x >= 1:
+            raise InputError(f"--shots {value}: a fraction must be below 1 (use a whole number for a count)")
+        count = max(1, round(x * n))
+    else:
+        count = int(x)
+    if count >= n:
+        raise InputError(f"--shots {value}: asks for {count} training items but the data set has {n} "
+                         "(at least one must stay for testing)")
+    return count
+
+
+def linked_groups(items):
+    """Union-find over items that share a (text, image) pair -> list of lists of item indices, in first-seen order."""
+    parent = list(range(len(items)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    owner = {}
+    for i, it in enumerate(items):
+        for pair in ((t, str(im)) for t in it.texts[:1] for im in it.images) if len(it.texts) == 1 else \
+                ((t, str(im)) for t in it.texts for im in it.images[:1]):
+            j = owner.setdefault(pair, i)
+            parent[find(i)] = find(j)
+    groups = {}
+    for i in range(len(items)):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
+def split_items(items, shots, seed, eval_split="val", holdout=True):
+    """(train, test) item lists; see the module docstring. Deterministic in `seed`.
+
+    Items that carry the publisher's split train on 'train' and test on `eval_split`; without a 'train' split the
+    items are split by shots. holdout=False: every item not drawn for training is left out (test = [])."""
+    pool = [it for it in items if it.split == "train"]
+    test = [it for it in items if it.split == eval_split] if pool else None
+    if not pool:
+        pool = items
+    elif holdout and not test:
+        raise InputError(f"the data set ships splits {sorted({it.split for it in items})}: no items in "
+                         f"--eval-split {eval_split!r}")
+    n = parse_shots(shots, len(pool) + (0 if test is None and holdout else 1))
+    groups = linked_groups(pool)
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    train_idx, rest = [], []
+    for g in order:
+        (train_idx if len(train_idx) < n else rest).extend(groups[g])
+    train = [pool[i] for i in sorted(train_idx)]
+    if not holdout:
+        return train, []
+    if test is None:
+        test = [pool[i] for i in sorted(rest)]
+        if not test:
+            raise InputError(f"--shots {shots}: no test items left after drawing the training split")
+    return train, test
+
+
+# ---- images --------------------------------------------------------------------------------------------------------
+
+def open_image(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()  # decode now: a corrupt file fails here, not inside the model
+        return im
+
+
+class ImageCache:
+    """Decoded images by path, the `size` most recently used kept (training revisits items every epoch)."""
+
+    def __init__(self, size=64):
+        self.size, self.images = size, OrderedDict()
+
+    def get(self, path):
+        if path in self.images:
+            self.images.move_to_end(path)
+        else:
+            self.images[path] = open_image(path)
+            if len(self.images) > self.size:
+                self.images.popitem(last=False)
+        return self.images[path]
+
+    def load(self, paths):
+        return [self.get(p) for p in paths]

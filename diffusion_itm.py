@@ -1,4 +1,4 @@
-"""DiffusionITM baseline (seed 002: Krojer et al. 2023, "Are Diffusion Models Vision-And-Language Reasoners?").
+"""DiffusionITM baseline (Krojer et al. 2023, "Are Diffusion Models Vision-And-Language Reasoners?", NeurIPS).
 
 §3.1, the normalised denoising error; e = ||target - eps_theta(z_t, t, y)||_2 over the flattened latent (not squared):
     itm         s(x, y) = - mean_t ( e(z_t, t, y) - e(z_t, t, "") )               (default)
@@ -26,18 +26,14 @@ MSE the mean squared denoising error of a pair at a random t and eps, the same f
     m = DiffusionITM.from_pretrained("stabilityai/stable-diffusion-2-1-base", variant="itm")
     scores = m.score(images, texts)                                                 # (len(images), len(texts))
 """
-import json
-import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from datasets import InputError
+from common import InputError, check_tensors, copy_tensors, read_checkpoint, save_tensors, split_scores
 from discffusion import DEFAULT_MODEL, Discffusion
-from prompt_delta import read_checkpoint
 
 VARIANTS = ("itm", "classifier", "combined")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -71,12 +67,12 @@ class DiffusionITM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, variant="itm", n_timesteps=10, seed=0,
-                        batch_size=16, **options):
+                        pairs_per_call=16, **options):
         """A hub id or local diffusers folder; `options` go to Discffusion (resolution, pooling and layers of the
         `combined` attention term, ...), except `levels`: the timesteps are n_timesteps."""
         if "levels" in options:
             raise InputError("levels: DiffusionITM spreads n_timesteps over [10, 990); set n_timesteps instead")
-        core = Discffusion.from_pretrained(model, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
+        core = Discffusion.from_pretrained(model, device=device, dtype=dtype, seed=seed, pairs_per_call=pairs_per_call,
                                            **options)
         return cls(core, variant, n_timesteps)
 
@@ -95,14 +91,7 @@ class DiffusionITM(nn.Module):
                     timesteps=list(self.timesteps), prediction_type=self.core.scheduler.config.prediction_type,
                     lora=self.lora)
 
-    # ---- one UNet pass per row ---------------------------------------------------------------------------------
-    def predict(self, z_t, ts, hidden, mask):
-        """R rows in chunks of batch_size -> attention score (R,), eps_theta (R, 4, h, w)."""
-        bs = self.core.batch_size
-        out = [self.core.attention_score(z_t[s:s + bs], ts[s:s + bs], hidden[s:s + bs], mask[s:s + bs])
-               for s in range(0, z_t.shape[0], bs)]
-        return torch.cat([a for a, _ in out]), torch.cat([p for _, p in out])
-
+    # ---- the denoising error ---------------------------------------------------------------------------------
     def target(self, latents, eps, ts):
         """What the UNet predicts: eps, or the velocity for a v-prediction model; (R, 4, h, w)."""
         eps = eps.to(latents.device, latents.dtype).expand_as(latents)
@@ -114,7 +103,7 @@ class DiffusionITM(nn.Module):
         """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)
         -> attention score (R,), e = ||target - eps_theta||_2 (R,), float32."""
         z_t, ts = self.core.add_noise(latents, eps, t)
-        att, pred = self.predict(z_t, ts, hidden, mask)
+        att, pred = self.core.attention_score(z_t, ts, hidden, mask)
         err = (self.target(latents, eps, ts).float() - pred.float()).flatten(1).norm(dim=1)
         return att.float(), err
 
@@ -172,7 +161,7 @@ class DiffusionITM(nn.Module):
         else:
             with torch.inference_mode():
                 flat = self.pair_scores(items).cpu()
-        return [s.reshape(shape) for s, shape in zip(flat.split([a * b for a, b in shapes]), shapes)]
+        return split_scores(flat, shapes)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
@@ -208,28 +197,21 @@ class DiffusionITM(nn.Module):
             self.add_lora()
         return list(self.lora_state().values())
 
-    def save_trained(self, path, metadata=None):
-        """One safetensors file: the LoRA tensors (float32) and metadata (JSON strings)."""
+    def save_trained(self, path, training_args=None):
+        """One safetensors file: the LoRA tensors (float32) and metadata."""
         if self.lora is None:
             raise InputError("nothing to save: no LoRA adapters (call add_lora or train first)")
-        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.lora_state().items()}
-        meta = {**(metadata or {}), "format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
-                "lora": self.lora, "shapes": {n: list(t.shape) for n, t in tensors.items()}}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, str(path), metadata={k: json.dumps(v, default=str) for k, v in meta.items()})
+        save_tensors(path, self.lora_state(), {"format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
+                                               "lora": self.lora, "training_args": training_args or {}})
 
     def load_trained(self, path):
         """Load save_trained's file (adding its adapters if this model has none); returns its metadata.
 
         A different format, LoRA configuration, tensor set or shape is an InputError naming it; a different base
         model name with matching shapes only warns (a hub id and its local copy are the same model)."""
-        raw, tensors = read_checkpoint(path)
-        try:
-            meta = {k: json.loads(v) for k, v in raw.items()}
-        except json.JSONDecodeError:
-            meta = {}
+        meta, tensors = read_checkpoint(path)
         if meta.get("format") != FORMAT:
-            raise InputError(f"checkpoint {path} is not a DiffusionITM LoRA file (format {raw.get('format')!r})")
+            raise InputError(f"checkpoint {path} is not a DiffusionITM LoRA file (format {meta.get('format')!r})")
         lora = meta["lora"]
         if self.lora is not None and self.lora != lora:
             diff = ", ".join(f"{k} {lora[k]} in the file, {self.lora[k]} in this model"
@@ -237,20 +219,10 @@ class DiffusionITM(nn.Module):
             raise InputError(f"checkpoint {path}: LoRA mismatch: {diff}")
         self.add_lora(lora["rank"], lora["targets"], lora["alpha"])
         own = self.lora_state()
-        extra, lacking = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
-        if extra or lacking:
-            raise InputError(f"checkpoint {path} (base model {meta.get('model')!r}) does not fit this UNet: "
-                             f"not in this model {extra[:3]}, not in the checkpoint {lacking[:3]}")
-        for k, p in own.items():
-            if tensors[k].shape != p.shape:
-                raise InputError(f"checkpoint {path}: {k} has shape {tuple(tensors[k].shape)} in the file, "
-                                 f"{tuple(p.shape)} in this model (trained on {meta.get('model')!r}, "
-                                 f"this is {self.core.name!r})")
+        check_tensors(path, tensors, own, f" (base model {meta.get('model')!r}, this is {self.core.name!r})")
         if meta.get("model") != self.core.name:
             warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.core.name!r} (shapes match)")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(tensors[k])
+        copy_tensors(tensors, own)
         return meta
 
 
@@ -287,7 +259,7 @@ def hardneg_loss(m, items, generator):
     noisy = [core.add_noise(z0[2 * b:2 * b + 2], eps[b], int(t[b])) for b in range(B)]
     z_t, ts = torch.cat([z for z, _ in noisy]), torch.cat([s for _, s in noisy])
     eps2 = eps.repeat_interleave(2, dim=0)                                            # (2B, 4, h, w)
-    _, pred = m.predict(z_t, ts, hidden, mask)
+    _, pred = core.attention_score(z_t, ts, hidden, mask)
     err = mse(pred, m.target(z0, eps2, ts)).view(B, 2)                                # (B, 2): MSE(pos), MSE(neg)
     pos, neg = err[:, 0], err[:, 1]
     return (pos - torch.minimum(neg, pos.detach())).mean()

@@ -7,7 +7,7 @@
 
 For one image every candidate text sees the same eps and t, so differences between candidates come from the text
 alone; eps depends only on the seed and the level, so a pair's score never depends on its batch-mates. All pairs of
-a call go through the UNet together, in chunks of `batch_size`.
+a call go through the UNet together, `pairs_per_call` at a time.
 
     model = Discffusion.from_pretrained("stabilityai/stable-diffusion-2-1-base")   # or a local diffusers folder
     scores = model.score(images, texts)                                            # (len(images), len(texts))
@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import prompt_delta
 from attention_capture import AttentionScorer
-from datasets import InputError
+from common import InputError, default_device, pair_index, resolve_dtype, split_scores
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 LEVELS = (0.2, 0.4, 0.6, 0.8)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def to_rgb(image):
@@ -48,16 +48,6 @@ def preprocess(images, resolution, resize_via=None):
         image = image.resize((resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
     return torch.stack(out)
-
-
-def _resolve_dtype(dtype, device):
-    if dtype is None:
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 def load_components(model, dtype):
@@ -90,7 +80,7 @@ def load_components(model, dtype):
 
 class Discffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
-                 layers="all", batch_size=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name=""):
+                 layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name=""):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
             tokenizer, text_encoder, vae, unet, scheduler)
@@ -102,17 +92,17 @@ class Discffusion(nn.Module):
         self.scorer = AttentionScorer(unet, layers, pooling, lam, keep_maps)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = int(resolution or unet.config.sample_size * self.vae_scale)
-        self.resize_via, self.batch_size, self.seed, self.name = resize_via, int(batch_size), int(seed), name
+        self.resize_via, self.pairs_per_call, self.seed, self.name = resize_via, int(pairs_per_call), int(seed), name
         self._warned_truncation = False
         self.config = dict(model=name, levels=list(self.levels), lam=float(lam), pooling=pooling,
                            layers=layers if isinstance(layers, (str, int)) else list(layers),
-                           n_layers=len(self.scorer.layers), batch_size=self.batch_size,
+                           n_layers=len(self.scorer.layers), pairs_per_call=self.pairs_per_call,
                            resolution=self.resolution, resize_via=resize_via, seed=self.seed)
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, **options):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _resolve_dtype(dtype, device)
+        device = default_device(device)
+        dtype = resolve_dtype(dtype, device)
         parts = load_components(str(model), dtype)
         try:
             return cls(**parts, name=str(model), **options).to(device)
@@ -133,7 +123,7 @@ class Discffusion(nn.Module):
         """PIL images -> VAE latent means times the scaling factor, (N, 4, h, w)."""
         x = preprocess(images, self.resolution, self.resize_via)               # (N, 3, R, R)
         out = []
-        for chunk in x.split(self.batch_size):
+        for chunk in x.split(self.pairs_per_call):
             dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
             out.append(dist.mean * self.vae.config.scaling_factor)             # (b, 4, h, w)
         return torch.cat(out).to(self.dtype)
@@ -174,10 +164,17 @@ class Discffusion(nn.Module):
 
     # ---- the score --------------------------------------------------------------------------------------------
     def attention_score(self, z_t, ts, hidden, mask):
-        """One UNet pass over a batch of pairs -> attention score (P,) (and the noise prediction)."""
-        self.scorer.begin(mask)
-        eps_pred = self.unet(z_t, ts, encoder_hidden_states=hidden).sample
-        return self.scorer.combine(), eps_pred
+        """UNet passes over R rows, pairs_per_call at a time -> attention score (R,), noise prediction (R, 4, h, w).
+
+        With gradients, one pass: gradient checkpointing re-runs the processors in backward with the scorer's current
+        token mask, which must be this pass's."""
+        step = z_t.shape[0] if torch.is_grad_enabled() else self.pairs_per_call
+        att, pred = [], []
+        for s in range(0, z_t.shape[0], step):
+            self.scorer.begin(mask[s:s + step])
+            pred.append(self.unet(z_t[s:s + step], ts[s:s + step], encoder_hidden_states=hidden[s:s + step]).sample)
+            att.append(self.scorer.combine())
+        return torch.cat(att), torch.cat(pred)
 
     def pair_scores(self, latents, hidden, mask, levels=None, noise=None):
         """f(y, x) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32.
@@ -189,17 +186,10 @@ class Discffusion(nn.Module):
         if noise is None:
             noise = self.level_noise(latents.shape[1:])
             noise = noise[[self.levels.index(l) for l in levels]] if levels != self.levels else noise
-        # with gradients, one UNet call per level: gradient checkpointing re-runs the processors in backward with
-        # the scorer's current token mask, which must be this call's
-        step = latents.shape[0] if torch.is_grad_enabled() else self.batch_size
         total = 0.0
         for level, eps in zip(levels, noise):
-            t = self.timestep(level)
-            chunks = []
-            for s in range(0, latents.shape[0], step):
-                z_t, ts = self.add_noise(latents[s:s + step], eps, t)
-                chunks.append(self.attention_score(z_t, ts, hidden[s:s + step], mask[s:s + step])[0])
-            total = total + torch.cat(chunks)
+            z_t, ts = self.add_noise(latents, eps, self.timestep(level))
+            total = total + self.attention_score(z_t, ts, hidden, mask)[0]
         return (total / len(levels)).float()
 
     def score_items(self, items, train=False, generator=None):
@@ -211,17 +201,10 @@ class Discffusion(nn.Module):
         """
         images = [im for ims, _ in items for im in ims]
         texts = [t for _, ts in items for t in ts]
-        latents = self.encode_images(images)
-        hidden, mask = self.encode_texts(texts)
-        img_idx, txt_idx, shapes = [], [], []
-        i0 = t0 = 0
-        for ims, ts in items:
-            for i in range(len(ims)):
-                for j in range(len(ts)):
-                    img_idx.append(i0 + i)
-                    txt_idx.append(t0 + j)
-            shapes.append((len(ims), len(ts)))
-            i0, t0 = i0 + len(ims), t0 + len(ts)
+        latents = self.encode_images(images)                                   # (N, 4, h, w)
+        hidden, mask = self.encode_texts(texts)                                # (M, L, D), (M, L)
+        shapes = [(len(ims), len(ts)) for ims, ts in items]
+        img_idx, txt_idx = pair_index(shapes)
         args = (latents[img_idx], hidden[txt_idx], mask[txt_idx])
         if train:
             k = int(torch.randint(len(self.levels), (1,), generator=generator))
@@ -230,22 +213,20 @@ class Discffusion(nn.Module):
         else:
             with torch.inference_mode():
                 flat = self.pair_scores(*args)
-        return [m.reshape(s).cpu() if not train else m.reshape(s)
-                for m, s in zip(flat.split([a * b for a, b in shapes]), shapes)]
+        return split_scores(flat if train else flat.cpu(), shapes)
 
     # ---- the few-shot prompts of §4.5 (the uniform interface train.py / evaluate.py drive for every method) ----
     def trainable_parameters(self):
         """p^k, p^v of every selected layer and the head-weight logits; attaches zero deltas on first use."""
-        import prompt_delta
-        return prompt_delta.trainable_parameters(self)
+        return self.scorer.add_deltas(self.unet)
 
-    def save_trained(self, path, metadata=None):
-        import prompt_delta
-        prompt_delta.save(path, self, metadata)
+    def save_trained(self, path, training_args=None):
+        self.trainable_parameters()
+        prompt_delta.save(path, self.scorer, self.name, training_args)
 
     def load_trained(self, path):
-        import prompt_delta
-        return prompt_delta.load(path, self)
+        self.trainable_parameters()
+        return prompt_delta.load(path, self.scorer)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

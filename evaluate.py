@@ -34,23 +34,17 @@ import argparse
 import json
 import os
 import sys
-from collections import OrderedDict
 
 import torch
 from tqdm import tqdm
 
-from datasets import LOADERS, InputError
+import methods
+from common import MAX_LISTED, InputError, run_cli, write_json
+from datasets import DEFAULT_SPLIT, LOADERS, ImageCache, default_root, find_datasets, load_items, split_items
 
-TABLE_DATASETS = ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist")  # found automatically under --data-root
-ALIASES = {"comvg": ("comvg", "compositional_visual_genome"), "refcocog": ("refcocog",),
-           "vqav2": ("vqav2", "vqa", "vqa_v2"), "winoground": ("winoground",),
-           "vlchecklist": ("vlchecklist", "vl-checklist"), "coco": ("coco", "mscoco"), "shapes": ("shapes",)}
-DEFAULT_SPLIT = {"refcocog": "val", "vqav2": "val"}
-LEVELS = (0.2, 0.4, 0.6, 0.8)
 TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
           "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
           "shapes": "Shapes (ComVG format)"}
-MAX_LISTED = 20
 
 
 # ---- metrics: pure functions of one score matrix (n_images, n_texts) --------------------------------------------------
@@ -141,33 +135,7 @@ def summarize(name, records):
 
 # ---- the scoring loop ----------------------------------------------------------------------------------------------
 
-def open_image(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        im.load()  # decode now: a corrupt file fails here, not inside the model
-        return im
-
-
-class ImageCache:
-    """Decoded images by path, the `size` most recently used kept (training revisits items every epoch)."""
-
-    def __init__(self, size=64):
-        self.size, self.images = size, OrderedDict()
-
-    def get(self, path):
-        if path in self.images:
-            self.images.move_to_end(path)
-        else:
-            self.images[path] = open_image(path)
-            if len(self.images) > self.size:
-                self.images.popitem(last=False)
-        return self.images[path]
-
-    def load(self, paths):
-        return [self.get(p) for p in paths]
-
-
-def groups(items, pairs):
+def pair_chunks(items, pairs):
     """Consecutive items whose (n_images * n_texts) pairs add up to about `pairs` (one score_items call each)."""
     group, n = [], 0
     for item in items:
@@ -180,11 +148,11 @@ def groups(items, pairs):
         yield group
 
 
-def score_dataset(model, items, batch_size=16, desc=None):
+def score_dataset(model, items, pairs=16, desc=None):
     """[(item, score matrix)] for every item whose images open, and [(item id, error)] for those that do not."""
     scored, unreadable, cache = [], [], ImageCache()
     with tqdm(total=len(items), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
-        for group in groups(items, batch_size):
+        for group in pair_chunks(items, pairs):
             loaded = []
             for item in group:
                 try:
@@ -198,9 +166,10 @@ def score_dataset(model, items, batch_size=16, desc=None):
     return scored, unreadable
 
 
-def evaluate_items(model, name, items, batch_size=16, desc=None):
-    """Score `items` of data set `name` -> {"metrics": {column: percent}, "counts", n_items, unreadable, ...}."""
-    scored, unreadable = score_dataset(model, items, batch_size, desc=desc or name)
+def evaluate_items(model, name, items, pairs=16, desc=None):
+    """Score `items` of data set `name`, about `pairs` image-text pairs per scoring call -> {"metrics": {column:
+    percent}, "counts", n_items, unreadable, ...}."""
+    scored, unreadable = score_dataset(model, items, pairs, desc=desc or name)
     records = [(item, item_metrics(name, s)) for item, s in scored]
     out = summarize(name, records)
     out.update(n_items=len(records), unreadable=len(unreadable),
@@ -208,72 +177,9 @@ def evaluate_items(model, name, items, batch_size=16, desc=None):
     return out
 
 
-# ---- data discovery and the model --------------------------------------------------------------------------------
+# ---- data and the runs -------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-CLIP_MODEL = "openai/clip-vit-base-patch32"
-
-
-def _norm(name):
-    return name.lower().replace("-", "").replace("_", "")
-
-
-def _subdirs(root):
-    return {_norm(d): os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))}
-
-
-def default_root(name, data="data"):
-    """data/<name> (any alias and case, e.g. data/VL-CheckList), or data/<name> as the place looked if absent."""
-    subdirs = _subdirs(data) if os.path.isdir(data) else {}
-    return next((subdirs[_norm(a)] for a in ALIASES[name] if _norm(a) in subdirs), os.path.join(data, name))
-
-
-def dataset_roots(args):
-    """[(data set, its folder)]: --dataset with --data-root as its folder, or every data set under --data-root."""
-    if args.dataset:
-        return [(args.dataset, args.data_root or default_root(args.dataset))]
-    root = args.data_root or "data"
-    if not os.path.isdir(root):
-        raise InputError(f"data root not found: {root} is not a folder")
-    found = [(n, default_root(n, root)) for n in TABLE_DATASETS]
-    found = [(n, r) for n, r in found if os.path.isdir(r)]
-    if not found:
-        raise InputError(f"no data set found: looked for "
-                         f"{', '.join(os.path.join(root, ALIASES[n][0]) for n in TABLE_DATASETS)}")
-    return found
-
-
-def load_items(name, data_root=None, annotations=None, seed=0, split=None):
-    """(items, report) of data set `name` from its folder (default data/<name>); split None = every split."""
-    if name not in LOADERS:
-        raise InputError(f"unknown data set {name!r}: choose from {', '.join(sorted(LOADERS))}")
-    return LOADERS[name](data_root or default_root(name), annotations=annotations, split=split, seed=seed)
-
-
-def load_data(args):
-    """{name: (root, split, items, report)} for every data set asked for; loads all before any model is built."""
-    if args.annotations and not args.dataset:
-        raise InputError("--annotations needs --dataset (it names one data set's annotation file)")
-    out = {}
-    for name, root in dataset_roots(args):
-        split = None if args.split == "all" else (args.split or DEFAULT_SPLIT.get(name))
-        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split)
-        if name == "shapes":  # the held-out split of `train.py --dataset shapes` (same shots and seed)
-            import train
-            items = train.split_items(items, train.DATASET_DEFAULTS["shapes"]["shots"], args.seed)[1]
-            split = "test"
-        out[name] = (root, split, items[:args.limit] if args.limit else items, report)
-    return out
-
-
-TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
 SHAPES_RUN = os.path.join("runs", "shapes")  # train.py --dataset shapes writes its deltas here
-
-
-def default_model(name=None):
-    """The model a data set is evaluated with when --model is not given: the committed tiny model for the shapes
-    world, SD 2.1-base (as in the paper) for everything else."""
-    return TINY_MODEL if name == "shapes" else DEFAULT_MODEL
 
 
 def default_runs(args, names):
@@ -290,41 +196,11 @@ def default_runs(args, names):
     return runs
 
 
-def scorer_options(args, keys=("lam", "pooling"), checkpoint=None):
-    """Scorer options (eq. 3's lambda and pooling; DiffusionITM's timesteps): the command line's; else those the
-    checkpoint's deltas were learned under (prompt_delta.save records them; older files: train.py's arguments); else
-    the data set's default (the shapes world: lambda 100, 50 DiffusionITM timesteps; train.DATASET_DEFAULTS); else
-    train.GENERIC_DEFAULTS."""
-    import train
-    trained = {}
-    if checkpoint:
-        from prompt_delta import read_checkpoint
-        meta = read_checkpoint(checkpoint, tensors=False)[0]
-        trained = json.loads(meta.get("scorer") or meta.get("training_args") or "{}")
-    fallback = {**train.GENERIC_DEFAULTS, **train.DATASET_DEFAULTS.get(getattr(args, "dataset", None), {})}
-    return {key: next(v for v in (getattr(args, key, None), trained.get(key), fallback[key]) if v is not None)
-            for key in keys}
-
-
-def load_scorer(model_id, args, dtype=None, batch_size=None, checkpoint=None):
-    """Discffusion.from_pretrained with the scorer options of `add_scorer_args` (defaults where args lacks them)."""
-    from discffusion import Discffusion
-    opts = dict(levels=getattr(args, "levels", LEVELS), layers=getattr(args, "layers", "all"),
-                resolution=getattr(args, "resolution", None), resize_via=getattr(args, "resize_via", None),
-                seed=getattr(args, "seed", 0), **scorer_options(args, checkpoint=checkpoint))
-    if batch_size:
-        opts["batch_size"] = batch_size
-    return Discffusion.from_pretrained(model_id, device=getattr(args, "device", None), dtype=dtype, **opts)
-
-
-METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
-
-
 def checkpoint_for(args, method):
     """--checkpoint FILE (the first method's) or METHOD=FILE, repeatable -> the file for `method`, or None."""
-    for spec in getattr(args, "checkpoint", None) or []:
+    for spec in args.checkpoint or []:
         name, sep, path = spec.partition("=")
-        if sep and name in METHODS:
+        if sep and name in methods.METHODS:
             if name == method:
                 return path
         elif method == (args.methods or ("discffusion",))[0]:
@@ -332,31 +208,29 @@ def checkpoint_for(args, method):
     return None
 
 
-def load_model(args, method="discffusion", checkpoint=None):
-    """The scorer of one method (§5.3 baselines included), with its learned tensors when a checkpoint is given."""
-    batch_size = getattr(args, "eval_batch_size", None) or args.batch_size  # train.py: items per micro-batch
-    if method == "discffusion":
-        model = load_scorer(args.model, args, dtype=args.dtype, batch_size=batch_size, checkpoint=checkpoint)
-    elif method == "diffusion_itm":
-        from diffusion_itm import DiffusionITM
-        opts = scorer_options(args, ("lam", "pooling", "itm_timesteps"))
-        model = DiffusionITM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                             variant=getattr(args, "itm_variant", "itm"),
-                                             n_timesteps=opts.pop("itm_timesteps"), seed=args.seed,
-                                             batch_size=batch_size, layers=args.layers,
-                                             resolution=args.resolution, resize_via=args.resize_via, **opts)
-    elif method in ("clip_ft", "clip_prompt"):
-        from clip_baselines import ClipMatcher
-        model = ClipMatcher.from_pretrained(getattr(args, "clip_model", None) or CLIP_MODEL, method=method,
-                                            device=args.device, dtype=args.dtype, seed=args.seed)
-    else:
-        raise InputError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    if checkpoint:
-        try:
-            model.load_trained(checkpoint)
-        except ValueError as e:
-            raise InputError(f"checkpoint {checkpoint}: {e}") from None
-    return model
+def dataset_roots(args):
+    """[(data set, its folder)]: --dataset with --data-root as its folder, or every data set under --data-root."""
+    if args.annotations and not args.dataset:
+        raise InputError("--annotations needs --dataset (it names one data set's annotation file)")
+    if args.dataset:
+        return [(args.dataset, args.data_root or default_root(args.dataset))]
+    return find_datasets(args.data_root or "data")
+
+
+def load_data(args, roots, runs):
+    """{name: (root, split, items, report)} for every data set asked for; loads all before any model is built.
+
+    The shapes world is evaluated on the held-out split of `train.py --dataset shapes`: the same seed and the --shots
+    the runs' checkpoint was trained with (else --shots, else the shapes default)."""
+    out = {}
+    for name, root in roots:
+        split = None if args.split == "all" else (args.split or DEFAULT_SPLIT.get(name))
+        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split)
+        if name == "shapes":
+            recorded = next((methods.recorded_options(c) for _, _, c in runs if c), {})
+            items, split = split_items(items, methods.option(args, "shots", recorded), args.seed)[1], "test"
+        out[name] = (root, split, items[:args.limit] if args.limit else items, report)
+    return out
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
@@ -365,12 +239,13 @@ def _fmt(v):
     return "-" if v is None else f"{v:.2f}"
 
 
-def render_table(title, groups_, rows):
-    """groups_ [(group title, [column])], rows [(label, [cell])] (cells of all groups in order) -> a text table."""
-    widths = [[max(len(c), 7) for c in cols] for _, cols in groups_]
+def render_table(title, column_groups, rows):
+    """column_groups [(group title, [column])], rows [(label, [cell])] (cells of all groups in order) -> text."""
+    widths = [[max(len(c), 7) for c in cols] for _, cols in column_groups]
     spans = [sum(w) + len(w) - 1 for w in widths]
-    lines = [[""] + [g[:s].ljust(s) for (g, _), s in zip(groups_, spans)],
-             ["Method"] + [" ".join(c.rjust(w) for c, w in zip(cols, ws)) for (_, cols), ws in zip(groups_, widths)]]
+    lines = [[""] + [g[:s].ljust(s) for (g, _), s in zip(column_groups, spans)],
+             ["Method"] + [" ".join(c.rjust(w) for c, w in zip(cols, ws))
+                           for (_, cols), ws in zip(column_groups, widths)]]
     for label, cells in rows:
         parts, k = [label], 0
         for ws in widths:
@@ -410,11 +285,11 @@ def tables(results):
     return out
 
 
-def show_table(title, groups_, rows):
-    """A paper table: one accuracy row per method ({method: groups_}) and the item counts behind each cell."""
-    cells = [c for _, cols in groups_ for c in cols]
+def show_table(title, column_groups, rows):
+    """A paper table: one accuracy row per method ({method: column_groups}) and the item counts behind each cell."""
+    cells = [c for _, cols in column_groups for c in cols]
     body = [(m, [_fmt(v) for _, cols in g for _, v, _ in cols]) for m, g in rows.items()]
-    return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in groups_],
+    return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in column_groups],
                         body + [("(items)", [n for _, _, n in cells])])
 
 
@@ -427,94 +302,53 @@ def summary_line(name, res, report):
 
 # ---- command line ------------------------------------------------------------------------------------------------
 
-def _levels(text):
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.4,0.6,0.8, got {text!r}")
-
-
 def _methods(text):
     names = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if m not in methods.METHODS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {','.join(methods.METHODS)}")
     return names
-
-
-def _layers(text):
-    if text == "all":
-        return text
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of last layers, got {text!r}")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"hub id or diffusers folder (default {DEFAULT_MODEL}; for --dataset shapes the "
-                                   "committed models/tiny-shapes-sd)")
     p.add_argument("--dataset", choices=sorted(LOADERS), help="one data set (default: all found under --data-root)")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
     p.add_argument("--split", help="RefCOCOg / VQAv2 split (default val), COCO (default train); 'all' for every split")
+    p.add_argument("--shots", help="shapes world: the training shots whose held-out split is evaluated (default "
+                                   "the checkpoint's, else 60)")
     p.add_argument("--output", default="results.json", help="JSON results (default results.json)")
     p.add_argument("--limit", type=int, help="the first N items of each data set (a quick look)")
-    p.add_argument("--batch-size", type=int, default=16, help="image-text pairs per model call")
-    p.add_argument("--seed", type=int, default=0, help="noise and negative sampling seed")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--methods", type=_methods,
-                   help=f"comma-separated methods, one table row each: {','.join(METHODS)} (default discffusion; "
-                        "for --dataset shapes: discffusion and diffusion_itm zero-shot, and discffusion few-shot "
-                        f"with {SHAPES_RUN}/prompt_deltas.safetensors if train.py wrote it)")
+                   help=f"comma-separated methods, one table row each: {','.join(methods.METHODS)} (default "
+                        "discffusion; for --dataset shapes: discffusion and diffusion_itm zero-shot, and discffusion "
+                        f"few-shot with {SHAPES_RUN}/prompt_deltas.safetensors if train.py wrote it)")
     p.add_argument("--checkpoint", action="append", metavar="[METHOD=]FILE",
                    help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
                         "method, METHOD=FILE to that method; repeatable")
-    add_scorer_args(p)
+    methods.add_model_args(p)
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling of --eval-batch-size
     return p
 
 
-def add_scorer_args(p):
-    """The scorer options (Discffusion.from_pretrained), shared with train.py."""
-    g = p.add_argument_group("scorer (passed to Discffusion.from_pretrained)")
-    g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
-                   help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
-                        "(evaluate.py: default the --checkpoint's own)")
-    g.add_argument("--lam", type=float, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
-                                             "evaluate.py: default the --checkpoint's own)")
-    g.add_argument("--layers", type=_layers, default="all", help="'all' or K = the last K cross-attention layers")
-    g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
-                   + ",".join(map(str, LEVELS)) + ")")
-    g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
-    g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
-    b = p.add_argument_group("baselines (§5.3, Table 8)")
-    b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
-    b.add_argument("--itm-variant", default="itm", choices=("itm", "classifier", "combined"),
-                   help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
-                        "attention + itm sum (combined)")
-    b.add_argument("--itm-timesteps", type=int, help="diffusion_itm: timesteps spread over [10, 990) (default 10; "
-                                                     "50 for the shapes world)")
-    return g
-
-
 def run(args, argv=()):
-    data = load_data(args)
+    roots = dataset_roots(args)
+    runs = default_runs(args, [name for name, _ in roots])
+    data = load_data(args, roots, runs)
     for name, (_, _, _, report) in data.items():
         for w in report["warnings"][:5]:
             print(f"warning: {w}", file=sys.stderr)
         if len(report["warnings"]) > 5:
             print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)", file=sys.stderr)
-    if args.model is None:
-        args.model = default_model("shapes" if list(data) == ["shapes"] else None)
-    runs = default_runs(args, data)
     per_method = {}
     for label, method, checkpoint in runs:
-        model = load_model(args, method, checkpoint)
+        model = methods.build(method, args, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
-            results[name] = evaluate_items(model, name, items, args.batch_size, desc=f"{label} {name}")
+            results[name] = evaluate_items(model, name, items, args.eval_batch_size, desc=f"{label} {name}")
             results[name].update(root=root, split=split, report=report)
         per_method[label] = {"method": method, "checkpoint": checkpoint, "model": getattr(model, "config", {}),
                              "datasets": results}
@@ -523,34 +357,31 @@ def run(args, argv=()):
     first = per_method[labels[0]]["datasets"]
     shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
     print()
-    for key, (title, groups_) in shown[labels[0]].items():
-        print(show_table(title, groups_, {m: shown[m][key][1] for m in labels}) + "\n")
+    for key, (title, column_groups) in shown[labels[0]].items():
+        print(show_table(title, column_groups, {m: shown[m][key][1] for m in labels}) + "\n")
     for name, res in first.items():
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
-    flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in groups_} for k, (_, groups_) in t.items()}  # noqa
+    flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in cg} for k, (_, cg) in t.items()}  # noqa
     out = dict(command=["evaluate.py"] + list(argv), args=vars(args), model=per_method[labels[0]]["model"],
                datasets=first, tables=flat(shown[labels[0]]),
                methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()})
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        write_json(args.output, out)
         print(f"results written to {args.output}")
     return out
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def evaluate_cli(argv):
     args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            run(args, argv)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    with torch.no_grad():
+        run(args, argv)
+
+
+def main(argv=None):
+    """The command line: exit code 0, or 2 after one `error: ...` line for bad input."""
+    return run_cli(evaluate_cli, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

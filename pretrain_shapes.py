@@ -3,15 +3,14 @@
 Not a paper section: it makes the embedded default model `models/tiny-shapes-sd` (what `Discffusion.from_pretrained`
 and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained in two stages:
   1. VAE (AutoencoderKL with one block, so no downsampling: 32x32x3 image <-> 4x32x32 latent): reconstruction MSE +
-     a small KL term; the latent scaling factor is set so that scaled latents have unit std, as in SD. Keeping the
-     latent at full resolution makes the model the issue's pixel-space 32x32 prototype with a real (small) VAE in front.
+     a small KL term; the latent scaling factor is set so that scaled latents have unit std, as in SD. The latent
+     stays at full resolution: a pixel-space-sized 32x32 model with a real (small) VAE in front.
   2. Text encoder (CLIPTextModel, 2 layers, 64 wide; its tokenizer pads on the left, see `shapes_tokenizer`) and
      UNet (UNet2DConditionModel, 32/64/64 channels: no attention at 32x32, cross-attention at 16x16, 8x8 and in the
      8x8 mid block), trained jointly with the standard epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2
-     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps (the prototype's recipe) at
-     lr 2e-3 rather than the prototype's 5e-4: in the same 767 steps it ends at a diffusion loss of 0.018 instead of
-     0.032 (1e-3: 0.023).
-Deterministic for a given --seed and --threads. 20.1 min on 2 idle CPU cores (--threads 2, the default).
+     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps, lr 2e-3 (the README gives
+     the measured losses and run time).
+Deterministic for a given --seed and --threads.
 
     python pretrain_shapes.py --out models/tiny-shapes-sd
 """
@@ -28,6 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import shapes
+from discffusion import load_components
 from sd_configs import SCHEDULER, save_sd, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
@@ -145,7 +145,6 @@ GRID_CAPTIONS = ("a red circle left of a blue square", "a blue square left of a 
 def sample(folder, captions, n=6, steps=50, guidance=4.0, seed=0):
     """DDIM sampling with classifier-free guidance from a saved model: images (len(captions), n, H, W, 3) uint8."""
     from diffusers import DDIMScheduler
-    from discffusion import load_components
     parts = load_components(folder, torch.float32)
     tok, text_encoder, vae, unet = (parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet"))  # eval mode
     sched = DDIMScheduler.from_config(parts["scheduler"].config)

@@ -5,6 +5,7 @@ Not a paper section: the scaffolding that lets tests, `benchmark.py` and `shapes
   tiny     - a few thousand parameters, 7 cross-attention layers (tests).
   small    - the SD 2.x topology (4 blocks, 16 cross-attention layers, linear projections) with narrow channels.
   sd2-base - the real SD 2.1-base architecture (UNet 866M parameters, OpenCLIP-H sized text encoder), random weights.
+`make_random_clip` does the same for the CLIP baselines.
 The tokenizer is a CLIP BPE tokenizer written from a hand-made word list (deterministic ids, no download).
 """
 import json
@@ -12,7 +13,7 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 WORDS = ("a an the photo of is on in left right above below next to red green blue yellow white black "
          "circle square triangle cat dog man woman ball table holding riding eating").split()
@@ -120,4 +121,27 @@ def make_random_sd(preset, folder, seed=0, words=WORDS):
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     calibrate_latent_scale(vae)
     save_sd(folder, unet, vae, text_encoder, DDPMScheduler(**SCHEDULER))
+    return folder
+
+
+def make_random_clip(folder, words=None, seed=0, image_size=32):
+    """A tiny CLIP with random weights (seeded) saved as CLIPModel + tokenizer + image processor; returns `folder`.
+
+    Loads through the same clip_baselines.ClipMatcher.from_pretrained(folder) path as real checkpoints, offline (tests)."""
+    max_len = 16
+    tok = write_tokenizer(folder, words or WORDS, max_len)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=max_len, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=image_size // 4),
+        projection_dim=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPModel(config)
+    clip.save_pretrained(folder)
+    from transformers import CLIPImageProcessor  # here: without torchvision, importing it prints a warning
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets import InputError
+from common import InputError, run_cli
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -154,7 +154,7 @@ def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, rela
     return images, captions
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for comvg.csv and images/")
     p.add_argument("--n", type=int, default=50, help="items per negative type (subject / object / verb)")
@@ -163,14 +163,10 @@ def main():
     p.add_argument("--colors", default=",".join(COLORS), help=f"comma-separated, from {','.join(COLORS)}")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--relations", default=",".join(RELATIONS))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     path = write_comvg(a.out, a.n, a.seed, a.size, a.colors.split(","), a.shapes.split(","), a.relations.split(","))
     print(f"wrote {3 * a.n} items to {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

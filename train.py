@@ -5,10 +5,9 @@
 The training score goes through the same `score_items` code path as evaluation; each step draws one noise level of
 the ensemble and one eps, shared by a positive and its negatives. Only p^k, p^v and the head-weight logits train.
 
-The split (see `split_items`): items that share any (text, image) pair are joined into one group, the groups are
-shuffled with `--seed`, and whole groups go to training until `--shots` items are reached; every other group is the
-held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a split
-(RefCOCOg) draw the shots from their train split and test on `--eval-split`.
+The split is `datasets.split_items`: whole groups of items that share a sentence-image pair go to training until
+`--shots` items are reached, the rest is the held-out test split; data sets that ship a split (RefCOCOg) draw the
+shots from their train split and test on `--eval-split`. Defaults per data set: `methods.DEFAULTS`.
 
 Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
 `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
@@ -26,29 +25,21 @@ import torch
 from tqdm import tqdm
 
 import evaluate
+import methods
 import triplet_loss
-from datasets import InputError
-
-
-GENERIC_DEFAULTS = dict(shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10)
-# the embedded default (shapes.py + models/tiny-shapes-sd): 60 training items, 300 steps, a larger learning rate for
-# the tiny model, a sharper LogSumExp (attention probabilities lie in [0, 1], so at lambda 1 eq. 3 is within a constant
-# of mean pooling over the image tokens; lambda 100 is close to max pooling: see README), and DiffusionITM beside it,
-# with 50 timesteps (nearer the DiffusionITM paper's 100-200 samples; cheap on the tiny model)
-DATASET_DEFAULTS = {"shapes": dict(shots="60", steps=300, lr=3e-3, lam=100.0, itm_timesteps=50,
-                                   compare="diffusion_itm")}
+from common import InputError, atomic_write, run_cli, write_json
+from datasets import DEFAULT_SPLIT, ImageCache, load_items, split_items
+from diffusion_itm import hardneg_loss
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="comvg | refcocog | vqav2 | coco (see datasets.py)")
-    p.add_argument("--method", default="discffusion", choices=evaluate.METHODS,
+    p.add_argument("--method", default="discffusion", choices=methods.METHODS,
                    help="discffusion: p^k, p^v (eq. 5) + eq. 6; diffusion_itm: HardNeg LoRA; clip_ft / clip_prompt: "
                         "the CLIP baselines of §5.3 with the same margin loss")
     p.add_argument("--data-root", help="the data set's folder (default data/<dataset>)")
     p.add_argument("--annotations", help="annotation file, if not found by name under --data-root")
-    p.add_argument("--model", help="hub id or local diffusers folder (default SD 2.1-base; shapes: the committed "
-                                   "models/tiny-shapes-sd)")
     p.add_argument("--shots", help="training items: a fraction in (0, 1) like 0.05 (default), or a count like 27")
     p.add_argument("--eval-split", default="val", help="test split for data sets that ship splits (default val)")
     p.add_argument("--eval-dataset", help="test on another data set instead of a held-out split (Table 8: train on "
@@ -60,107 +51,28 @@ def parse_args(argv=None):
                                      "row each (e.g. diffusion_itm,clip_ft; shapes default: diffusion_itm)")
     p.add_argument("--batch-size", type=int, default=4, help="items per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="items per scoring call when evaluating, and rows "
-                                                                   "per UNet call (scores do not depend on it)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; shapes 3e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--loss", default="margin", choices=triplet_loss.LOSSES, help="eq. 6 or Table 11's alternatives")
     p.add_argument("--margin", type=float, default=0.1, help="M of eq. 6")
     p.add_argument("--negatives", default="hardest", choices=("hardest", "mean"))
-    p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); deltas stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory in the UNet")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0, help="split, data order, noise")
     p.add_argument("--output-dir", help="default runs/<dataset>")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate the test split every N steps (0 = only at the end)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most N test items")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
-    evaluate.add_scorer_args(p)
+    methods.add_model_args(p)
     args = p.parse_args(argv)
-    for key, value in {**GENERIC_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    bad = [m for m in args.compare.split(",") if m and m not in evaluate.METHODS]
+    for key in ("model", "shots", "lr", "compare", "lam", "pooling", "itm_timesteps", "steps"):
+        setattr(args, key, methods.option(args, key))
+    bad = [m for m in args.compare.split(",") if m and m not in methods.METHODS]
     if bad:
-        p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(evaluate.METHODS)}")
-    args.model = args.model or evaluate.default_model(args.dataset)
+        p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(methods.METHODS)}")
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
-    args.dtype = args.precision
     return args
-
-
-# ---- the few-shot split --------------------------------------------------------------------------------------------
-def parse_shots(value, n):
-    """--shots as a fraction ("0.05") or a count ("27") of n available items -> a count in [1, n - 1]."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise InputError(f"--shots {value!r}: expected a fraction like 0.05 or a count like 27") from None
-    if x <= 0:
-        raise InputError(f"--shots {value}: must be positive")
-    if "." in str(value) or "e" in str(value).lower():
-        if x >= 1:
-            raise InputError(f"--shots {value}: a fraction must be below 1 (use a whole number for a count)")
-        count = max(1, round(x * n))
-    else:
-        count = int(x)
-    if count >= n:
-        raise InputError(f"--shots {value}: asks for {count} training items but the data set has {n} "
-                         "(at least one must stay for testing)")
-    return count
-
-
-def groups_of(items):
-    """Union-find over items that share a (text, image) pair -> list of lists of item indices, in first-seen order."""
-    parent = list(range(len(items)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    owner = {}
-    for i, it in enumerate(items):
-        for pair in ((t, str(im)) for t in it.texts[:1] for im in it.images) if len(it.texts) == 1 else \
-                ((t, str(im)) for t in it.texts for im in it.images[:1]):
-            j = owner.setdefault(pair, i)
-            parent[find(i)] = find(j)
-    groups = {}
-    for i in range(len(items)):
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
-
-
-def split_items(items, shots, seed, eval_split="val", holdout=True):
-    """(train, test) item lists; see the module docstring. Deterministic in `seed`.
-
-    Items that carry the publisher's split train on 'train' and test on `eval_split`; without a 'train' split the
-    items are split by shots. holdout=False: every item not drawn for training is left out (test = [])."""
-    pool = [it for it in items if it.split == "train"]
-    test = [it for it in items if it.split == eval_split] if pool else None
-    if not pool:
-        pool = items
-    elif holdout and not test:
-        raise InputError(f"the data set ships splits {sorted({it.split for it in items})}: no items in "
-                         f"--eval-split {eval_split!r}")
-    n = parse_shots(shots, len(pool) + (0 if test is None and holdout else 1))
-    groups = groups_of(pool)
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
-    train_idx, rest = [], []
-    for g in order:
-        (train_idx if len(train_idx) < n else rest).extend(groups[g])
-    train = [pool[i] for i in sorted(train_idx)]
-    if not holdout:
-        return train, []
-    if test is None:
-        test = [pool[i] for i in sorted(rest)]
-        if not test:
-            raise InputError(f"--shots {shots}: no test items left after drawing the training split")
-    return train, test
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
@@ -179,15 +91,8 @@ def step_generator(args, step, micro):
     return torch.Generator().manual_seed((args.seed * 1000003 + step) * 101 + micro)
 
 
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def compute_loss(model, batch, args, generator):
     if args.method == "diffusion_itm":
-        from diffusion_itm import hardneg_loss
         return hardneg_loss(model, batch, generator), None
     if args.loss == "diffusion":
         return triplet_loss.diffusion_loss(model, batch, generator), None
@@ -216,7 +121,7 @@ def train(args, model, params, train_items, test_items, log=print):
         torch.set_rng_state(ck["rng"])
         start, history = ck["step"], ck["history"]
         log(f"resumed from {ckpt_path} at step {start}")
-    images = evaluate.ImageCache()
+    images = ImageCache()
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
@@ -243,8 +148,9 @@ def train(args, model, params, train_items, test_items, log=print):
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
         done = step + 1
         if done % args.save_every == 0 or done == total:
-            atomic_save({"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "history": history, "args": vars(args)}, ckpt_path)
+            state = {"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
+                     "rng": torch.get_rng_state(), "history": history, "args": vars(args)}
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if args.eval_every and done % args.eval_every == 0 and done != total:
             res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
@@ -253,7 +159,7 @@ def train(args, model, params, train_items, test_items, log=print):
 
 
 def build(args):
-    model = evaluate.load_model(args, args.method)
+    model = methods.build(args.method, args)
     params = model.trainable_parameters()
     if args.gradient_checkpointing:
         if not hasattr(model, "unet"):
@@ -271,12 +177,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    items, report = evaluate.load_items(args.dataset, args.data_root, args.annotations, seed=args.seed)
+    items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed)
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
     name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
     if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
-        test_items, _ = evaluate.load_items(name, args.eval_data_root, seed=args.seed,
-                                            split=evaluate.DEFAULT_SPLIT.get(name))
+        test_items, _ = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name))
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
     print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "
@@ -297,13 +202,12 @@ def main(argv=None):
     del model
     results["compare"] = {}
     for method in [m for m in args.compare.split(",") if m]:
-        other = evaluate.load_model(args, method)
+        other = methods.build(method, args)
         with torch.no_grad():
             results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.eval_batch_size,
                                                                  desc=f"{method} zero-shot")
         del other
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_json(os.path.join(args.output_dir, "results.json"), results)
     rows = {f"{args.method} {k.replace('_', '-')}": results[k]["metrics"] for k in ("zero_shot", "few_shot")
             if k in results}
     rows.update({f"{m} zero-shot": r["metrics"] for m, r in results["compare"].items()})
@@ -314,10 +218,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(run_cli(main))
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_baselines import ClipMatcher, make_random_clip
-from datasets import InputError
+from clip_baselines import ClipMatcher
+from sd_configs import make_random_clip
+from common import InputError
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 IMAGES = {c: Image.new("RGB", (40, 40), v) for c, v in COLORS.items()}
@@ -104,7 +105,7 @@ def test_save_load_round_trip(tiny_clip, tmp_path, method):
     fresh = ClipMatcher.from_pretrained(tiny_clip, method=method, device="cpu", seed=1)
     assert not torch.equal(fresh.score(*ITEMS[0]), m.score(*ITEMS[0]))
     meta = fresh.load_trained(path)
-    assert meta["steps"] == 3 and meta["method"] == method and meta["model"] == tiny_clip
+    assert meta["training_args"]["steps"] == 3 and meta["method"] == method and meta["model"] == tiny_clip
     for (k, a), b in zip(m.trained_state().items(), fresh.trained_state().values()):
         assert torch.equal(a, b), k
     assert torch.equal(fresh.score(*ITEMS[0]), m.score(*ITEMS[0]))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from attention_capture import cross_attention_layers
-from datasets import InputError
+from common import InputError
 from discffusion import Discffusion, preprocess
 from lse_pool import lse_pool, pool
 
@@ -113,7 +113,7 @@ def test_no_batch_mixing_and_permutation(model):
     P = model.score([ims[k] for k in pi], [txt[k] for k in pj])
     assert torch.allclose(P, S[pi][:, pj], atol=1e-5)
     small = copy.copy(model)
-    small.batch_size = 1                                              # chunking does not change a score either
+    small.pairs_per_call = 1                                              # chunking does not change a score either
     assert torch.allclose(small.score(ims, txt), S, atol=1e-5)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import InputError
+from common import InputError
 from diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
 from discffusion import Discffusion
 
@@ -48,7 +48,7 @@ def test_empty_text_scores_exactly_zero(itm):
 def test_unconditional_pass_once_per_image_and_timestep(tiny_sd, itm):
     ims, txt = images(2), TEXTS[:3]
     uncond = itm.core.encode_texts([""])[0]
-    small = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, batch_size=4)
+    small = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, pairs_per_call=4)
     seen, handle = count_rows(small, uncond)
     try:
         S = small.score(ims, txt)
@@ -201,7 +201,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
     m.save_trained(path, {"steps": 1, "dataset": "comvg"})
     fresh = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
     meta = fresh.load_trained(path)                                    # adds the file's adapters itself
-    assert meta["steps"] == 1 and meta["lora"] == m.lora and fresh.lora == m.lora
+    assert meta["training_args"]["steps"] == 1 and meta["lora"] == m.lora and fresh.lora == m.lora
     for (n, a), (n2, b) in zip(m.lora_state().items(), fresh.lora_state().items()):
         assert n == n2 and torch.equal(a, b)
     ims = images(2)
@@ -212,9 +212,8 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
         other.load_trained(path)
     with pytest.raises(InputError, match="does not exist"):
         fresh.load_trained(str(tmp_path / "missing.safetensors"))
-    import prompt_delta
     core = Discffusion.from_pretrained(tiny_sd, device="cpu")
-    prompt_delta.save(tmp_path / "deltas.safetensors", core)
+    core.save_trained(tmp_path / "deltas.safetensors")
     with pytest.raises(InputError, match="not a DiffusionITM LoRA file"):
         fresh.load_trained(str(tmp_path / "deltas.safetensors"))
     with pytest.raises(InputError, match="nothing to save"):

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+import datasets
 import evaluate
+import methods
 from datasets import Item
 from test_datasets import COLORS, write_comvg, write_refcocog, write_vlchecklist, write_vqav2, write_winoground
 
@@ -35,7 +37,7 @@ class FakeModel:
 @pytest.fixture
 def fake(monkeypatch):
     model = FakeModel()
-    monkeypatch.setattr(evaluate, "load_model", lambda args, method="discffusion", checkpoint=None: model)
+    monkeypatch.setattr(evaluate.methods, "build", lambda method, args, checkpoint=None: model)
     return model
 
 
@@ -76,8 +78,8 @@ def test_summarize_columns_and_counts():
 
 def test_groups_fill_batch_with_pairs():
     items = [Item(str(i), ["x", "y"], ["t"]) for i in range(5)]  # 2 pairs each
-    assert [len(g) for g in evaluate.groups(items, 4)] == [2, 2, 1]
-    assert [len(g) for g in evaluate.groups(items, 1)] == [1] * 5
+    assert [len(g) for g in evaluate.pair_chunks(items, 4)] == [2, 2, 1]
+    assert [len(g) for g in evaluate.pair_chunks(items, 1)] == [1] * 5
 
 
 def test_format_table_for_train_rows():
@@ -137,7 +139,7 @@ def test_all_data_sets_under_root(tmp_path, fake, capsys):
     assert ds["vlchecklist"]["per_file"][os.path.join("Attribute", "vg", "color.json")]["n"] == 2
     assert ds["refcocog"]["split"] == "val" and ds["refcocog"]["n_items"] == 12
     # RefCOCOg by hand: the true text wins if no negative names the image's colour (ties count against it)
-    items, _ = evaluate.load_items("refcocog", str(data / "refcocog"), split="val")
+    items, _ = datasets.load_items("refcocog", str(data / "refcocog"), split="val")
     ranks = [sum(it.texts[0].split()[1] in t.split() for t in it.texts[1:]) for it in items]
     assert ds["refcocog"]["metrics"]["Top-1"] == pytest.approx(100 * sum(r < 1 for r in ranks) / 12)
     assert ds["refcocog"]["metrics"]["Top-5"] == pytest.approx(100 * sum(r < 5 for r in ranks) / 12)
@@ -192,9 +194,9 @@ def test_end_to_end_tiny_sd(tmp_path, tiny_sd, capsys):
 
 
 def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp_path, tiny_sd):
-    """--lam / --pooling / --itm-timesteps from the command line, else the checkpoint's training arguments, else the
-    data set's default (shapes: lambda 100, 50 timesteps; train.py's), else lambda 1, LogSumExp, 10 timesteps; and the
-    scores are the trained model's."""
+    """--lam / --pooling / --itm-timesteps / --shots from the command line, else the checkpoint's recorded values,
+    else the data set's default (shapes: lambda 100, 50 timesteps, 60 shots), else lambda 1, LogSumExp, 10 timesteps;
+    train.py resolves the same; and the scores are the trained model's."""
     from PIL import Image
     import train
     from discffusion import Discffusion
@@ -203,15 +205,17 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
         for i, p in enumerate(trained.trainable_parameters()):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     ckpt = str(tmp_path / "deltas.safetensors")
-    trained.save_trained(ckpt)                                 # the file records the scorer's own lambda and pooling
+    trained.save_trained(ckpt, {"shots": "30"})                # the file records the scorer's own lambda and pooling
     parse = lambda *a: evaluate.build_parser().parse_args(["--model", tiny_sd, "--device", "cpu", *a])  # noqa: E731
-    opts = lambda args, ckpt=None: evaluate.scorer_options(args, ("lam", "pooling", "itm_timesteps"), ckpt)  # noqa
-    assert opts(parse()) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10}
-    assert opts(parse("--dataset", "comvg")) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10}
-    assert opts(parse("--dataset", "shapes")) == {"lam": 100.0, "pooling": "lse", "itm_timesteps": 50}
-    assert opts(parse("--dataset", "shapes"), ckpt) == {"lam": 8.0, "pooling": "max", "itm_timesteps": 50}
+    keys = ("lam", "pooling", "itm_timesteps", "shots")
+    opts = lambda args, ckpt=None: {k: methods.option(args, k, methods.recorded_options(ckpt)) for k in keys}  # noqa
+    assert opts(parse()) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10, "shots": "0.05"}
+    assert opts(parse("--dataset", "comvg")) == {"lam": 1.0, "pooling": "lse", "itm_timesteps": 10, "shots": "0.05"}
+    assert opts(parse("--dataset", "shapes")) == {"lam": 100.0, "pooling": "lse", "itm_timesteps": 50, "shots": "60"}
+    assert opts(parse("--dataset", "shapes"), ckpt) == {"lam": 8.0, "pooling": "max", "itm_timesteps": 50,
+                                                        "shots": "30"}
     assert opts(parse("--lam", "3", "--itm-timesteps", "4"), ckpt) == {"lam": 3.0, "pooling": "max",
-                                                                      "itm_timesteps": 4}
+                                                                      "itm_timesteps": 4, "shots": "30"}
     for name, want in (("shapes", (100.0, "lse", 50)), ("comvg", (1.0, "lse", 10))):   # train.py fills the same
         a = train.parse_args(["--dataset", name])
         assert (a.lam, a.pooling, a.itm_timesteps) == want
@@ -219,10 +223,10 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
     texts = ["a red circle", "a blue square", "a green one"]
     with torch.no_grad():
         want = trained.score(images, texts)
-        got = evaluate.load_model(parse(), "discffusion", ckpt)
+        got = methods.build("discffusion", parse(), ckpt)
         assert got.config["lam"] == 8.0 and got.config["pooling"] == "max"
         assert torch.allclose(got.score(images, texts), want, atol=1e-6)
-        at_one = evaluate.load_model(parse("--lam", "1", "--pooling", "lse"), "discffusion", ckpt)
+        at_one = methods.build("discffusion", parse("--lam", "1", "--pooling", "lse"), ckpt)
         assert not torch.allclose(at_one.score(images, texts), want, atol=1e-4)
 
 

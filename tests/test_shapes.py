@@ -157,7 +157,7 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
     from diffusion_itm import DiffusionITM
     shapes.write_comvg(str(tmp_path), n=24, seed=123)
     items = [it for it in load_comvg(str(tmp_path))[0] if it.category in ("subject", "object")]
-    m = DiffusionITM.from_pretrained(MODEL, device="cpu", n_timesteps=10, batch_size=64)
+    m = DiffusionITM.from_pretrained(MODEL, device="cpu", n_timesteps=10, pairs_per_call=64)
     out = m.score_items([([Image.open(p) for p in it.images], it.texts) for it in items])
     acc = float(np.mean([float(s[0, 0] > s[1, 0]) for s in out]))
     assert acc >= 0.70, acc

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import prompt_delta
 import train
 import triplet_loss
-from datasets import InputError, Item
+from common import InputError
+from datasets import Item, split_items
 from discffusion import Discffusion
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
@@ -60,12 +60,12 @@ def test_zero_deltas_are_the_pretrained_model_and_only_deltas_train(tiny_sd):
     for name in m.scorer.layers:
         attn = m.unet.get_submodule(name)
         key = name.replace(".", "_")
-        assert m.deltas.k[key].shape == attn.to_k.weight.shape and m.deltas.v[key].shape == attn.to_v.weight.shape
+        assert m.scorer.deltas.k[key].shape == attn.to_k.weight.shape and m.scorer.deltas.v[key].shape == attn.to_v.weight.shape
     mats = m.score_items(items, train=True, generator=torch.Generator().manual_seed(0))
     triplet_loss.margin_loss(mats, margin=1.0).backward()
     assert {id(p) for p in params} == {id(p) for p in m.parameters() if p.requires_grad}
-    last_v = m.deltas.v[m.scorer.layers[-1].replace(".", "_")]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.deltas.parameters() if p is not last_v)
+    last_v = m.scorer.deltas.v[m.scorer.layers[-1].replace(".", "_")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.scorer.deltas.parameters() if p is not last_v)
     assert last_v.grad is None or last_v.grad.abs().sum() == 0  # the last layer's values only reach eps, never a later score
     frozen = [p for mod in (m.unet, m.vae, m.text_encoder) for p in mod.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
@@ -123,23 +123,23 @@ def test_margin_loss_is_eq6():
 
 def test_split_has_no_leakage_and_is_reproducible():
     items = [Item(str(k), [f"img{k % 7}.jpg", f"img{(k + 3) % 7}.jpg"], [f"sentence {k % 5}"]) for k in range(40)]
-    train_a, test_a = train.split_items(items, "0.25", seed=1)
-    train_b, test_b = train.split_items(items, "0.25", seed=1)
+    train_a, test_a = split_items(items, "0.25", seed=1)
+    train_b, test_b = split_items(items, "0.25", seed=1)
     assert [i.id for i in train_a] == [i.id for i in train_b] and [i.id for i in test_a] == [i.id for i in test_b]
     pairs = lambda its: {(t, im) for it in its for t in it.texts for im in it.images}  # noqa: E731
     assert not pairs(train_a) & pairs(test_a)
     assert len(train_a) + len(test_a) == 40 and len(train_a) >= 10
-    assert [i.id for i in train.split_items(items, "0.25", seed=2)[0]] != [i.id for i in train_a]
+    assert [i.id for i in split_items(items, "0.25", seed=2)[0]] != [i.id for i in train_a]
     distinct = [Item(str(k), [f"{k}a", f"{k}b"], [f"s{k}"]) for k in range(100)]
-    assert len(train.split_items(distinct, "0.05", 0)[0]) == 5
-    assert len(train.split_items(distinct, "27", 0)[0]) == 27
+    assert len(split_items(distinct, "0.05", 0)[0]) == 5
+    assert len(split_items(distinct, "27", 0)[0]) == 27
 
 
 @pytest.mark.parametrize("shots", ["0", "-3", "1.5", "100", "500", "abc"])
 def test_bad_shots(shots):
     items = [Item(str(k), [f"{k}a", f"{k}b"], [f"s{k}"]) for k in range(100)]
     with pytest.raises(InputError, match="--shots"):
-        train.split_items(items, shots, 0)
+        split_items(items, shots, 0)
 
 
 def run_train(tiny_sd, root, out, *extra):

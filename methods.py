@@ -1,0 +1,115 @@
+"""The methods of §5 built from one set of options, for both CLIs: Discffusion (§4), DiffusionITM (Krojer et al.
+2023) and the CLIP baselines of §5.3; the one table of defaults and the one rule that resolves an option.
+
+An option's value is, in this order: the command line's; else the value recorded in the checkpoint being loaded (the
+lambda and pooling its deltas were learned under, its training --shots); else the data set's default (`DEFAULTS`,
+e.g. the embedded shapes world); else the generic default.
+
+    model = methods.build("discffusion", args, checkpoint="runs/comvg/prompt_deltas.safetensors")
+"""
+import argparse
+import os
+
+from clip_baselines import ClipMatcher
+from common import DTYPES, read_checkpoint
+from diffusion_itm import DiffusionITM
+from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
+
+METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
+CLIP_MODEL = "openai/clip-vit-base-patch32"
+TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
+
+# generic defaults, then per data set. The embedded shapes world (shapes.py + models/tiny-shapes-sd): 60 training
+# items, 300 steps, a larger learning rate for the tiny model, a sharper LogSumExp (attention probabilities lie in
+# [0, 1], so at lambda 1 eq. 3 is within a constant of mean pooling over the image tokens; lambda 100 is close to max
+# pooling: see README), and DiffusionITM beside it with 50 timesteps (cheap on the tiny model).
+DEFAULTS = {
+    None: dict(model=DEFAULT_MODEL, shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10),
+    "shapes": dict(model=TINY_MODEL, shots="60", steps=300, lr=3e-3, lam=100.0, itm_timesteps=50,
+                   compare="diffusion_itm"),
+}
+
+
+def option(args, key, recorded=None):
+    """The value of option `key`: command line, else `recorded` (a checkpoint's), else the data set's, else generic."""
+    for value in (getattr(args, key, None), (recorded or {}).get(key),
+                  DEFAULTS.get(getattr(args, "dataset", None), {}).get(key), DEFAULTS[None].get(key)):
+        if value is not None:
+            return value
+    return None
+
+
+def recorded_options(checkpoint):
+    """The options a checkpoint was trained with (its scorer's lambda and pooling first); {} without a checkpoint."""
+    if not checkpoint:
+        return {}
+    meta = read_checkpoint(checkpoint, tensors=False)[0]
+    return {**(meta.get("training_args") or {}), **(meta.get("scorer") or {})}
+
+
+def build(method, args, checkpoint=None):
+    """The model of one method from the CLI options, with its learned tensors when a checkpoint is given."""
+    recorded = recorded_options(checkpoint)
+    shared = dict(device=args.device, dtype=args.precision, seed=args.seed)
+    if method in ("clip_ft", "clip_prompt"):
+        model = ClipMatcher.from_pretrained(args.clip_model or CLIP_MODEL, method=method, **shared)
+    else:
+        opts = dict(layers=args.layers, resolution=args.resolution, resize_via=args.resize_via,
+                    pairs_per_call=args.eval_batch_size, lam=option(args, "lam", recorded),
+                    pooling=option(args, "pooling", recorded))
+        model_id = option(args, "model")
+        if method == "discffusion":
+            model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
+        else:
+            model = DiffusionITM.from_pretrained(model_id, variant=args.itm_variant,
+                                                 n_timesteps=option(args, "itm_timesteps", recorded), **shared, **opts)
+    if checkpoint:
+        model.load_trained(checkpoint)
+    return model
+
+
+# ---- the options both CLIs share, spelled the same way --------------------------------------------------------------
+
+def _levels(text):
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.4,0.6,0.8, got {text!r}")
+
+
+def _layers(text):
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of last layers, got {text!r}")
+
+
+def add_model_args(p):
+    """The model and scorer options of train.py and evaluate.py."""
+    p.add_argument("--model", help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}; for --dataset shapes "
+                                   "the committed models/tiny-shapes-sd)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
+                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32")
+    p.add_argument("--seed", type=int, default=0, help="split, data order, noise and negative sampling")
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="image-text pairs per scoring call and per UNet call (scores do not depend on it)")
+    g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
+    g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
+                   help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
+                        "(with --checkpoint: default the checkpoint's own)")
+    g.add_argument("--lam", type=float, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
+                                             "with --checkpoint: default the checkpoint's own)")
+    g.add_argument("--layers", type=_layers, default="all", help="'all' or K = the last K cross-attention layers")
+    g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
+                   + ",".join(map(str, LEVELS)) + ")")
+    g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
+    g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
+    b = p.add_argument_group("baselines (§5.3, Table 8)")
+    b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
+    b.add_argument("--itm-variant", default="itm", choices=("itm", "classifier", "combined"),
+                   help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
+                        "attention + itm sum (combined)")
+    b.add_argument("--itm-timesteps", type=int, help="diffusion_itm: timesteps spread over [10, 990) (default 10; "
+                                                     "50 for the shapes world)")
