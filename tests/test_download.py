@@ -35,9 +35,9 @@ def fixture(name):
         return f.read()
 
 
-def jpeg(seed, size=8):
+def jpeg(seed, size=8, kind="JPEG"):
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), (seed * 37 % 256, seed * 91 % 256, 120)).save(buf, "JPEG")
+    Image.new("RGB", (size, size), (seed * 37 % 256, seed * 91 % 256, 120)).save(buf, kind)
     return buf.getvalue()
 
 
@@ -276,6 +276,40 @@ def test_winoground_gated_message_says_what_to_do():
     line = download.hub_error(GatedRepoError("Access to dataset facebook/winoground is restricted.", response=response),
                               "facebook/winoground")
     assert "hf auth login" in line and "https://huggingface.co/datasets/facebook/winoground" in line
+
+
+@pytest.mark.parametrize("in_folder", [True, False])
+def test_winoground_unpacks_into_the_loader_layout(tmp_path, monkeypatch, in_folder):
+    """huggingface_hub stood in for by a function writing the two files where hf_hub_download(local_dir=) puts them."""
+    import huggingface_hub
+    examples = b'{"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "a b", "caption_1": "b a"}\n'
+    prefix = "images/" if in_folder else ""
+    archive = zip_bytes({f"{prefix}ex_0_img_{k}.png": jpeg(k, kind="PNG") for k in (0, 1)})
+    calls = []
+
+    def fake_download(repo_id, repo_type, filename, local_dir):
+        calls.append((repo_id, repo_type, filename))
+        path = os.path.join(local_dir, filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(examples if filename.endswith(".jsonl") else archive)
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    root = tmp_path / "winoground"
+    assert download.fetch_winoground(str(root)) == dict(fetched=2, present=0, failed=[])
+    assert calls == [("facebook/winoground", "dataset", "data/examples.jsonl"),
+                     ("facebook/winoground", "dataset", "data/images.zip")]
+    assert (root / "examples.jsonl").read_bytes() == examples
+    assert sorted(os.listdir(root / "images")) == ["ex_0_img_0.png", "ex_0_img_1.png"]
+    assert not (root / ".hf").exists()
+    assert download.fetch_winoground(str(root)) == dict(fetched=0, present=2, failed=[]) and len(calls) == 2
+
+
+def test_mirrored_keeps_host_and_path():
+    assert download.mirrored("https://cs.stanford.edu/people/rak248/VG_100K", "http://127.0.0.1:8/") == \
+        "http://127.0.0.1:8/cs.stanford.edu/people/rak248/VG_100K"
+    assert download.mirrored(download.COMVG_CSV_URL, None) == download.COMVG_CSV_URL
 
 
 # ---- the other data sets: archives and referenced images ---------------------------------------------------------
