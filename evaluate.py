@@ -114,6 +114,21 @@ def accuracy(records, flag, which=None):
     return (100.0 * sum(hits) / len(hits) if hits else None), len(hits)
 
 
+def bootstrap_ci(values, resamples=1000, seed=0, level=0.95):
+    """(low, high) percentile-bootstrap interval of the mean of per-item `values` (0/1 hits: a percent after x100),
+    over `resamples` resamples of the items drawn with `seed`; None without items. The resamples depend only on the
+    item count and the seed, so the difference of two methods' hits on the same items is paired (same resamples)."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if not len(x):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = torch.cat([x[torch.randint(len(x), (min(100, resamples - k), len(x)), generator=g)].mean(1)
+                       for k in range(0, resamples, 100)])                     # (resamples,)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(means, q).tolist()
+    return low, high
+
+
 def summarize(name, records):
     """Columns of the paper's table for one data set, with counts and the per-tag / per-file breakdowns."""
     out = dict(metrics={}, counts={})

@@ -237,3 +237,17 @@ def test_bad_model_path_exits_2(tmp_path, capsys):
                           "--data-root", comvg, "--output", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no_model" in err
+
+
+def test_bootstrap_interval_deterministic_contains_the_estimate_and_shrinks():
+    hits = [1.0] * 60 + [0.0] * 40
+    low, high = evaluate.bootstrap_ci(hits, seed=3)
+    assert (low, high) == evaluate.bootstrap_ci(hits, seed=3) != evaluate.bootstrap_ci(hits, seed=4)
+    assert low < 0.6 < high
+    wide, narrow = evaluate.bootstrap_ci(hits[::10] * 1), evaluate.bootstrap_ci(hits * 10)
+    assert narrow[1] - narrow[0] < (high - low) < wide[1] - wide[0]
+    assert abs((high - low) - 2 * 1.96 * (0.6 * 0.4 / 100) ** 0.5) < 0.03     # the normal approximation's width
+    a, b = [1.0, 0.0] * 50, [1.0, 1.0] * 50                                    # paired: the same resamples
+    d = evaluate.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
+    assert d[0] < -0.5 + 1e-9 and d[1] > -0.5 - 1e-9 and d[1] < 0
+    assert evaluate.bootstrap_ci([]) is None
