@@ -159,18 +159,12 @@ class ClipMatcher(nn.Module):
         img = self.image_features([im for ims, _ in items for im in ims])                    # (sum n_img, P)
         texts = [t for _, ts in items for t in ts]
         shapes = [(len(ims), len(ts)) for ims, ts in items]
+        img_idx, txt_idx = map(torch.tensor, pair_index(shapes))
         if self.method == "clip_ft":
             txt = self.text_features_plain(texts)                                             # (sum n_txt, P)
-            out, i0, t0 = [], 0, 0
-            for n, m in shapes:
-                out.append(img[i0:i0 + n] @ txt[t0:t0 + m].T)                                 # (n, m)
-                i0, t0 = i0 + n, t0 + m
-            return out
+            return split_scores((img[img_idx] * txt[txt_idx]).sum(-1), shapes)                # (P,) cosines
         ids, mask = self.tokenize(texts)
-        img_idx, txt_idx = pair_index(shapes)
-        img_idx, txt_idx = torch.tensor(img_idx), torch.tensor(txt_idx)
-        flat = []
-        bs = self.pairs_per_call
+        flat, bs = [], self.pairs_per_call
         for s in range(0, len(img_idx), bs):
             i, j = img_idx[s:s + bs], txt_idx[s:s + bs]
             txt = self.prompt_text_features(img[i], ids[j], mask[j])                          # (chunk, P)

@@ -66,15 +66,13 @@ class DiffusionITM(nn.Module):
         self.lora = None                                             # {rank, alpha, targets} once add_lora ran
 
     @classmethod
-    def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, variant="itm", n_timesteps=10, seed=0,
-                        pairs_per_call=16, **options):
-        """A hub id or local diffusers folder; `options` go to Discffusion (resolution, pooling and layers of the
-        `combined` attention term, ...), except `levels`: the timesteps are n_timesteps."""
+    def from_pretrained(cls, model=DEFAULT_MODEL, variant="itm", n_timesteps=10, **options):
+        """A hub id or local diffusers folder; `options` go to Discffusion.from_pretrained (device, dtype, seed,
+        pairs_per_call; resolution, pooling and layers of the `combined` attention term, ...), except `levels`: the
+        timesteps are n_timesteps."""
         if "levels" in options:
             raise InputError("levels: DiffusionITM spreads n_timesteps over [10, 990); set n_timesteps instead")
-        core = Discffusion.from_pretrained(model, device=device, dtype=dtype, seed=seed, pairs_per_call=pairs_per_call,
-                                           **options)
-        return cls(core, variant, n_timesteps)
+        return cls(Discffusion.from_pretrained(model, **options), variant, n_timesteps)
 
     @property
     def device(self):
