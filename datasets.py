@@ -9,8 +9,9 @@ an item is a small image-text matching problem whose score matrix is (len(images
 
 `report` counts what did not become an item: `malformed` records (each also listed in `warnings` with its file and
 line / index), items skipped because an image is `missing_images` on disk (distinct files in `missing_files`).
-A missing root, annotation file or image folder (no image found at all) raises `InputError` with one line naming
-what was looked for and every place searched. Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
+A missing root, annotation file or image folder (no image found at all) raises `InputError` (`DataMissing`) with one
+line naming what was looked for and every place searched; through `load_items` the line also says what goes where,
+the `download.py` command and the offline `--dataset shapes` (`data_hint`). Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
 so an item's candidates do not depend on which other items are loaded.
 
 The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the groups are
