@@ -29,10 +29,29 @@ def cross_attention_layers(unet):
     return sorted(names, key=lambda n: (_BLOCK_ORDER[n.split(".")[0]], [int(p) for p in n.split(".") if p.isdigit()]))
 
 
+def official_layers(all_layers):
+    """The public code's layers (6 in SD 2.x): in the last cross-attention block of the down path, the mid block and
+    the last cross-attention block of the up path, the attn2 of each Transformer2D's last transformer block
+    (its unet_2d_condition.py: `list(blocks.values())[-1]`, then `list(attn.values())[-1]`)."""
+    out = []
+    for part in _BLOCK_ORDER:
+        names = [n for n in all_layers if n.startswith(part + ".")]
+        if names:
+            block = names[-1].split(".attentions.")[0]                        # e.g. down_blocks.2
+            last = {}
+            for n in names:
+                if n.startswith(block + ".attentions."):
+                    last[n.split(".attentions.")[1].split(".")[0]] = n       # later transformer blocks overwrite
+            out += list(last.values())
+    return out
+
+
 def select_layers(all_layers, layers):
-    """layers: "all", an int k (the last k layers, Fig. 3) or a list of names."""
+    """layers: "all", an int k (the last k layers, Fig. 3), "official" (`official_layers`) or a list of names."""
     if layers in (None, "all"):
         return list(all_layers)
+    if layers == "official":
+        return official_layers(all_layers)
     if isinstance(layers, str) and layers.isdigit():
         layers = int(layers)
     if isinstance(layers, int):

@@ -27,10 +27,11 @@ class InputError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run main(argv) -> exit code 0, or 2 after an InputError printed as one `error: ...` line on stderr."""
+    """Run main(argv) -> its exit code if it returns an int (download.py: 1 when a file failed), else 0; or 2 after an
+    InputError printed as one `error: ...` line on stderr."""
     try:
-        main(argv)
-        return 0
+        code = main(argv)
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

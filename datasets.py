@@ -9,8 +9,9 @@ an item is a small image-text matching problem whose score matrix is (len(images
 
 `report` counts what did not become an item: `malformed` records (each also listed in `warnings` with its file and
 line / index), items skipped because an image is `missing_images` on disk (distinct files in `missing_files`).
-A missing root, annotation file or image folder (no image found at all) raises `InputError` with one line naming
-what was looked for and every place searched. Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
+A missing root, annotation file or image folder (no image found at all) raises `InputError` (`DataMissing`) with one
+line naming what was looked for and every place searched; through `load_items` the line also says what goes where,
+the `download.py` command and the offline `--dataset shapes` (`data_hint`). Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
 so an item's candidates do not depend on which other items are loaded.
 
 The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the groups are
@@ -20,6 +21,7 @@ held-out test split, so no test item shares a sentence-image pair with a trainin
 """
 import csv
 import json
+import math
 import os
 import pickle
 import random
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import download
 import shapes
 from common import MAX_LISTED, InputError
 
@@ -67,16 +70,20 @@ def missing(report, paths, seen):
     report["n_missing_files"] = len(seen)
 
 
+class DataMissing(InputError):
+    """A data set (or its annotation file, or all of its images) is not on disk; `load_items` adds `data_hint`."""
+
+
 def check_root(root, what):
     if root is None or not os.path.isdir(root):
-        raise InputError(f"{what} data root not found: {root} is not a folder")
+        raise DataMissing(f"{what} data root not found: {root} is not a folder")
 
 
 def find_file(what, names, folders):
     """The first folders[i]/names[j] that exists (folders outer), else one-line InputError naming all of them."""
     found = find_image(names, folders)
     if found is None:
-        raise InputError(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
+        raise DataMissing(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
     return found
 
 
@@ -100,7 +107,7 @@ def finish(report, items, what, example, folders):
     """Fill the counts; no item at all because no image was found -> InputError naming the image folders."""
     report["items"] = len(items)
     if not items and report["missing_images"]:
-        raise InputError(f"no {what} images found: looked for e.g. {example} in {', '.join(folders)}")
+        raise DataMissing(f"no {what} images found: looked for e.g. {example} in {', '.join(folders)}")
     if not items:
         first = f" (first: {report['warnings'][0]})" if report["warnings"] else ""
         other = f", {report['other_split']} of other splits" if report.get("other_split") else ""
@@ -192,7 +199,7 @@ def load_comvg(root, annotations=None, split=None, seed=0):
 
 # ---- RefCOCOg (Yu et al., 2016; refer toolkit layout) --------------------------------------------------------------
 
-REFS_FILES = ("refs(umd).p", "refs(google).p")
+REFS_FILES = ("refs(google).p", "refs(umd).p")  # google first: the split the official code reads
 
 
 def coco_image_dirs(root, subset):
@@ -214,38 +221,73 @@ def load_pickle(path):
         raise InputError(f"RefCOCOg refs {path} is not a readable pickle: {type(e).__name__}: {e}") from None
 
 
-def refcocog_file_names(report, refs_path, root):
-    """image_id -> file_name from instances.json next to the refs file (or in root); {} with a warning if absent."""
+def refcocog_file_names(report, refs_path, root, boxes=None):
+    """image_id -> file_name from instances.json next to the refs file (or in root); {} with a warning if absent.
+    `boxes` (a dict) is filled with ann_id -> bbox [x, y, w, h] in pixels."""
     folders = list(dict.fromkeys([os.path.dirname(refs_path), root, os.path.join(root, "refcocog")]))
     path = find_image(["instances.json"], folders)
     if path is None:
+        if boxes is not None:
+            raise DataMissing(f"--mask-object needs the boxes of RefCOCOg's instances.json: not found in "
+                              f"{', '.join(folders)}")
         report["warnings"].append(f"instances.json not found in {', '.join(folders)}; "
                                   "using COCO_train2014_%012d.jpg image names")
         return {}
     report["files"].append(path)
     data = read_json(path, "RefCOCOg instances")
+    if boxes is not None:
+        boxes.update({a.get("id"): a.get("bbox") for a in data.get("annotations", []) if isinstance(a, dict)})
     return {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
 
 
-def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10):
-    """refs(umd).p / refs(google).p + instances.json -> one Item per referring expression: 1 image, `n_texts` texts.
+class MaskedImage(str):
+    """An image path whose `box` (x, y, w, h in pixels) `open_image` fills with the image's mean colour (Table 6)."""
+    box = None
 
-    texts = [the expression, n_texts-1 expressions of other objects (other ann_id) in the same split], drawn with a
-    per-item seed. `split` keeps only refs of that split (train / val / test); None keeps all. The refs file is
-    `annotations`, else found in root or root/refcocog (umd preferred); images COCO_train2014_%012d.jpg (or
-    instances.json's file_name) in root/train2014, root/images/train2014, root/images/mscoco/images/train2014,
-    root/coco/train2014, root/images or root.
+
+def masked(path, box):
+    out = MaskedImage(path)
+    out.box = tuple(float(v) for v in box)
+    return out
+
+
+def fill_box(image, box):
+    """Table 6's masking: the box (x, y, w, h) filled with the image's mean colour, a fill that adds no shape of its
+    own beyond the box's edges (black would add a dark patch the model may match to words)."""
+    from PIL import ImageStat
+    image = image.convert("RGB")                                          # a copy: the cached file stays as read
+    x, y, w, h = box
+    image.paste(tuple(round(v) for v in ImageStat.Stat(image).mean),
+                (int(x), int(y), int(math.ceil(x + w)), int(math.ceil(y + h))))
+    return image
+
+
+def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, negatives="any",
+                  mask_object=False):
+    """refs(google).p / refs(umd).p + instances.json -> one Item per referring expression: 1 image, `n_texts` texts.
+
+    texts = [the expression, n_texts-1 expressions of other objects (other ann_id)], drawn with a per-item seed from
+    every ref of the file (negatives="any", as the official code draws them) or from the same split ("split").
+    `split` keeps only refs of that split (train / val / test); None keeps all. The refs file is `annotations`, else
+    refs(<split_by>).p in root or root/refcocog (split_by None: google preferred, the official code's, else umd);
+    images COCO_train2014_%012d.jpg (or instances.json's file_name) in root/train2014, root/images/train2014,
+    root/images/mscoco/images/train2014, root/coco/train2014, root/images or root. mask_object (Table 6): the
+    referred object's instances.json box is filled with the image's mean colour when the image is opened.
     """
     check_root(root, "RefCOCOg")
+    if negatives not in ("any", "split") or split_by not in (None, "google", "umd"):
+        raise InputError(f"RefCOCOg: negatives {negatives!r} (any / split), split_by {split_by!r} (google / umd)")
+    names = [f"refs({split_by}).p"] if split_by else REFS_FILES
     path = (given_file("RefCOCOg refs", annotations) if annotations else
-            find_file("RefCOCOg refs", REFS_FILES, [root, os.path.join(root, "refcocog")]))
+            find_file("RefCOCOg refs", names, [root, os.path.join(root, "refcocog")]))
     refs = load_pickle(path)
     if not isinstance(refs, list):
         raise InputError(f"RefCOCOg refs {path} holds a {type(refs).__name__}, not a list of refs")
-    report, seen = new_report("refcocog", [path]), set()
-    file_names = refcocog_file_names(report, path, root)
+    report, seen, boxes = new_report("refcocog", [path]), set(), ({} if mask_object else None)
+    report.update(refs_file=os.path.basename(path), negatives=negatives, mask_object=bool(mask_object))
+    file_names = refcocog_file_names(report, path, root, boxes)
     folders = coco_image_dirs(root, "train2014")
-    sents = []  # (ref, sentence text, sent_id)
+    sents, every = [], []  # (ref, sentence text, sent_id) of the split; (ann_id, text) of every ref
     for i, ref in enumerate(refs):
         report["records"] += 1
         where = f"{path}[{i}]"
@@ -259,11 +301,12 @@ def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10):
         if not any(texts):
             malformed(report, where, "no sentence text")
             continue
+        every += [(ref["ann_id"], t) for t in texts if t]
         if split is not None and str(ref.get("split", "")) != split:
             report["other_split"] = report.get("other_split", 0) + 1
             continue
         sents += [(ref, t, sid) for t, sid in zip(texts, ids) if t]
-    pool = [(ref["ann_id"], t) for ref, t, _ in sents]
+    pool = every if negatives == "any" else [(ref["ann_id"], t) for ref, t, _ in sents]
     items = []
     for ref, text, sid in sents:
         image_id = ref["image_id"]
@@ -274,6 +317,12 @@ def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10):
         if image is None:
             missing(report, names[:1], seen)
             continue
+        if mask_object:
+            box = boxes.get(ref["ann_id"])
+            if not (isinstance(box, (list, tuple)) and len(box) == 4):
+                malformed(report, f"{path}[ann_id {ref['ann_id']}]", "no bbox in instances.json to mask")
+                continue
+            image = masked(image, box)
         item_id = f"{ref.get('ref_id', ref['ann_id'])}/{sid}"
         negatives = draw(pool, n_texts - 1, item_rng(seed, item_id), bad_keys={ref["ann_id"]}, bad_texts=[text])
         items.append(Item(id=item_id, images=[image], texts=[text] + negatives, split=str(ref.get("split", "")),
@@ -345,8 +394,114 @@ def vqa_records(report, q_path, a_path):
     return out, [str(a["multiple_choice_answer"]).strip() for a in by_id.values()]
 
 
+VQA_PAPER = {"binary": "test.txt", "other": "vqa_text_test.csv"}  # the official code's data/ files (Table 1)
+VQA_BINARY, VQA_OTHER = "The question is asking about yes or no", "The question is asking about others"
+
+
+def vqa_paper_files(root, annotations):
+    """{"binary": test.txt, "other": vqa_text_test.csv} (either may be None) in root or root/data, or next to an
+    `annotations` file that is one of them; None when neither is there (or `annotations` is a JSON file)."""
+    if annotations:
+        if not annotations.endswith((".txt", ".csv")):
+            return None
+        given_file("VQAv2 paper file", annotations)
+        folders = [os.path.dirname(annotations) or "."]
+        found = {k: find_image([n], folders) for k, n in VQA_PAPER.items()}
+        return dict(found, **{("binary" if annotations.endswith(".txt") else "other"): annotations})
+    found = {k: find_image([n], [root, os.path.join(root, "data")]) for k, n in VQA_PAPER.items()}
+    return found if any(found.values()) else None
+
+
+def vqa_binary_lines(report, path):
+    """[(line number, image name, statement)] of test.txt's yes/no lines (`<image>*<prefix>: <statement>`); the
+    `...about others` lines are counted (report["other_lines"]), unused as in the official evaluation."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            report["records"] += 1
+            name, sep, text = line.strip().partition("*")
+            if not sep or not name.endswith(".jpg") or "/" in name:
+                malformed(report, f"{path}:{n}", "not `COCO_val2014_<id>.jpg*<question type>: <statement>`")
+            elif text.startswith(VQA_BINARY):
+                out.append((n, name, text.split(": ", 1)[-1].strip()))
+            elif text.startswith(VQA_OTHER):
+                report["other_lines"] = report.get("other_lines", 0) + 1
+            else:
+                malformed(report, f"{path}:{n}", "question type neither yes/no nor others")
+    return out
+
+
+def vqa_other_rows(report, path, n_texts):
+    """[(row line, image name, [sentence, neg_sentence_1..9])] of vqa_text_test.csv."""
+    cols = ["sentence"] + [f"neg_sentence_{k}" for k in range(1, n_texts)]
+    out = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in ["pos_image_id"] + cols if c not in (reader.fieldnames or [])]
+        if absent:
+            raise InputError(f"VQAv2 {path} lacks the column(s) {', '.join(absent)}")
+        for row in reader:
+            report["records"] += 1
+            texts = [str(row[c] or "").strip() for c in cols]
+            if not str(row["pos_image_id"] or "").strip().isdigit() or not all(texts):
+                malformed(report, f"{path}:{reader.line_num}", "pos_image_id not a number or an empty sentence")
+                continue
+            out.append((reader.line_num, f"COCO_val2014_{int(row['pos_image_id']):012d}.jpg", texts))
+    return out
+
+
+def load_vqa_paper(root, files, split=None, seed=0, n_texts=10):
+    """The official code's VQAv2 evaluation (Table 1) from its files, report["form"] = "paper":
+    Binary (category yes/no), text-to-image: one Item per yes/no line of test.txt: images [its own, n_texts-1 others],
+        texts [its statement]; the others are the images of other yes/no lines (a different image), drawn without
+        replacement per item with the seed (its VQADataset_eval: random.sample of the other lines' images);
+    Other (category other), image-to-text: one Item per row of vqa_text_test.csv: images [pos_image_id], texts
+        [sentence, neg_sentence_1..9].
+    Images COCO_val2014_<12 digits>.jpg in root/val2014, root/images/val2014, ..., root. All are val2014: `split`
+    may be None or val."""
+    if split not in (None, "val"):
+        raise InputError(f"VQAv2 split {split!r}: the paper's files ({', '.join(VQA_PAPER.values())}) are val2014 "
+                         "test items; use --split val (or all), or the VQAv2 JSON for other splits")
+    report, seen = new_report("vqav2", [p for p in files.values() if p]), set()
+    report["form"] = "paper"
+    for kind, path in files.items():
+        if not path:
+            report["warnings"].append(f"{VQA_PAPER[kind]} not found next to the other file: no {kind} items")
+    folders = coco_image_dirs(root, "val2014")
+    items = []
+    lines = vqa_binary_lines(report, files["binary"]) if files["binary"] else []
+    for n, name, text in lines:
+        rng = item_rng(seed, f"binary/{n}")
+        others = []
+        for j in rng.sample(range(len(lines)), min(len(lines), 4 * n_texts + 16)) + list(range(len(lines))):
+            if lines[j][1] != name and j not in others:                  # a random order, then every line if short
+                others.append(j)
+            if len(others) == n_texts - 1:
+                break
+        names = [name] + [lines[j][1] for j in others]
+        paths = [find_image([m], folders) for m in names]
+        if None in paths:
+            missing(report, [m for m, p in zip(names, paths) if p is None], seen)
+            continue
+        items.append(Item(id=f"binary/{n}", images=paths, texts=[text], category="yes/no", split="val",
+                          meta=dict(file=VQA_PAPER["binary"], line=n)))
+    for n, name, texts in (vqa_other_rows(report, files["other"], n_texts) if files["other"] else []):
+        image = find_image([name], folders)
+        if image is None:
+            missing(report, [name], seen)
+            continue
+        items.append(Item(id=f"other/{n}", images=[image], texts=texts, category="other", split="val",
+                          meta=dict(file=VQA_PAPER["other"], line=n)))
+    report["short_items"] = sum(max(len(it.images), len(it.texts)) < n_texts for it in items)
+    return finish(report, items, "VQAv2", "COCO_val2014_<image_id 12 digits>.jpg", folders)
+
+
 def load_vqav2(root, annotations=None, split=None, seed=0, n_texts=10, pool_size=VQA_POOL):
-    """VQAv2 questions + annotations JSON -> one Item per question: 1 image, `n_texts` "question answer" texts.
+    """VQAv2 -> Items: the paper's form from the official code's test.txt / vqa_text_test.csv when present in root
+    (or given as `annotations`; `load_vqa_paper`), else this JSON form (report["form"] = "json"):
+    VQAv2 questions + annotations JSON -> one Item per question: 1 image, `n_texts` "question answer" texts.
 
     texts[0] joins the question with its most common answer (multiple_choice_answer); the others with answers drawn
     per item from the `pool_size` most frequent multiple_choice_answers of the loaded files, never one an annotator
@@ -356,8 +511,12 @@ def load_vqav2(root, annotations=None, split=None, seed=0, n_texts=10, pool_size
     both). Images COCO_{train,val}2014_%012d.jpg in root/{train,val}2014, root/images/{train,val}2014, root/images, root.
     """
     check_root(root, "VQAv2")
+    paper = vqa_paper_files(root, annotations)
+    if paper:
+        return load_vqa_paper(root, paper, split, seed, n_texts)
     files = vqa_files(root, annotations, split)
     report = new_report("vqav2", [p for _, q, a in files for p in (q, a)])
+    report["form"] = "json"
     records, counts = [], Counter()
     for sub, qp, ap in files:
         pairs, answers = vqa_records(report, qp, ap)
@@ -483,11 +642,17 @@ def vlc_find(rel, key, roots):
     return find_image([os.path.join(s, rel) if s else rel for s in subdirs], roots)
 
 
-def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None):
-    """VL-CheckList JSON files [[image_path, {"POS": [...], "NEG": [...]}], ...] -> one Item per (POS, NEG) pair.
+VLC_MAX_PER_FILE = 1000  # its evaluate.py (task itc) keeps MAX_NUM / 2 records per file; configs/sample.yaml: 2000
 
-    Each item: 1 image, texts [POS[k], NEG[k]] for k < min(len(POS), len(NEG)); category = Attribute / Object /
-    Relation from the file's path; meta["file"] = the path relative to the corpus folder (per-file accuracy).
+
+def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None, max_per_file=VLC_MAX_PER_FILE):
+    """VL-CheckList JSON files [[image_path, {"POS": [...], "NEG": [...]}], ...] -> one Item per record, as its
+    official evaluator (vl_checklist/evaluate.py, task itc) forms them.
+
+    Each item: 1 image, texts [POS[0], NEG[0]] (a SWiG record with 3 POS / 3 NEG is still one item); records whose
+    image is on disk, the first `max_per_file` of them per file (None or 0: all; the rest counted in
+    report["over_cap"]); category = Attribute / Object / Relation from the file's path; meta["file"] = the path
+    relative to the corpus folder (per-file accuracy).
     Files: `annotations` (one JSON file, or a corpus folder), else every *.json under Attribute/, Object/, Relation/
     (any case) in root, root/data, root/vl-checklist/data or root/VL-CheckList/data (the repository's data/ folder).
     Image paths in the JSON are relative to the source's image folder (vg/, swig/, hake/ as in VL-CheckList's
@@ -498,7 +663,9 @@ def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None):
     files = vlc_json_files(root, annotations)
     roots = vlc_image_roots(root, images)
     report, items, seen = new_report("vlchecklist", [p for p, _ in files]), [], set()
+    report.update(max_per_file=max_per_file or None, over_cap=0)
     for path, key in files:
+        kept = 0
         category = vlc_category(key if key != path else os.path.abspath(path))
         if category is None:
             report["warnings"].append(f"{path}: no Attribute / Object / Relation folder in its path; "
@@ -521,9 +688,12 @@ def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None):
             if image is None:
                 missing(report, [rel], seen)
                 continue
-            for k, (p, n) in enumerate(zip(pos, neg)):
-                items.append(Item(id=f"{key}[{i}]" + (f"/{k}" if k else ""), images=[image], texts=[str(p), str(n)],
-                                  category=category or "", meta=dict(file=key)))
+            if max_per_file and kept >= max_per_file:
+                report["over_cap"] += 1
+                continue
+            kept += 1
+            items.append(Item(id=f"{key}[{i}]", images=[image], texts=[str(pos[0]), str(neg[0])],
+                              category=category or "", meta=dict(file=key)))
     return finish(report, items, "VL-CheckList", "<image_path> or vg/<image_path>", roots)
 
 
@@ -616,21 +786,77 @@ def default_root(name, data="data"):
 
 def find_datasets(root="data"):
     """[(data set, its folder)] of every table data set found under `root`."""
+    fetch = f"fetch one with e.g.: {download.HINTS['comvg']}, or evaluate offline: --dataset shapes"
     if not os.path.isdir(root):
-        raise InputError(f"data root not found: {root} is not a folder")
+        raise DataMissing(f"data root not found: {root} is not a folder; {fetch}")
     found = [(n, default_root(n, root)) for n in TABLE_DATASETS]
     found = [(n, r) for n, r in found if os.path.isdir(r)]
     if not found:
-        raise InputError(f"no data set found: looked for "
-                         f"{', '.join(os.path.join(root, ALIASES[n][0]) for n in TABLE_DATASETS)}")
+        raise DataMissing(f"no data set found: looked for "
+                          f"{', '.join(os.path.join(root, ALIASES[n][0]) for n in TABLE_DATASETS)}; {fetch}")
     return found
 
 
-def load_items(name, root=None, annotations=None, seed=0, split=None):
-    """(items, report) of data set `name` from its folder (default data/<name>); split None = every split."""
+def has_table_data(root="data"):
+    """Whether `root` holds a folder of any table data set (the embedded shapes world does not count)."""
+    return os.path.isdir(root) and any(os.path.isdir(default_root(n, root)) for n in TABLE_DATASETS)
+
+
+# what goes where, as the "not found" errors say it (evaluate.py --help and the README have the full layouts)
+LAYOUTS = {
+    "comvg": "compositional_visual_genome.csv + VG_100K/<image_id>.jpg",
+    "refcocog": "refs(google).p + instances.json + train2014/COCO_train2014_<id>.jpg",
+    "vqav2": "the paper's test.txt + vqa_text_test.csv (or the VQAv2 questions/annotations JSON) + "
+             "val2014/COCO_val2014_<id>.jpg",
+    "winoground": "examples.jsonl + images/<image>.png",
+    "vlchecklist": "data/{Attribute,Object,Relation}/**/*.json + images/{vg,swig,hake}/",
+    "coco": "annotations/captions_train2014.json + train2014/COCO_train2014_<id>.jpg",
+}
+
+
+def data_hint(name, root):
+    """What goes where, the download command and the offline alternative, for a missing data set (one line)."""
+    parts = [f"{root}/ holds {LAYOUTS[name]}"] if name in LAYOUTS else []
+    parts += [download.hint(name)] if download.hint(name) else []
+    return "; ".join(parts + ["or run offline on the embedded shapes world: --dataset shapes"])
+
+
+def load_items(name, root=None, annotations=None, seed=0, split=None, **options):
+    """(items, report) of data set `name` from its folder (default data/<name>); split None = every split; `options`
+    go to the loader (`loader_options`). A missing data set's error says where it goes and how to fetch it."""
     if name not in LOADERS:
         raise InputError(f"unknown data set {name!r}: choose from {', '.join(sorted(LOADERS))}")
-    return LOADERS[name](root or default_root(name), annotations=annotations, split=split, seed=seed)
+    root = root or default_root(name)
+    try:
+        return LOADERS[name](root, annotations=annotations, split=split, seed=seed, **options)
+    except DataMissing as e:
+        raise InputError(f"{e}; {data_hint(name, root)}") from None
+
+
+# loader options both CLIs offer: CLI dest -> (data set, loader keyword)
+LOADER_OPTIONS = {"split_by": ("refcocog", "split_by"), "ref_negatives": ("refcocog", "negatives"),
+                  "mask_object": ("refcocog", "mask_object"), "vlc_max_per_file": ("vlchecklist", "max_per_file")}
+
+
+def add_data_args(p):
+    """The loader options of train.py and evaluate.py."""
+    g = p.add_argument_group("data set forms (datasets.py)")
+    g.add_argument("--split-by", choices=("google", "umd"),
+                   help="RefCOCOg refs file: refs(google).p (default when present, the official code's) or refs(umd).p")
+    g.add_argument("--ref-negatives", choices=("any", "split"),
+                   help="RefCOCOg: the 9 negative expressions from any other ref (default, the official code's) or "
+                        "from other refs of the same split")
+    g.add_argument("--mask-object", action="store_true", default=None,
+                   help="RefCOCOg (Table 6): fill the referred object's instances.json box with the image's mean colour")
+    g.add_argument("--vlc-max-per-file", type=int,
+                   help=f"VL-CheckList: records per annotation file (default {VLC_MAX_PER_FILE}, its evaluator's "
+                        "MAX_NUM / 2; 0 = all)")
+
+
+def loader_options(args, name):
+    """The loader keywords of data set `name` that the command line set."""
+    return {kw: getattr(args, dest) for dest, (ds, kw) in LOADER_OPTIONS.items()
+            if ds == name and getattr(args, dest, None) is not None}
 
 
 # ---- the few-shot split (§5.2) -------------------------------------------------------------------------------------
@@ -710,7 +936,7 @@ def open_image(path):
     from PIL import Image
     with Image.open(path) as im:
         im.load()  # decode now: a corrupt file fails here, not inside the model
-        return im
+    return fill_box(im, path.box) if getattr(path, "box", None) else im
 
 
 class ImageCache:
@@ -720,13 +946,14 @@ class ImageCache:
         self.size, self.images = size, OrderedDict()
 
     def get(self, path):
-        if path in self.images:
-            self.images.move_to_end(path)
+        key = (str(path), getattr(path, "box", None))                         # a masked image is another image
+        if key in self.images:
+            self.images.move_to_end(key)
         else:
-            self.images[path] = open_image(path)
+            self.images[key] = open_image(path)
             if len(self.images) > self.size:
                 self.images.popitem(last=False)
-        return self.images[path]
+        return self.images[key]
 
     def load(self, paths):
         return [self.get(p) for p in paths]

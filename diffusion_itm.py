@@ -5,10 +5,12 @@
     classifier  s(x, y) = - mean_t   e(z_t, t, y)                                  (Diffusion Classifier form)
     combined    s(x, y) = f(y, x) + mean_t ( e(z_t, t, "") - e(z_t, t, y) )         (the public Discffusion code's
                 f = the attention score of discffusion.py (eq. 3-4), from the same UNet pass          default score)
+                uncond_attention=True: f = (f(y, x) + f("", x)) / 2, the public code's attention mean over its batch
+                [uncond, cond] at batch size 1
 target = eps, or the velocity (scheduler.get_velocity) for a v-prediction model.
 
 Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g.
-n = 10 -> 59, 157, ..., 941. Default 10: each timestep costs one UNet pass per pair plus one per image (Discffusion's
+n = 10 -> 59, 157, ..., 941; or "official": the public code's t = 989 - 33 k, k = 0..29 (`official_timesteps`). Default 10: each timestep costs one UNet pass per pair plus one per image (Discffusion's
 ensemble costs 4 per pair), so 10 keeps the baseline within a few times Discffusion's cost; the paper reports gains
 flattening out only after 100-200 random (t, eps) samples, so pass a larger n_timesteps to approach its setting.
 
@@ -46,33 +48,46 @@ def spread_timesteps(n, T):
     return [int(round(lo + (k + 0.5) * (hi - lo) / n)) for k in range(n)]
 
 
+OFFICIAL_STEPS = 30  # dsd_infer.py's --sampling_time_steps default
+
+
+def official_timesteps(T=1000, steps=OFFICIAL_STEPS):
+    """The public code's timesteps (pipeline_dsd.sampled_timesteps with its defaults strength 0.8, 50 inference
+    steps): indices 10, 10 + rate, ... < T - 10 of the Euler schedule T-1, ..., 0, rate = T // steps, run in
+    ascending t. T = 1000, 30 steps: t = 989 - 33 k, k = 0..29 (32, 65, ..., 989)."""
+    start = 50 - int(50 * 0.8)                           # its t_start: an index into the T-entry schedule
+    return sorted(T - 1 - i for i in range(start, T - start, T // steps))
+
+
 class DiffusionITM(nn.Module):
 
-    def __init__(self, core, variant="itm", n_timesteps=10):
+    def __init__(self, core, variant="itm", n_timesteps=10, uncond_attention=False):
         super().__init__()
         if variant not in VARIANTS:
             raise InputError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
-        if int(n_timesteps) < 1:
-            raise InputError(f"n_timesteps {n_timesteps}: must be at least 1")
+        if n_timesteps != "official" and int(n_timesteps) < 1:
+            raise InputError(f"n_timesteps {n_timesteps}: must be at least 1 (or 'official')")
+        if uncond_attention and variant != "combined":
+            raise InputError(f"uncond_attention: the attention term exists only in variant 'combined', not {variant!r}")
         pred = core.scheduler.config.prediction_type
         if pred not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type {pred!r}: DiffusionITM needs 'epsilon' or 'v_prediction'")
-        self.core, self.variant = core, variant
+        self.core, self.variant, self.uncond_attention = core, variant, bool(uncond_attention)
         T = core.scheduler.config.num_train_timesteps
-        self.timesteps = spread_timesteps(int(n_timesteps), T)
+        self.timesteps = official_timesteps(T) if n_timesteps == "official" else spread_timesteps(int(n_timesteps), T)
         core.levels = tuple(t / T for t in self.timesteps)          # the core's noise schedule becomes ours
         core.config["levels"] = list(core.levels)
         assert [core.timestep(l) for l in core.levels] == self.timesteps
         self.lora = None                                             # {rank, alpha, targets} once add_lora ran
 
     @classmethod
-    def from_pretrained(cls, model=DEFAULT_MODEL, variant="itm", n_timesteps=10, **options):
+    def from_pretrained(cls, model=DEFAULT_MODEL, variant="itm", n_timesteps=10, uncond_attention=False, **options):
         """A hub id or local diffusers folder; `options` go to Discffusion.from_pretrained (device, dtype, seed,
         pairs_per_call; resolution, pooling and layers of the `combined` attention term, ...), except `levels`: the
         timesteps are n_timesteps."""
         if "levels" in options:
             raise InputError("levels: DiffusionITM spreads n_timesteps over [10, 990); set n_timesteps instead")
-        return cls(Discffusion.from_pretrained(model, **options), variant, n_timesteps)
+        return cls(Discffusion.from_pretrained(model, **options), variant, n_timesteps, uncond_attention)
 
     @property
     def device(self):
@@ -86,7 +101,7 @@ class DiffusionITM(nn.Module):
     def config(self):
         core = {k: v for k, v in self.core.config.items() if k != "levels"}
         return dict(core, method="diffusion_itm", variant=self.variant, n_timesteps=len(self.timesteps),
-                    timesteps=list(self.timesteps), prediction_type=self.core.scheduler.config.prediction_type,
+                    timesteps=list(self.timesteps), uncond_attention=self.uncond_attention, prediction_type=self.core.scheduler.config.prediction_type,
                     lora=self.lora)
 
     # ---- the denoising error ---------------------------------------------------------------------------------
@@ -129,7 +144,10 @@ class DiffusionITM(nn.Module):
         if self.variant == "classifier":
             return -e
         e0 = err[uncond_row]
-        return (att[pair_row] if self.variant == "combined" else 0.0) + (e0 - e)
+        if self.variant != "combined":
+            return e0 - e
+        a = (att[pair_row] + att[uncond_row]) / 2 if self.uncond_attention else att[pair_row]
+        return a + (e0 - e)
 
     def pair_scores(self, items, train=False, generator=None):
         images = [im for ims, _ in items for im in ims]

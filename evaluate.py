@@ -8,9 +8,10 @@ sub-folder per data set (names case-insensitive, '-' and '_' ignored), each in i
 
     data/comvg/        compositional_visual_genome.csv (or ComVG.csv, comvg.csv); <image_id>.jpg in VG_100K/,
                        VG_100K_2/, vg_concept/, images/ or the folder itself
-    data/refcocog/     refs(umd).p or refs(google).p + instances.json (or both in refcocog/); COCO_train2014_*.jpg in
-                       train2014/, images/train2014/, images/mscoco/images/train2014/, images/ or the folder itself
-    data/vqav2/        v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json (train2014 too;
+    data/refcocog/     refs(google).p (preferred, or refs(umd).p; --split-by) + instances.json (or both in refcocog/);
+                       COCO_train2014_*.jpg in train2014/, images/train2014/, images/mscoco/images/train2014/, images/
+    data/vqav2/        the paper's test.txt + vqa_text_test.csv (the official code's files: its Table 1 form), else
+                       v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json (train2014 too;
                        also in annotations/); COCO_val2014_*.jpg in val2014/, images/val2014/, images/ or the folder
     data/winoground/   examples.jsonl + images/<image>.png (or data/examples.jsonl + data/images/, unzipped)
     data/vlchecklist/  VL-CheckList's data/ folder (data/{Attribute,Object,Relation}/**/*.json) + the image folders
@@ -18,12 +19,15 @@ sub-folder per data set (names case-insensitive, '-' and '_' ignored), each in i
     (data/coco/        captions_train2014.json + train2014/: a training source; evaluated only with --dataset coco)
 
 Splits: RefCOCOg and VQAv2 are evaluated on "val" unless --split names another (or "all").
+Fetching a data set: python download.py NAME (see its --help). No --dataset and no data set under data/: the embedded
+shapes world is evaluated (said in one line).
 
 Metrics are pure functions of one item's score matrix s (n_images, n_texts), higher = better match; ties count as
 errors (strict >):
     ComVG          correct = s[pos, sentence] > s[neg, sentence]                   Subjects / Objects / Predicate / Average
     RefCOCOg       rank of the true text among the 10 (others with s >= true)      Top-1 / Top-5
-    VQAv2          Top-1 over the 10 "question answer" texts                       Binary (yes/no) / Other / All
+    VQAv2          Top-1: paper form, Binary = the true image beats the 9 others     Binary (yes/no) / Other / All
+                   for its statement, Other = the true text of the 10; JSON form: the true text of the 10
     Winoground     text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)
                    image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group = both     Text / Image / Group, per tag
     VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
@@ -40,7 +44,8 @@ from tqdm import tqdm
 
 import methods
 from common import MAX_LISTED, InputError, run_cli, write_json
-from datasets import DEFAULT_SPLIT, LOADERS, ImageCache, default_root, find_datasets, load_items, split_items
+from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
+                      load_items, loader_options, split_items)
 
 TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
           "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
@@ -57,6 +62,11 @@ def pos_image_wins(s):
 def pos_text_wins(s):
     """VL-CheckList: s (1 image, 2 texts [POS, NEG]): POS scores higher."""
     return bool(s[0, 0] > s[0, 1])
+
+
+def true_image_wins(s):
+    """s (n images, 1 text): image 0 scores strictly higher than every other image (text-to-image top-1)."""
+    return bool((s[1:, 0] < s[0, 0]).all())
 
 
 def true_text_rank(s):
@@ -83,8 +93,8 @@ def item_metrics(name, s):
         return dict(correct=pos_text_wins(s))
     if name == "winoground":
         return dict(zip(("text", "image", "group"), winoground_scores(s)))
-    if name == "vqav2":
-        return dict(correct=top_k(s, 1))
+    if name == "vqav2":  # the paper form's Binary items are 1 statement vs 10 images
+        return dict(correct=true_image_wins(s) if s.shape[0] > 1 else top_k(s, 1))
     return dict(top1=top_k(s, 1), top5=top_k(s, 5), rank=true_text_rank(s))  # refcocog, coco
 
 
@@ -229,6 +239,11 @@ def dataset_roots(args):
         raise InputError("--annotations needs --dataset (it names one data set's annotation file)")
     if args.dataset:
         return [(args.dataset, args.data_root or default_root(args.dataset))]
+    if not args.data_root and not has_table_data("data"):  # a first run: the embedded default, with the way on
+        print("no data set under data/: evaluating the embedded shapes world (python download.py comvg fetches "
+              "ComVG; see README, Getting the data)")
+        args.dataset = "shapes"
+        return [("shapes", default_root("shapes"))]
     return find_datasets(args.data_root or "data")
 
 
@@ -240,7 +255,8 @@ def load_data(args, roots, runs):
     out = {}
     for name, root in roots:
         split = None if args.split == "all" else (args.split or DEFAULT_SPLIT.get(name))
-        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split)
+        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split,
+                                   **loader_options(args, name))
         if name == "shapes":
             recorded = next((methods.recorded_options(c) for _, _, c in runs if c), {})
             items, split = split_items(items, methods.option(args, "shots", recorded), args.seed)[1], "test"
@@ -310,6 +326,8 @@ def show_table(title, column_groups, rows):
 
 def summary_line(name, res, report):
     other = f" ({report['other_split']} records of other splits left out)" if report.get("other_split") else ""
+    other += f" [{report['form']} form]" if report.get("form") else ""
+    other += f" ({report['over_cap']} over the per-file cap)" if report.get("over_cap") else ""
     return (f"{name}: {report['records']} records{other} -> {res['n_items']} items scored; skipped: "
             f"{report['malformed']} malformed records, {report['missing_images']} items with missing images "
             f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images")
@@ -344,6 +362,7 @@ def build_parser():
                    help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
                         "method, METHOD=FILE to that method; repeatable")
     methods.add_model_args(p)
+    add_data_args(p)
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the old spelling of --eval-batch-size
     return p

@@ -1,9 +1,10 @@
 """The methods of §5 built from one set of options, for both CLIs: Discffusion (§4), DiffusionITM (Krojer et al.
 2023) and the CLIP baselines of §5.3; the one table of defaults and the one rule that resolves an option.
 
-An option's value is, in this order: the command line's; else the value recorded in the checkpoint being loaded (the
-lambda and pooling its deltas were learned under, its training --shots); else the data set's default (`DEFAULTS`,
-e.g. the embedded shapes world); else the generic default.
+An option's value is, in this order: the command line's; else the --score preset's (`PRESETS`: `official` sets every
+scoring choice of the public code at once); else the value recorded in the checkpoint being loaded (the lambda and
+pooling its deltas were learned under, its training --shots); else the data set's default (`DEFAULTS`, e.g. the
+embedded shapes world); else the generic default.
 
     model = methods.build("discffusion", args, checkpoint="runs/comvg/prompt_deltas.safetensors")
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 
 from clip_baselines import ClipMatcher
+import prompt_delta
 from common import DTYPES, read_checkpoint
 from diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
@@ -24,15 +26,25 @@ TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", 
 # [0, 1], so at lambda 1 eq. 3 is within a constant of mean pooling over the image tokens; lambda 100 is close to max
 # pooling: see README), and DiffusionITM beside it with 50 timesteps (cheap on the tiny model).
 DEFAULTS = {
-    None: dict(model=DEFAULT_MODEL, shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10),
+    None: dict(model=DEFAULT_MODEL, shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10,
+               layers="all", itm_variant="itm", uncond_attention=False),
     "shapes": dict(model=TINY_MODEL, shots="60", steps=300, lr=3e-3, lam=100.0, itm_timesteps=50,
                    compare="diffusion_itm"),
 }
 
 
+# --score official: the public code's score (eric-ai-lab/DSD, dsd_infer.py defaults) except its batch-averaging bug:
+# the official pooling on its six layers, the attention term averaged over its [uncond, cond] batch, plus the
+# DiffusionITM term, at t = 989 - 33 k. Its trained tensors are LoRA (diffusion_itm's), as the public code's.
+PRESETS = {"paper": {}, "official": dict(pooling="official", layers="official", itm_variant="combined",
+                                         uncond_attention=True, itm_timesteps="official")}
+
+
 def option(args, key, recorded=None):
-    """The value of option `key`: command line, else `recorded` (a checkpoint's), else the data set's, else generic."""
-    for value in (getattr(args, key, None), (recorded or {}).get(key),
+    """The value of option `key`: command line, else the --score preset's, else `recorded` (a checkpoint's), else the
+    data set's, else generic."""
+    preset = PRESETS.get(getattr(args, "score", None) or "paper", {})
+    for value in (getattr(args, key, None), preset.get(key), (recorded or {}).get(key),
                   DEFAULTS.get(getattr(args, "dataset", None), {}).get(key), DEFAULTS[None].get(key)):
         if value is not None:
             return value
@@ -54,16 +66,20 @@ def build(method, args, checkpoint=None):
     if method in ("clip_ft", "clip_prompt"):
         model = ClipMatcher.from_pretrained(args.clip_model or CLIP_MODEL, method=method, **shared)
     else:
-        opts = dict(layers=args.layers, resolution=args.resolution, resize_via=args.resize_via,
+        opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.eval_batch_size, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded))
         model_id = option(args, "model")
-        if method == "discffusion":
+        if method == "discffusion" and getattr(args, "score", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
-        else:
-            model = DiffusionITM.from_pretrained(model_id, variant=args.itm_variant,
-                                                 n_timesteps=option(args, "itm_timesteps", recorded), **shared, **opts)
-    if checkpoint:
+        else:  # DiffusionITM, or the official code's Discffusion score (attention + DiffusionITM term)
+            model = DiffusionITM.from_pretrained(model_id, variant=option(args, "itm_variant"),
+                                                 n_timesteps=option(args, "itm_timesteps", recorded),
+                                                 uncond_attention=option(args, "uncond_attention"), **shared, **opts)
+    deltas = checkpoint and read_checkpoint(checkpoint, tensors=False)[0].get("format") == prompt_delta.FORMAT
+    if deltas and isinstance(model, DiffusionITM):
+        model.core.load_trained(checkpoint)  # p^k, p^v scored the official way
+    elif checkpoint:
         model.load_trained(checkpoint)
     return model
 
@@ -78,11 +94,20 @@ def _levels(text):
 
 
 def _layers(text):
-    if text == "all":
+    if text in ("all", "official"):
         return text
     if text.isdigit() and int(text) > 0:
         return int(text)
-    raise argparse.ArgumentTypeError(f"expected 'all' or a positive number of last layers, got {text!r}")
+    if "attn2" in text:
+        return [n.strip() for n in text.split(",") if n.strip()]
+    raise argparse.ArgumentTypeError(f"expected 'all', 'official', a positive number of last layers or comma-separated "
+                                     f"attn2 names, got {text!r}")
+
+
+def _timesteps(text):
+    if text == "official" or (text.isdigit() and int(text) > 0):
+        return text if text == "official" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number or 'official', got {text!r}")
 
 
 def add_model_args(p):
@@ -96,20 +121,28 @@ def add_model_args(p):
     p.add_argument("--eval-batch-size", type=int, default=16,
                    help="image-text pairs per scoring call and per UNet call (scores do not depend on it)")
     g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
+    g.add_argument("--score", choices=tuple(PRESETS), default="paper",
+                   help="paper (default): the paper's score with the options below; official: every scoring choice of "
+                        "the public code at once (official pooling, --layers official, --uncond-attention, "
+                        "--itm-variant combined, --itm-timesteps official; see README), options given still win"),
     g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
                    help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
                         "(with --checkpoint: default the checkpoint's own)")
     g.add_argument("--lam", type=float, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
                                              "with --checkpoint: default the checkpoint's own)")
-    g.add_argument("--layers", type=_layers, default="all", help="'all' or K = the last K cross-attention layers")
+    g.add_argument("--layers", type=_layers, help="'all' (default), K = the last K cross-attention layers, 'official' "
+                                                  "(the public code's six) or comma-separated attn2 names")
     g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
                    + ",".join(map(str, LEVELS)) + ")")
     g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
     g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
     b = p.add_argument_group("baselines (§5.3, Table 8)")
     b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
-    b.add_argument("--itm-variant", default="itm", choices=("itm", "classifier", "combined"),
+    b.add_argument("--itm-variant", choices=("itm", "classifier", "combined"),
                    help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
-                        "attention + itm sum (combined)")
-    b.add_argument("--itm-timesteps", type=int, help="diffusion_itm: timesteps spread over [10, 990) (default 10; "
-                                                     "50 for the shapes world)")
+                        "attention + itm sum (combined); default itm")
+    b.add_argument("--itm-timesteps", type=_timesteps, help="diffusion_itm: timesteps spread over [10, 990) (default "
+                                                            "10; 50 for the shapes world), or 'official': 989 - 33 k")
+    b.add_argument("--uncond-attention", action="store_true", default=None,
+                   help="combined: the attention term is the mean of the text's and the empty prompt's (the public "
+                        "code's [uncond, cond] batch)")

@@ -28,7 +28,7 @@ import evaluate
 import methods
 import triplet_loss
 from common import InputError, atomic_write, run_cli, write_json
-from datasets import DEFAULT_SPLIT, ImageCache, load_items, split_items
+from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
 from diffusion_itm import hardneg_loss
 
 
@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most N test items")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
     methods.add_model_args(p)
+    add_data_args(p)
     args = p.parse_args(argv)
     for key in ("model", "shots", "lr", "compare", "lam", "pooling", "itm_timesteps", "steps"):
         setattr(args, key, methods.option(args, key))
@@ -177,11 +178,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed)
+    items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
+                               **loader_options(args, args.dataset))
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
     name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
     if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
-        test_items, _ = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name))
+        test_items, _ = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
+                                   **loader_options(args, name))
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
     print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "

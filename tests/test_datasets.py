@@ -4,7 +4,9 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets import LOADERS, InputError, load_coco, load_comvg, load_refcocog, load_vlchecklist, load_vqav2, \
@@ -207,7 +209,9 @@ def test_refcocog_ten_texts_reproducible_and_split(tmp_path):
     assert it.texts[0] == "the red thing 0" and len(it.texts) == 10 and len(set(it.texts)) == 10
     assert it.images == [os.path.join(root, "train2014", "COCO_train2014_000000000001.jpg")]
     val_texts = {i.texts[0] for i in items}
-    assert set(it.texts[1:]) <= val_texts - {it.texts[0]}  # negatives: other refs of the same split
+    assert not set(it.texts[1:]) <= val_texts  # negatives: any other ref (the official code's), here a train one too
+    same, _ = load_refcocog(root, split="val", negatives="split")
+    assert all(set(i.texts[1:]) <= val_texts - {i.texts[0]} for i in same)  # --ref-negatives split
     again, _ = load_refcocog(root, split="val")
     assert [i.texts for i in again] == [i.texts for i in items]
     other, _ = load_refcocog(root, split="val", seed=1)
@@ -283,8 +287,8 @@ def test_vlchecklist_pairs_and_categories(tmp_path):
     for it in items:
         by_cat.setdefault(it.category, []).append(it)
     assert sorted(by_cat) == ["Attribute", "Relation"]
-    assert len(by_cat["Attribute"]) == 2 and len(by_cat["Relation"]) == 2  # 2 (POS, NEG) pairs in one record
-    assert by_cat["Relation"][1].texts == ["red ball", "blue ball"]
+    assert len(by_cat["Attribute"]) == 2 and len(by_cat["Relation"]) == 1  # 2 (POS, NEG) pairs, one record: 1 item
+    assert by_cat["Relation"][0].texts == ["ball on red table", "ball under blue table"]  # POS[0] vs NEG[0]
     assert by_cat["Attribute"][0].images == [os.path.join(root, "vg", "VG_100K", "1.jpg")]
     assert by_cat["Attribute"][0].meta["file"] == os.path.join("Attribute", "vg", "color.json")
     assert report["malformed"] == 1 and "color.json[2]" in report["warnings"][0]
@@ -322,3 +326,107 @@ def test_shapes_world_is_written_on_first_use_and_read_as_comvg(tmp_path):
     assert {it.category for it in items} == {"subject", "object", "verb"}
     again, _ = LOADERS["shapes"](str(tmp_path / "shapes"), n=4)            # read back, not rewritten
     assert [(i.texts, i.images) for i in again] == [(i.texts, i.images) for i in items]
+
+
+# ---- the paper's items: VL-CheckList's evaluator, the official VQAv2 files, RefCOCOg's google split and masking ------
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "download")
+
+
+def test_vlchecklist_one_item_per_record_and_the_per_file_cap(tmp_path):
+    """A SWiG record with 3 POS / 3 NEG is one item (POS[0] vs NEG[0]); the cap counts records whose image exists."""
+    swig = [[f"img_{k}.jpg", {"POS": [f"a man {k}", "x", "y"], "NEG": [f"a woman {k}", "u", "v"]}] for k in range(5)]
+    path = tmp_path / "data" / "Object" / "Location" / "swig_agent_center.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(swig))
+    for k in (0, 2, 3, 4):                                                # img_1 missing: skipped before the cap
+        image(str(tmp_path / "images" / "swig" / f"img_{k}.jpg"), "red")
+    items, report = load_vlchecklist(str(tmp_path))
+    assert len(items) == 4 and all(len(it.texts) == 2 for it in items)
+    assert items[0].texts == ["a man 0", "a woman 0"] and items[0].category == "Object"
+    assert report["missing_images"] == 1 and report["over_cap"] == 0
+    capped, report = load_vlchecklist(str(tmp_path), max_per_file=2)
+    assert [it.id.rsplit("[", 1)[1] for it in capped] == ["0]", "2]"] and report["over_cap"] == 2
+    real = tmp_path / "real" / "data" / "Attribute" / "vaw" / "action.json"  # its ANNO_PATH, IMG_ROOT vg
+    real.parent.mkdir(parents=True)
+    real.write_text(open(os.path.join(FIXTURES, "vlc_action.json")).read())
+    image(str(tmp_path / "real" / "vg" / "VG_100K" / "2372476.jpg"), "red")
+    items, report = load_vlchecklist(str(tmp_path / "real"))
+    assert [it.texts for it in items] == [["skiing slope", "snowboarding slope"]] and report["missing_images"] == 2
+    assert items[0].category == "Attribute" and items[0].meta["file"] == os.path.join("Attribute", "vaw", "action.json")
+
+
+def write_vqa_paper(root, n_binary=12):
+    """The official code's test.txt (real lines of its format) and vqa_text_test.csv (its real first rows)."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(FIXTURES, "test.txt")) as f:
+        real = f.read().splitlines()
+    lines = [f"COCO_val2014_{100 + k:012d}.jpg*The question is asking about yes or no: is it {k}? it is {k}"
+             for k in range(n_binary)]
+    with open(os.path.join(root, "test.txt"), "w") as f:
+        f.write("\n".join(real + lines) + "\n")
+    with open(os.path.join(FIXTURES, "vqa_text_test.csv")) as f:
+        (tmp := os.path.join(root, "vqa_text_test.csv")) and open(tmp, "w").write(f.read())
+    names = [l.split("*")[0] for l in real + lines] + ["COCO_val2014_000000108327.jpg"]
+    for k, name in enumerate(names):
+        image(os.path.join(root, "val2014", name), REF_WORDS[k % 4])
+    return root
+
+
+def test_vqav2_paper_form_binary_is_text_to_10_images_other_is_image_to_10_texts(tmp_path):
+    root = write_vqa_paper(str(tmp_path))
+    items, report = load_vqav2(root, split="val")
+    assert report["form"] == "paper" and report["other_lines"] == 2 and report["malformed"] == 0
+    binary = [it for it in items if it.category == "yes/no"]
+    other = [it for it in items if it.category == "other"]
+    assert len(binary) == 13 and len(other) == 2                          # 1 real + 12 yes/no lines; 2 CSV rows
+    b = binary[0]
+    assert (len(b.images), len(b.texts)) == (10, 1)
+    assert b.texts == ["are the suitcases for sale? the suitcases are not for sale"]
+    assert os.path.basename(b.images[0]) == "COCO_val2014_000000119630.jpg"
+    assert b.images[0] not in b.images[1:] and len(set(b.images[1:])) == 9  # 9 other lines' images
+    o = other[0]
+    assert (len(o.images), len(o.texts)) == (1, 10) and o.texts[0] == "What baseball team is on the hat? la"
+    assert o.texts[9] == "What baseball team is on the hat? handlebars"
+    assert os.path.basename(o.images[0]) == "COCO_val2014_000000108327.jpg"
+    again, _ = load_vqav2(root)
+    assert [it.images for it in again] == [it.images for it in items]     # reproducible with the seed
+    assert [it.images for it in load_vqav2(root, seed=1)[0]] != [it.images for it in items]
+    with pytest.raises(InputError, match="val2014 test items"):
+        load_vqav2(root, split="train")
+    json_form = load_vqav2(write_vqav2(str(tmp_path / "json")))[1]
+    assert json_form["form"] == "json"
+
+
+def test_refcocog_google_preferred_split_by_and_masking(tmp_path):
+    root = write_refcocog(str(tmp_path))
+    umd = load_refcocog(root, split="val")[1]
+    assert umd["refs_file"] == "refs(umd).p"                              # the only one there
+    with open(os.path.join(root, "refcocog", "refs(umd).p"), "rb") as f:
+        refs = pickle.load(f)[:-1]
+    for r in refs:
+        r["split"] = "train" if r["ref_id"] < 20 else "val"               # google: another split of the same refs
+    with open(os.path.join(root, "refcocog", "refs(google).p"), "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    items, report = load_refcocog(root, split="val")
+    assert report["refs_file"] == "refs(google).p" and len(items) == 4
+    assert load_refcocog(root, split="val", split_by="umd")[1]["refs_file"] == "refs(umd).p"
+    with open(os.path.join(root, "refcocog", "instances.json")) as f:
+        inst = json.load(f)
+    inst["annotations"] = [dict(id=100 + i, image_id=i % 4 + 1, bbox=[2, 3, 8, 5]) for i in range(24)]
+    with open(os.path.join(root, "refcocog", "instances.json"), "w") as f:
+        json.dump(inst, f)
+    masked, _ = load_refcocog(root, split="val", mask_object=True)
+    from datasets import ImageCache
+    two = Image.new("RGB", (16, 16), COLORS["red"])
+    two.paste(COLORS["blue"], (0, 0, 16, 6))
+    two.save(items[0].images[0])                                           # two colours: the mean is neither
+    cache = ImageCache()                                                   # one cache: the mask is part of the key
+    plain, cover = cache.get(items[0].images[0]), cache.get(masked[0].images[0])
+    assert masked[0].images[0] == items[0].images[0] and masked[0].images[0].box == (2, 3, 8, 5)
+    a, b = (torch.from_numpy(np.asarray(im).copy()).int() for im in (plain, cover))       # (16, 16, 3)
+    assert torch.equal(a[3:8, 2:10] * 0 + b[3, 2], b[3:8, 2:10])          # the box: one colour, the image's mean
+    assert (b[3, 2] - a.float().mean((0, 1))).abs().max() <= 1 and not torch.equal(a, b)
+    box = torch.zeros(16, 16, dtype=torch.bool)
+    box[3:8, 2:10] = True
+    assert torch.equal(a[~box], b[~box])                                  # outside the box: untouched

@@ -218,3 +218,87 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
         fresh.load_trained(str(tmp_path / "deltas.safetensors"))
     with pytest.raises(InputError, match="nothing to save"):
         DiffusionITM.from_pretrained(tiny_sd, device="cpu").save_trained(str(tmp_path / "x.safetensors"))
+
+
+# ---- the public official code's score (eric-ai-lab/DSD), by name: --score official ----------------------------------
+
+def test_official_timesteps_and_layers():
+    from attention_capture import select_layers
+    from diffusion_itm import official_timesteps
+    ts = official_timesteps(1000)
+    assert ts == [989 - 33 * k for k in range(30)][::-1]                  # pipeline_dsd.sampled_timesteps, 30 steps
+    sd2 = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(3) for a in range(2)] + \
+          ["mid_block.attentions.0.transformer_blocks.0.attn2"] + \
+          [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(1, 4) for a in range(3)]
+    assert select_layers(sd2, "official") == [sd2[4], sd2[5], sd2[6], sd2[-3], sd2[-2], sd2[-1]]  # its six
+
+
+def official_direct(sd_path, core, images_, texts):
+    """The public code's score recomputed on a stock UNet, pair by pair: per timestep t = 989 - 33 k, the UNet on
+    the batch [uncond, cond] at the Euler scheduler's input (z + sigma eps) / sqrt(sigma^2 + 1); its attention term
+    is the mean over that batch, heads and image tokens of logsumexp over the 77 text tokens of Q K^T / sqrt(d), in
+    the attn2 of the last transformer block of each Transformer2D of the last down block with cross-attention, the
+    mid block and the last such up block, averaged over those layers; plus ||eps - eps_uncond|| - ||eps - eps_cond||;
+    averaged over timesteps. The VAE mean stands in for its latent_dist.sample() (README)."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet").eval()
+    blocks = {"down": [b for b in unet.down_blocks if hasattr(b, "attentions")][-1], "mid": unet.mid_block,
+              "up": [b for b in unet.up_blocks if hasattr(b, "attentions")][-1]}
+    layers = [tr.transformer_blocks[-1].attn2 for b in blocks.values() for tr in b.attentions]
+    means = []
+
+    def hook(attn, args, kwargs):
+        x, ctx = args[0], kwargs["encoder_hidden_states"]                  # (2, N, C), (2, 77, D)
+        q = attn.head_to_batch_dim(attn.to_q(x))                           # (2 * heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(ctx))                         # (2 * heads, 77, d)
+        means.append(torch.logsumexp(q @ k.transpose(1, 2) * attn.scale, dim=-1).mean())
+    handles = [a.register_forward_pre_hook(hook, with_kwargs=True) for a in layers]
+    T = core.scheduler.config.num_train_timesteps
+    ts = sorted(T - 1 - i for i in range(10, T - 10, T // 30))
+    abar = core.scheduler.alphas_cumprod
+    z = core.encode_images(images_)                                        # (I, 4, h, w)
+    noise = core.level_noise(z.shape[1:])                                  # the model's eps, one per timestep
+    out = torch.zeros(len(images_), len(texts))
+    try:
+        with torch.no_grad():
+            for j, text in enumerate(texts):
+                hid = core.encode_texts(["", text])[0]                     # (2, 77, D): [uncond, cond]
+                for i in range(len(images_)):
+                    for t, eps in zip(ts, noise):
+                        sigma = ((1 - abar[t]) / abar[t]).sqrt()
+                        x = ((z[i] + sigma * eps) / (sigma ** 2 + 1).sqrt())[None].expand(2, -1, -1, -1)
+                        means.clear()
+                        pred = unet(x, torch.tensor(float(t)), hid).sample  # (2, 4, h, w)
+                        bias = (eps - pred[0]).norm() - (eps - pred[1]).norm()
+                        out[i, j] += (sum(means) / len(means) + bias).item() / len(ts)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def test_score_official_preset_equals_the_official_formula(tiny_sd):
+    import methods
+    args = evaluate_parser().parse_args(["--score", "official", "--model", tiny_sd, "--device", "cpu"])
+    m = methods.build("discffusion", args)
+    assert isinstance(m, DiffusionITM) and m.variant == "combined" and m.uncond_attention
+    assert m.timesteps == [989 - 33 * k for k in range(30)][::-1] and m.core.scorer.pooling == "official"
+    assert m.core.scorer.layers == ["down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                                    "mid_block.attentions.0.transformer_blocks.0.attn2",
+                                    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                                    "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]
+    ims, txt = images(2), TEXTS[:1]                                        # image-side: the uncond half differs
+    got, want = m.score(ims, txt), official_direct(tiny_sd, m.core, ims, txt)
+    assert (got - want).abs().max().item() < 1e-6 * max(1.0, want.abs().max().item())
+    # a switch given on the command line still wins over the preset; without the unconditional half the score moves
+    args = evaluate_parser().parse_args(["--score", "official", "--model", tiny_sd, "--device", "cpu",
+                                         "--itm-timesteps", "2", "--layers", "all"])
+    m2 = methods.build("diffusion_itm", args)
+    assert len(m2.timesteps) == 2 and len(m2.core.scorer.layers) == 7 and m2.variant == "combined"
+    m.uncond_attention = False
+    assert (m.score(ims, txt) - got).abs().max() > 1e-4
+
+
+def evaluate_parser():
+    import evaluate
+    return evaluate.build_parser()

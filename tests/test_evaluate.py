@@ -63,6 +63,24 @@ def test_rank_top_k_and_pairs():
     assert evaluate.pos_text_wins(T([[0.3, 0.2]])) and not evaluate.pos_text_wins(T([[0.1, 0.2]]))
 
 
+def test_vqav2_paper_form_metrics_one_text_against_ten_images():
+    s = torch.zeros(10, 1)
+    s[0, 0] = 1.0
+    assert evaluate.item_metrics("vqav2", s) == dict(correct=True)       # its own image beats the 9 others
+    s[7, 0] = 1.0
+    assert evaluate.item_metrics("vqav2", s) == dict(correct=False)      # a tie is not a win
+    s[7, 0] = 2.0
+    assert evaluate.item_metrics("vqav2", s) == dict(correct=False)
+    assert evaluate.item_metrics("vqav2", T([[0.9] + [0.1] * 9])) == dict(correct=True)     # Other: 1 image, 10 texts
+    assert evaluate.item_metrics("vqav2", T([[0.1, 0.9] + [0.0] * 8])) == dict(correct=False)
+    items = [Item("b1", ["i"] * 10, ["t"], "yes/no"), Item("b2", ["i"] * 10, ["t"], "yes/no"),
+             Item("o1", ["i"], ["t"] * 10, "other")]
+    mats = [T([[2.0]] + [[1.0]] * 9), T([[0.0]] + [[1.0]] * 9), T([[3.0] + [1.0] * 9])]
+    out = evaluate.summarize("vqav2", [(it, evaluate.item_metrics("vqav2", m)) for it, m in zip(items, mats)])
+    assert out["metrics"] == {"Binary": 50.0, "Other": 100.0, "All": pytest.approx(200 / 3)}
+    assert out["counts"] == {"Binary": 2, "Other": 1, "All": 3}
+
+
 def test_summarize_columns_and_counts():
     recs = [(Item("a", [], [], "subject"), dict(correct=True)), (Item("b", [], [], "subject"), dict(correct=False)),
             (Item("c", [], [], "verb"), dict(correct=True)), (Item("d", [], [], "verb"), dict(correct=True))]
@@ -135,7 +153,7 @@ def test_all_data_sets_under_root(tmp_path, fake, capsys):
                             "Group": pytest.approx(200 / 3)}
     assert w["per_tag"]["Both"] == {"Text": 0.0, "Image": 0.0, "Group": 0.0, "n": 1}
     assert w["per_tag"]["Object"]["Group"] == 100.0
-    assert ds["vlchecklist"]["metrics"]["Attribute"] == 100.0 and ds["vlchecklist"]["counts"]["Relation"] == 2
+    assert ds["vlchecklist"]["metrics"]["Attribute"] == 100.0 and ds["vlchecklist"]["counts"]["Relation"] == 1
     assert ds["vlchecklist"]["per_file"][os.path.join("Attribute", "vg", "color.json")]["n"] == 2
     assert ds["refcocog"]["split"] == "val" and ds["refcocog"]["n_items"] == 12
     # RefCOCOg by hand: the true text wins if no negative names the image's colour (ties count against it)
@@ -163,9 +181,35 @@ def test_missing_root_exits_2_without_traceback(tmp_path):
     missing = str(tmp_path / "nowhere")
     r = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--dataset", "comvg", "--data-root",
                         missing, "--output", str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"error: ComVG data root not found: {missing} is not a folder"
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1   # one line
+    assert r.stderr.startswith(f"error: ComVG data root not found: {missing} is not a folder; ")
+    for said in ("compositional_visual_genome.csv", "python download.py comvg", "--dataset shapes"):
+        assert said in r.stderr                       # what goes where, how to fetch it, the offline alternative
+
+
+def test_missing_data_set_from_train_says_how_to_fetch_it(tmp_path, capsys):
+    import train
+    from common import run_cli
+    assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test.txt + vqa_text_test.csv" in err
+    assert "python download.py vqav2" in err and "--dataset shapes" in err
+    (tmp_path / "empty").mkdir()                      # a folder without its files: the same guidance
+    assert run_cli(train.main, ["--dataset", "comvg", "--data-root", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "compositional_visual_genome.csv" in err and "python download.py comvg" in err and err.count("\n") == 1
+
+
+def test_first_run_in_an_empty_folder_evaluates_the_shapes_world(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--limit", "2", "--itm-timesteps", "2"],
+                       capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = r.stdout.splitlines()[0]
+    assert "evaluating the embedded shapes world" in first and "python download.py comvg" in first
+    assert "Shapes (ComVG format)" in r.stdout and "discffusion zero-shot" in r.stdout
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["datasets"]["shapes"]["n_items"] == 2 and (tmp_path / "data" / "shapes" / "comvg.csv").exists()
 
 
 # ---- end to end on the tiny random Stable Diffusion (the same loading path as real weights) -------------------------
