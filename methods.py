@@ -11,8 +11,8 @@ embedded shapes world); else the generic default.
 import argparse
 import os
 
-from clip_baselines import ClipMatcher
 import prompt_delta
+from clip_baselines import ClipMatcher
 from common import DTYPES, read_checkpoint
 from diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
