@@ -39,7 +39,7 @@ from PIL import Image
 
 import triplet_loss
 from attention_capture import CaptureProcessor
-from common import DTYPES
+from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from sd_configs import make_random_sd
 
@@ -50,25 +50,27 @@ RELATIONS = ("left of", "right of", "above", "below", "next to", "on")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="small", choices=("tiny", "small", "sd2-base"),
                    help="random-weight SD built from sd_configs (default small)")
     p.add_argument("--model", help="hub id or local diffusers folder with real weights (overrides --preset)")
     p.add_argument("--device", default=None, help="cpu | cuda (default cuda if available)")
     p.add_argument("--precision", default=None, choices=tuple(DTYPES), help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--images", type=int, default=2, help="workload: images (default 2)")
-    p.add_argument("--texts", type=int, default=5, help="workload: candidate texts per image (default 5)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer after a warm-up (median)")
-    p.add_argument("--iters", type=int, default=10, help="timed UNet forwards of each kind for the capture overhead")
-    p.add_argument("--train-texts", type=int, default=2, help="training step: 1 image x this many texts (default 2)")
+    p.add_argument("--images", type=positive_int, default=2, help="workload: images (default 2)")
+    p.add_argument("--texts", type=positive_int, default=5, help="workload: candidate texts per image (default 5)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each scorer after a warm-up (median)")
+    p.add_argument("--iters", type=positive_int, default=10,
+                   help="timed UNet forwards of each kind for the capture overhead")
+    p.add_argument("--train-texts", type=positive_int, default=2,
+                   help="training step: 1 image x this many texts (default 2)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="unet.enable_gradient_checkpointing() for the training step (default on)")
     p.add_argument("--compile", action="store_true", help="also time `score` with torch.compile'd UNet")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process")
     p.add_argument("--quick", action="store_true", help="1 image x 2 texts, 1 repeat, 2 iters: for development")
-    p.add_argument("--threads", type=int, help="torch threads (default on cpu: the cores not already busy, from the "
-                   "load average, at least 1; oversubscribed threads stall badly on a shared machine)")
-    p.add_argument("--seed", type=int, default=0, help="random weights, inputs and noise")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default on cpu: the cores not already busy, "
+                   "from the load average, at least 1; oversubscribed threads stall badly on a shared machine)")
+    p.add_argument("--seed", type=number(int, low=0), default=0, help="random weights, inputs and noise")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "discffusion-bench"),
                    help="where preset models are built (once per preset and seed)")
     p.add_argument("--output", default="runs/benchmark.json", help="JSON with every figure (default: %(default)s)")
@@ -76,7 +78,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.texts, args.repeats, args.iters = 1, 2, 1, 2
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = default_device(args.device)
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(os.getloadavg()[0])))
@@ -520,6 +522,7 @@ def main(argv=None):
     if args.memory_child:
         print(CHILD_MARK + json.dumps(run_memory_child(args)), flush=True)
         return None
+    check_writable(args.output)  # before any model is built
     torch.manual_seed(args.seed)
     path = model_path(args)
     model = load(path, args)
@@ -544,13 +547,11 @@ def main(argv=None):
         res["memory"] = measure_memory(path, args)
     res["config"]["load_average_at_end"] = os.getloadavg()[0]
     res["targets"] = targets(res, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.output, res)
     print_table(res)
     print(f"\nwrote {args.output}")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -9,12 +9,15 @@ it. Imports run one way (tests/test_layout.py checks it); each file imports only
     shapes -> datasets                                  (the embedded world; every data set, the few-shot split)
     evaluate -> train                                   (metrics and tables; training)      benchmark, pretrain_shapes
 """
+import argparse
 import contextlib
 import json
+import math
 import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -26,15 +29,52 @@ class InputError(Exception):
     """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, handled: the work stopped cleanly; the message (one line) says where and how to resume. Exit 130."""
+
+
 def run_cli(main, argv=None):
-    """Run main(argv) -> its exit code if it returns an int (download.py: 1 when a file failed), else 0; or 2 after an
-    InputError printed as one `error: ...` line on stderr."""
+    """Run main(argv) -> exit code: main's own if it returns an int (download.py: 1 when a file failed), else 0; 2
+    after an InputError printed as one `error: ...` line on stderr; 130 after an Interrupted (its one line)."""
     try:
         code = main(argv)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every CLI's parser: a usage error is an InputError (one `error: ...` line, exit 2 under run_cli) with a
+    --help hint, not argparse's usage block."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see --help)")
+
+
+def number(kind=float, low=None, high=None, above=None):
+    """An argparse type: a finite `kind` (int or float) with x > above, low <= x <= high (each bound optional); a bad
+    value is a usage error giving the rule, e.g. `argument --lam: must be finite and > 0, got nan`."""
+    rule = " and ".join((["finite"] if kind is float else []) +
+                        [f"{op} {v}" for op, v in ((">", above), (">=", low), ("<=", high)) if v is not None])
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(x) and (above is None or x > above) and (low is None or x >= low)
+                and (high is None or x <= high)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return x
+    return parse
+
+
+positive_int, positive = number(int, low=1), number(above=0)  # the two most common rules
 
 
 def resolve_dtype(dtype, device):
@@ -49,6 +89,10 @@ def resolve_dtype(dtype, device):
 
 
 def default_device(device=None):
+    """None -> cuda if available, else cpu; asking for cuda where there is none is an InputError."""
+    if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{torch.cuda.device_count()} GPUs visible); use --device cpu")
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -68,6 +112,27 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise InputError(f"cannot write {path}: {_cause(e, path)}") from None
+    except BaseException:  # Ctrl-C mid-write: no temporary file left behind either
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(path, folder=False):
+    """Before any work: raise an InputError unless `path` (a file to write, or with folder=True a folder to write
+    into) can be written. Creates the folder (as the write would), then a probe file in it, removed at once."""
+    path = os.path.abspath(str(path))
+    where = path if folder else os.path.dirname(path)
+    if not folder and os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+    try:
+        os.makedirs(where, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except FileExistsError:
+        raise InputError(f"cannot write {path}: {'it' if where == path else where} is a file, not a folder") from None
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {_cause(e, where)}") from None
 
 
 def _cause(e, path):

@@ -20,6 +20,7 @@ held-out test split, so no test item shares a sentence-image pair with a trainin
 (RefCOCOg) draw the shots from their train split and test on `eval_split`.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -116,11 +117,23 @@ def finish(report, items, what, example, folders):
     return items, report
 
 
+def read_text(path, what):
+    """A UTF-8 file's text (a leading BOM dropped); any other encoding is an InputError naming the file, the offset
+    of the first byte that is not UTF-8 and its line (the whole file is decoded at once: the offset is the file's)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{what} {path} is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} "
+                         f"(line {line}); save it as UTF-8") from None
+
+
 def read_json(path, what):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
@@ -166,7 +179,7 @@ def load_comvg(root, annotations=None, split=None, seed=0):
     path = given_file("ComVG CSV", annotations) if annotations else find_file("ComVG CSV", COMVG_CSV, [root])
     folders = [os.path.join(root, d) if d else root for d in COMVG_IMAGE_DIRS]
     report, items, seen = new_report("comvg", [path]), [], set()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path, "ComVG CSV"), newline="") as f:
         reader = csv.DictReader(f)
         absent = [c for c in COMVG_FIELDS if c not in (reader.fieldnames or [])]
         if absent:
@@ -567,7 +580,7 @@ def load_winoground(root, annotations=None, split=None, seed=0):
         hint = f" (unzip {zips[0]} there)" if zips else ""
         raise InputError(f"Winoground image folder not found: looked for {', '.join(folders)}{hint}")
     report, items, seen = new_report("winoground", [path]), [], set()
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path, "Winoground examples"), newline=None) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -828,9 +841,10 @@ def load_items(name, root=None, annotations=None, seed=0, split=None, **options)
         raise InputError(f"unknown data set {name!r}: choose from {', '.join(sorted(LOADERS))}")
     root = root or default_root(name)
     try:
-        return LOADERS[name](root, annotations=annotations, split=split, seed=seed, **options)
+        items, report = LOADERS[name](root, annotations=annotations, split=split, seed=seed, **options)
     except DataMissing as e:
         raise InputError(f"{e}; {data_hint(name, root)}") from None
+    return items, count_duplicates(items, report)
 
 
 # loader options both CLIs offer: CLI dest -> (data set, loader keyword)
@@ -859,6 +873,23 @@ def loader_options(args, name):
             if ds == name and getattr(args, dest, None) is not None}
 
 
+def count_duplicates(items, report):
+    """Records loaded twice (an item id, or the same images and texts, seen before): report["duplicates"] and a
+    warning with the count. They stay in: every loaded item is scored and counted, as the publisher ships it."""
+    ids, contents, dup = set(), set(), []
+    for it in items:
+        content = (tuple(map(str, it.images)), tuple(it.texts))
+        if it.id in ids or content in contents:
+            dup.append(it.id)
+        ids.add(it.id)
+        contents.add(content)
+    report["duplicates"] = len(dup)
+    if dup:
+        report["warnings"].append(f"{len(dup)} duplicate records (an item id or the same images and texts seen "
+                                  f"before, e.g. {', '.join(dup[:3])}); each is scored and counted as loaded")
+    return report
+
+
 # ---- the few-shot split (§5.2) -------------------------------------------------------------------------------------
 
 def parse_shots(value, n):
@@ -867,8 +898,8 @@ def parse_shots(value, n):
         x = float(value)
     except ValueError:
         raise InputError(f"--shots {value!r}: expected a fraction like 0.05 or a count like 27") from None
-    if x <= 0:
-        raise InputError(f"--shots {value}: must be positive")
+    if not x > 0 or x == float("inf"):  # nan and inf too
+        raise InputError(f"--shots {value}: must be a positive finite number")
     if "." in str(value) or "e" in str(value).lower():
         if x >= 1:
             raise InputError(f"--shots {value}: a fraction must be below 1 (use a whole number for a count)")

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from common import MAX_LISTED, InputError, run_cli
+from common import MAX_LISTED, ArgumentParser, InputError, positive_int, run_cli
 
 GB, MB = 1e9, 1e6
 CONFIRM_ABOVE = 1 * GB      # bytes: anything bigger starts only with --yes
@@ -612,15 +612,10 @@ def fetch_coco(root, mirror=None, with_images=False, yes=False):
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one "error: ..." line and exit 2 (run_cli), not argparse's usage block
-        raise InputError(message)
-
-
 def build_parser():
     listing = "\n".join(f"  {name:12s} {what}" for name, what in DATASETS.items())
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=f"data sets:\n{listing}\n\n" + __doc__.split("\n\n", 2)[2])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"data sets:\n{listing}\n\n" + __doc__.split("\n\n", 2)[2])
     p.add_argument("name", metavar="NAME", help=f"the data set: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data", help="parent folder; the data set goes into DATA_ROOT/NAME "
                                                        "(default data)")
@@ -631,7 +626,7 @@ def build_parser():
     p.add_argument("--mirror", default=os.environ.get("DISCFFUSION_MIRROR") or None,
                    help="fetch https://HOST/PATH from MIRROR/HOST/PATH instead (default $DISCFFUSION_MIRROR); "
                         "Winoground: set HF_ENDPOINT instead")
-    p.add_argument("--jobs", type=int, default=JOBS, help=f"images fetched at once (default {JOBS})")
+    p.add_argument("--jobs", type=positive_int, default=JOBS, help=f"images fetched at once (default {JOBS})")
     return p
 
 
@@ -639,8 +634,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.name not in DATASETS:
         raise InputError(f"unknown data set {args.name!r}: choose from {', '.join(DATASETS)}")
-    if args.jobs < 1:
-        raise InputError(f"--jobs {args.jobs}: give at least 1")
     root = os.path.join(args.data_root, args.name)
     print(f"{args.name}: {DATASETS[args.name]} -> {root}")
     if args.name == "comvg":

@@ -33,6 +33,7 @@ errors (strict >):
     VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
 "Average" and "All" are over all items (micro); the JSON also holds the mean of the columns (macro_average).
 Bad input: "error: <one line>" on stderr, exit code 2. An unreadable image skips its item, counted in the summary.
+A non-finite score is an error naming the item; ties with a wrong candidate and duplicate records are reported.
 """
 import argparse
 import json
@@ -43,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 import methods
-from common import MAX_LISTED, InputError, run_cli, write_json
+from common import MAX_LISTED, ArgumentParser, InputError, check_writable, positive_int, run_cli, write_json
 from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
                       load_items, loader_options, split_items)
 
@@ -83,6 +84,16 @@ def winoground_scores(s):
     text = bool(s[0, 0] > s[0, 1]) and bool(s[1, 1] > s[1, 0])   # each image prefers its own caption
     image = bool(s[0, 0] > s[1, 0]) and bool(s[1, 1] > s[0, 1])  # each caption prefers its own image
     return text, image, text and image
+
+
+def tied(name, s):
+    """Does the true candidate tie exactly with a false one in a comparison the metric makes? (Counted wrong, as
+    every tie is, and reported.)"""
+    if name == "winoground":
+        return bool(s[0, 0] == s[0, 1] or s[1, 1] == s[1, 0] or s[0, 0] == s[1, 0] or s[1, 1] == s[0, 1])
+    if name in ("comvg", "shapes"):
+        return bool(s[0, 0] == s[1, 0])
+    return bool((s[0, 1:] == s[0, 0]).any())  # text 0 against the other texts of image 0
 
 
 def item_metrics(name, s):
@@ -186,9 +197,17 @@ def score_dataset(model, items, pairs=16, desc=None):
                     unreadable.append((item.id, f"{type(e).__name__}: {e}"))
             if loaded:
                 mats = model.score_items([(ims, item.texts) for item, ims in loaded])
-                scored += [(item, s.detach().float().cpu()) for (item, _), s in zip(loaded, mats)]
+                scored += [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
             bar.update(len(group))
     return scored, unreadable
+
+
+def finite(item, s):
+    """s unchanged; a NaN or infinite score is an InputError naming the item, never a silent 0%."""
+    if not torch.isfinite(s).all():
+        raise InputError(f"item {item.id} ({', '.join(map(str, item.images))}) got non-finite scores {s.tolist()}: "
+                         "check --lam, --precision (fp16 can overflow) and the checkpoint")
+    return s
 
 
 def evaluate_items(model, name, items, pairs=16, desc=None):
@@ -197,8 +216,10 @@ def evaluate_items(model, name, items, pairs=16, desc=None):
     scored, unreadable = score_dataset(model, items, pairs, desc=desc or name)
     records = [(item, item_metrics(name, s)) for item, s in scored]
     out = summarize(name, records)
+    ties = [item.id for item, s in scored if tied(name, s)]
     out.update(n_items=len(records), unreadable=len(unreadable),
-               unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]])
+               unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
+               ties=len(ties), tied_items=ties[:MAX_LISTED])
     return out
 
 
@@ -330,7 +351,9 @@ def summary_line(name, res, report):
     other += f" ({report['over_cap']} over the per-file cap)" if report.get("over_cap") else ""
     return (f"{name}: {report['records']} records{other} -> {res['n_items']} items scored; skipped: "
             f"{report['malformed']} malformed records, {report['missing_images']} items with missing images "
-            f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images")
+            f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images; "
+            f"ties with a wrong candidate (counted wrong): {res.get('ties', 0)}"
+            + (f"; duplicate records (scored as loaded): {report['duplicates']}" if report.get("duplicates") else ""))
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -344,8 +367,8 @@ def _methods(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(LOADERS), help="one data set (default: all found under --data-root)")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
@@ -353,7 +376,7 @@ def build_parser():
     p.add_argument("--shots", help="shapes world: the training shots whose held-out split is evaluated (default "
                                    "the checkpoint's, else 60)")
     p.add_argument("--output", default="results.json", help="JSON results (default results.json)")
-    p.add_argument("--limit", type=int, help="the first N items of each data set (a quick look)")
+    p.add_argument("--limit", type=positive_int, help="the first N items of each data set (a quick look)")
     p.add_argument("--methods", type=_methods,
                    help=f"comma-separated methods, one table row each: {','.join(methods.METHODS)} (default "
                         "discffusion; for --dataset shapes: discffusion and diffusion_itm zero-shot, and discffusion "
@@ -363,12 +386,14 @@ def build_parser():
                         "method, METHOD=FILE to that method; repeatable")
     methods.add_model_args(p)
     add_data_args(p)
-    p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the old spelling of --eval-batch-size
     return p
 
 
 def run(args, argv=()):
+    if args.output:
+        check_writable(args.output)  # before any data or model
     roots = dataset_roots(args)
     runs = default_runs(args, [name for name, _ in roots])
     data = load_data(args, roots, runs)

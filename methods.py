@@ -13,7 +13,7 @@ import os
 
 import prompt_delta
 from clip_baselines import ClipMatcher
-from common import DTYPES, read_checkpoint
+from common import DTYPES, number, positive, positive_int, read_checkpoint
 from diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 
@@ -88,9 +88,12 @@ def build(method, args, checkpoint=None):
 
 def _levels(text):
     try:
-        return tuple(float(x) for x in text.split(","))
+        levels = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.4,0.6,0.8, got {text!r}")
+    if not all(0 < x <= 1 for x in levels):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"each noise level must be in (0, 1], got {text}")
+    return levels
 
 
 def _layers(text):
@@ -117,8 +120,8 @@ def add_model_args(p):
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
                    help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32")
-    p.add_argument("--seed", type=int, default=0, help="split, data order, noise and negative sampling")
-    p.add_argument("--eval-batch-size", type=int, default=16,
+    p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
+    p.add_argument("--eval-batch-size", type=positive_int, default=16,
                    help="image-text pairs per scoring call and per UNet call (scores do not depend on it)")
     g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
     g.add_argument("--score", choices=tuple(PRESETS), default="paper",
@@ -128,14 +131,15 @@ def add_model_args(p):
     g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
                    help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
                         "(with --checkpoint: default the checkpoint's own)")
-    g.add_argument("--lam", type=float, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
-                                             "with --checkpoint: default the checkpoint's own)")
+    g.add_argument("--lam", type=positive, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "
+                                                "with --checkpoint: default the checkpoint's own)")
     g.add_argument("--layers", type=_layers, help="'all' (default), K = the last K cross-attention layers, 'official' "
                                                   "(the public code's six) or comma-separated attn2 names")
     g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
                    + ",".join(map(str, LEVELS)) + ")")
-    g.add_argument("--resolution", type=int, help="input resolution (default: the model's native size)")
-    g.add_argument("--resize-via", type=int, help="resize to this size first (224: the paper's Table 2 setting)")
+    g.add_argument("--resolution", type=positive_int, help="input resolution (default: the model's native size)")
+    g.add_argument("--resize-via", type=positive_int,
+                   help="resize to this size first (224: the paper's Table 2 setting)")
     b = p.add_argument_group("baselines (§5.3, Table 8)")
     b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
     b.add_argument("--itm-variant", choices=("itm", "classifier", "combined"),

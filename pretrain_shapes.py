@@ -14,11 +14,11 @@ Deterministic for a given --seed and --threads.
 
     python pretrain_shapes.py --out models/tiny-shapes-sd
 """
-import argparse
 import math
 import os
 import random
 import tempfile
+import sys
 import time
 
 import torch
@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import shapes
+from common import ArgumentParser, number, positive_int, run_cli
 from discffusion import load_components
 from sd_configs import SCHEDULER, save_sd, write_tokenizer
 
@@ -180,19 +181,21 @@ def draw_grid(images, captions, path, scale=3):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/tiny-shapes-sd")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=20000, help="training images (drawn once, encoded once)")
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-3, help="per latent dimension, relative to the per-pixel MSE")
-    p.add_argument("--steps", type=int, default=767)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--p-empty", type=float, default=0.1, help="fraction of empty captions (for the unconditional)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for a reproducible model)")
+    p.add_argument("--seed", type=number(int, low=0), default=0)
+    p.add_argument("--images", type=positive_int, default=20000, help="training images (drawn once, encoded once)")
+    p.add_argument("--vae-steps", type=positive_int, default=400)
+    p.add_argument("--vae-batch", type=positive_int, default=32)
+    p.add_argument("--vae-lr", type=number(above=0, high=10), default=2e-3)
+    p.add_argument("--kl-weight", type=number(low=0), default=1e-3,
+                   help="per latent dimension, relative to the per-pixel MSE")
+    p.add_argument("--steps", type=positive_int, default=767)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--lr", type=number(above=0, high=10), default=2e-3)
+    p.add_argument("--p-empty", type=number(low=0, high=1), default=0.1,
+                   help="fraction of empty captions (for the unconditional)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (fixed, for a reproducible model)")
     p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
     p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
     a = p.parse_args(argv)
@@ -238,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -9,7 +9,6 @@ is a sentence, its positive image and a negative image whose scene changes the s
 
     python shapes.py --out data/shapes --n 50 --seed 0
 """
-import argparse
 import csv
 import io
 import os
@@ -19,7 +18,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import InputError, run_cli
+from common import ArgumentParser, InputError, positive_int, run_cli
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -155,11 +154,11 @@ def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, rela
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for comvg.csv and images/")
-    p.add_argument("--n", type=int, default=50, help="items per negative type (subject / object / verb)")
+    p.add_argument("--n", type=positive_int, default=50, help="items per negative type (subject / object / verb)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
     p.add_argument("--colors", default=",".join(COLORS), help=f"comma-separated, from {','.join(COLORS)}")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--relations", default=",".join(RELATIONS))

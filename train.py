@@ -12,13 +12,18 @@ shots from their train split and test on `--eval-split`. Defaults per data set: 
 Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
 `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
 (the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
-sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors.
+sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C ends the current step, writes
+the checkpoint and prints the command that resumes (exit 130); a failed write keeps the last good checkpoint (exit 2).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -27,13 +32,14 @@ from tqdm import tqdm
 import evaluate
 import methods
 import triplet_loss
-from common import InputError, atomic_write, run_cli, write_json
+from common import (ArgumentParser, InputError, Interrupted, atomic_write, check_writable, number, positive,
+                    positive_int, run_cli, write_json)
 from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
 from diffusion_itm import hardneg_loss
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="comvg | refcocog | vqav2 | coco (see datasets.py)")
     p.add_argument("--method", default="discffusion", choices=methods.METHODS,
                    help="discffusion: p^k, p^v (eq. 5) + eq. 6; diffusion_itm: HardNeg LoRA; clip_ft / clip_prompt: "
@@ -45,24 +51,25 @@ def parse_args(argv=None):
     p.add_argument("--eval-dataset", help="test on another data set instead of a held-out split (Table 8: train on "
                                           "coco, test on winoground or vlchecklist)")
     p.add_argument("--eval-data-root", help="the --eval-dataset's folder (default data/<name>)")
-    p.add_argument("--epochs", type=float, default=5, help="passes over the training split (if --steps not given)")
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=positive, default=5, help="passes over the training split (if --steps not given)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--compare", help="comma-separated methods evaluated zero-shot on the same test split, one table "
                                      "row each (e.g. diffusion_itm,clip_ft; shapes default: diffusion_itm)")
-    p.add_argument("--batch-size", type=int, default=4, help="items per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4; shapes 3e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="items per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=number(above=0, high=10), help="AdamW learning rate (default 1e-4; shapes 3e-3)")
+    p.add_argument("--weight-decay", type=number(low=0), default=1e-2)
+    p.add_argument("--grad-clip", type=number(low=0), default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--loss", default="margin", choices=triplet_loss.LOSSES, help="eq. 6 or Table 11's alternatives")
-    p.add_argument("--margin", type=float, default=0.1, help="M of eq. 6")
+    p.add_argument("--margin", type=number(low=0), default=0.1, help="M of eq. 6")
     p.add_argument("--negatives", default="hardest", choices=("hardest", "mean"))
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory in the UNet")
     p.add_argument("--output-dir", help="default runs/<dataset>")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate the test split every N steps (0 = only at the end)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most N test items")
+    p.add_argument("--eval-every", type=number(int, low=0), default=0,
+                   help="evaluate the test split every N steps (0 = only at the end)")
+    p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate at most N test items")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
     methods.add_model_args(p)
     add_data_args(p)
@@ -103,7 +110,8 @@ def compute_loss(model, batch, args, generator):
     return triplet_loss.margin_loss(mats, args.margin, args.negatives), mats
 
 
-def train(args, model, params, train_items, test_items, log=print):
+def train(args, model, params, train_items, test_items, log=print, stop=None):
+    """The training loop; `stop` (a threading.Event, see sigint_stops) set: end this step, checkpoint, Interrupted."""
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     steps_per_epoch = math.ceil(len(train_items) / (args.batch_size * args.grad_accum))
     total = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -148,15 +156,45 @@ def train(args, model, params, train_items, test_items, log=print):
         rate = (step + 1 - start) * args.batch_size * args.grad_accum / max(time.time() - t0, 1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
         done = step + 1
-        if done % args.save_every == 0 or done == total:
+        stopping = stop is not None and stop.is_set() and done < total
+        if done % args.save_every == 0 or done == total or stopping:
             state = {"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
                      "rng": torch.get_rng_state(), "history": history, "args": vars(args)}
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        if stopping:
+            bar.close()
+            raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {ckpt_path})")
         if args.eval_every and done % args.eval_every == 0 and done != total:
             res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
             log(f"step {done}: " + json.dumps(res["metrics"]))
     return history
+
+
+@contextlib.contextmanager
+def sigint_stops():
+    """Within: the first Ctrl-C (SIGINT) sets the yielded Event (the loop ends its step, checkpoints and stops); a
+    second one raises KeyboardInterrupt at once. The previous handler is back afterwards. Off the main thread, where
+    no handler can be set, the Event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
+    previous = signal.signal(signal.SIGINT, handler) or signal.SIG_DFL
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else ["--resume"]))
 
 
 def build(args):
@@ -177,7 +215,7 @@ def trained_file(args):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_writable(args.output_dir, folder=True)  # before any data, model or step
     items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
                                **loader_options(args, args.dataset))
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
@@ -197,7 +235,11 @@ def main(argv=None):
             results["zero_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size,
                                                            desc="zero-shot")
     t = time.time()
-    history = train(args, model, params, train_items, test_items)
+    try:
+        with sigint_stops() as stop:
+            history = train(args, model, params, train_items, test_items, stop=stop)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; resume with: {resume_command(argv)}") from None
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
     model.save_trained(trained_file(args), vars(args))
@@ -225,3 +267,6 @@ if __name__ == "__main__":
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: the last checkpoint stays
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
