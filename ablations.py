@@ -45,7 +45,8 @@ import evaluate  # noqa: E402
 import methods  # noqa: E402
 import prompt_delta  # noqa: E402
 import train  # noqa: E402
-from common import InputError, read_checkpoint, run_cli, save_tensors, write_json  # noqa: E402
+from common import (ArgumentParser, InputError, positive_int, read_checkpoint, run_cli, save_tensors,  # noqa: E402
+                    write_json)
 from datasets import DEFAULT_SPLIT, LOADERS, load_items, split_items  # noqa: E402
 
 SWEEPS = ("fig3", "fig4", "fig5", "fig6", "table7", "table11", "table5")
@@ -386,7 +387,7 @@ def write_table(name, data, text, out):
 # ---- command line --------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="*", default=["all"], help=f"any of {' '.join(SWEEPS)}, or all (default)")
     p.add_argument("--out", default=os.path.join("docs", "ablations"), help="figures, tables, JSON (docs/ablations)")
@@ -396,9 +397,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-shot", action="store_true", help="score the pretrained model, no training (§5.6)")
     p.add_argument("--checkpoint", help="trained deltas for the scoring sweeps instead of training them here")
     p.add_argument("--shots", help="training items (default 0.05; shapes 60); Table 5 adds a tenth of them")
-    p.add_argument("--steps", type=int, help="optimizer steps of every training run (default: train.py's)")
-    p.add_argument("--limit", type=int, help="score the first N test items only (a quick look)")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps of every training run (default: train.py's)")
+    p.add_argument("--limit", type=positive_int, help="score the first N test items only (a quick look)")
+    p.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples of the 95%% intervals")
     methods.add_model_args(p)
     args = p.parse_args(argv)
     names = SWEEPS if "all" in args.sweeps else tuple(dict.fromkeys(args.sweeps))
