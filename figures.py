@@ -618,13 +618,14 @@ def curves_figure(paths, out):
 
 
 def test_metrics(res):
-    """Held-out accuracy before and after training, where results.json has it (the first metric, e.g. 'average')."""
+    """Held-out accuracy (%) before and after training where results.json has it: the 'Average' column, else the
+    first (evaluate.py writes percents)."""
     out = {}
     for key in ("zero_shot", "few_shot"):
         m = (res.get(key) or {}).get("metrics") or {}
-        name = "average" if "average" in m else next(iter(m), None)
+        name = next((k for k in m if k.lower() == "average"), next(iter(m), None))
         if name is not None and isinstance(m[name], (int, float)):
-            out[key] = dict(metric=name, value=m[name])
+            out[key] = dict(metric=name, percent=float(m[name]))
     return out
 
 
@@ -634,19 +635,18 @@ def draw_curves(runs, png):
         ax_l.plot(r["steps"], r["loss"], color=colour, alpha=0.25, lw=0.8)
         ax_l.plot(r["steps"], r["loss_smoothed"], color=colour, lw=2,
                   label=f"{r['label']} ({r['loss_kind']} loss; bold: mean of {r['window']} steps)")
-        acc = [np.nan if a is None else a for a in r["train_acc"]]
+        acc = [np.nan if a is None else 100 * a for a in r["train_acc"]]
         ax_a.plot(r["steps"], acc, color=colour, alpha=0.25, lw=0.8)
-        ax_a.plot(r["steps"], [np.nan if a is None else a for a in r["train_acc_smoothed"]], color=colour, lw=2,
-                  label=f"{r['label']}: training batches")
+        ax_a.plot(r["steps"], [np.nan if a is None else 100 * a for a in r["train_acc_smoothed"]], color=colour,
+                  lw=2, label=f"{r['label']}: training batches (before each step's update)")
         for key, style in (("zero_shot", ":"), ("few_shot", "--")):
             if key in r["test"]:
                 t = r["test"][key]
-                ax_a.axhline(t["value"], color=colour, ls=style, lw=1.2,
+                ax_a.axhline(t["percent"], color=colour, ls=style, lw=1.5,
                              label=f"{r['label']}: held-out {t['metric']}, {key.replace('_', '-')} "
-                                   f"({t['value']:.3f})")
+                                   f"({t['percent']:.1f} %)")
     ax_l.set(xlabel="optimizer step", ylabel="training loss (per step, unitless)", title="loss")
-    ax_a.set(xlabel="optimizer step", ylabel="accuracy (fraction of items right)", title="accuracy",
-             ylim=(-0.02, 1.02))
+    ax_a.set(xlabel="optimizer step", ylabel="accuracy (% of items right)", title="accuracy", ylim=(-2, 102))
     ax_l.legend(fontsize=9)
     ax_a.legend(fontsize=9, loc="lower right")
     fig.suptitle("Fig. 7: training curves (thin: every step; bold: trailing mean)", fontsize=12)

@@ -121,7 +121,7 @@ def test_curves_figure_losses_are_the_results(tmp_path):
         (tmp_path / run).mkdir()
         path = tmp_path / run / "results.json"
         path.write_text(json.dumps({"args": {"loss": "margin"}, "train": {"history": hist},
-                                    "few_shot": {"metrics": {"average": 0.8}}}))
+                                    "few_shot": {"metrics": {"Subjects": 70.0, "Average": 80.0}}}))
         paths.append(str(path))
     out = tmp_path / "out"
     out.mkdir()
@@ -131,6 +131,7 @@ def test_curves_figure_losses_are_the_results(tmp_path):
         hist = json.loads(open(path).read())["train"]["history"]
         assert run["loss"] == [h["loss"] for h in hist] and run["train_acc"] == [h["train_acc"] for h in hist]
     assert [r["label"] for r in rec["runs"]] == ["a", "b"]
+    assert rec["runs"][0]["test"] == {"few_shot": {"metric": "Average", "percent": 80.0}}
     assert_picture(out / "fig7_curves.png", (13, 4.8))
 
 
