@@ -92,7 +92,9 @@ class Runner:
         for flag in ("model", "data_root", "device", "precision", "lam", "pooling", "resolution", "resize_via"):
             if getattr(a, flag) is not None:
                 out += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
-        return out + ["--layers", str(a.layers), "--levels", ",".join(map(str, a.levels))]
+        layers = methods.option(a, "layers")
+        return out + ["--layers", ",".join(layers) if isinstance(layers, list) else str(layers),
+                      "--levels", ",".join(map(str, a.levels))]
 
     # ---- training (few-shot) -------------------------------------------------------------------------------------
     def trained(self, loss="margin", shots=None):
@@ -160,7 +162,8 @@ class Runner:
         argv = self.evaluate_argv(options, checkpoint)
         args = evaluate.build_parser().parse_args(argv)
         recorded = methods.recorded_options(checkpoint)
-        key = json.dumps([checkpoint, args.layers, list(args.levels), methods.option(args, "pooling", recorded),
+        key = json.dumps([checkpoint, methods.option(args, "layers"), list(args.levels),
+                          methods.option(args, "pooling", recorded),
                           methods.option(args, "lam", recorded)])
         if key in self.points:
             return self.points[key]

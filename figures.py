@@ -23,6 +23,7 @@ import argparse
 import ast
 import json
 import os
+import pathlib
 import re
 import sys
 import textwrap
@@ -39,9 +40,12 @@ from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 import datasets  # noqa: E402
+import methods  # noqa: E402
+import shapes  # noqa: E402
+from discffusion import Discffusion  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_MODEL = os.path.join(HERE, "models", "tiny-shapes-sd")
+TINY_MODEL = methods.TINY_MODEL
 SHAPES_RUN = os.path.join("runs", "shapes")
 DEFAULT_DELTAS = os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
 DEFAULT_RESULTS = os.path.join(SHAPES_RUN, "results.json")
@@ -49,20 +53,12 @@ GROUPS = ("down_blocks", "mid_block", "up_blocks")
 GROUP_LABEL = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up", "all": "all layers"}
 CMAP = "inferno"
 DPI = 100
-# the CLIs' error types: datasets.py still has its own InputError until the refactor moves every module to common's
-ERRORS = tuple({common.InputError, datasets.InputError})
 
 
 def shapes_split(seed=0):
     """(train, test) items of the shapes world, the split of `train.py --dataset shapes` (same shots and seed)."""
-    from train import DATASET_DEFAULTS, split_items  # the one place that names train (split_items moves at merge)
     items, _ = datasets.LOADERS["shapes"](os.path.join("data", "shapes"))
-    return split_items(items, DATASET_DEFAULTS["shapes"]["shots"], seed)
-
-
-def shapes_lam():
-    from train import DATASET_DEFAULTS
-    return DATASET_DEFAULTS["shapes"]["lam"]
+    return datasets.split_items(items, methods.DEFAULTS["shapes"]["shots"], seed)
 
 
 # ---- Fig. 10: cross-attention maps -----------------------------------------------------------------------------------
@@ -106,7 +102,7 @@ def layer_maps(model, jobs):
         raise common.InputError(f"caption(s) {empty} have no tokens once tokenized")
     img_idx, _ = common.pair_index([(1, len(ts)) for _, ts in jobs])             # pair p = text p, on image img_idx[p]
     noise = model.level_noise(latents.shape[1:])                                 # (n_levels, 4, h, w)
-    P, step = len(texts), model.batch_size
+    P, step = len(texts), model.pairs_per_call
     sums, score = {}, torch.zeros(P)
     for level, eps in zip(model.levels, noise):
         for s in range(0, P, step):
@@ -209,15 +205,13 @@ def dump_json(obj, path):
     text = json.dumps(obj, indent=1)
     text = re.sub(r"\[[-0-9.,eE\s]+\]", lambda m: "[" + ",".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]",
                   text)
-    with open(path, "w") as f:
-        f.write(text + "\n")
+    common.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text + "\n"))
 
 
 # ---- the shapes world's default items and the "named shape" measure ------------------------------------------------
 
 def neg_caption(item):
     """The caption of the ComVG negative image's scene (meta neg_triplet: a tuple repr or comma-separated)."""
-    import shapes
     raw = item.meta["neg_triplet"]
     try:
         scene = ast.literal_eval(raw)
@@ -238,7 +232,6 @@ def named_shape_shares(item, image, entry):
     """For the true caption 'a C1 S1 REL a C2 S2' on its positive image (two shapes of different colours): per colour /
     shape word, the share of its attention mass on either shape (`on_shapes`) and, of the mass on the two shapes, the
     share on the shape the word names (`on_named`, 0.5 = no preference); None when the colours coincide."""
-    import shapes
     subj, _, obj = item.meta["pos_triplet"].split(",")
     (c1, s1), (c2, s2) = subj.split(" "), obj.split(" ")
     words = entry["words"]
@@ -294,20 +287,16 @@ def load_image(path):
 def scorer_settings(args, checkpoint):
     """lambda and pooling: the command line's, else those the deltas were learned under, else the shapes default for
     the tiny shapes model (lambda 100), else eq. 3's lambda 1."""
-    trained = {}
-    if checkpoint:
-        meta = common.read_checkpoint(checkpoint, tensors=False)[0]
-        trained = meta.get("scorer") if isinstance(meta.get("scorer"), dict) else meta.get("training_args") or {}
+    recorded = methods.recorded_options(checkpoint)
     is_tiny = os.path.abspath(args.model) == os.path.abspath(TINY_MODEL)
-    lam = args.lam if args.lam is not None else trained.get("lam", shapes_lam() if is_tiny else 1.0)
-    return float(lam), trained.get("pooling", "lse")
+    opts = argparse.Namespace(lam=args.lam, dataset="shapes" if is_tiny else None)
+    return float(methods.option(opts, "lam", recorded)), methods.option(opts, "pooling", recorded)
 
 
 def load_attention_model(args, checkpoint):
-    from discffusion import Discffusion
     lam, pooling = scorer_settings(args, checkpoint)
     return Discffusion.from_pretrained(args.model, device=args.device, keep_maps=True, lam=lam, pooling=pooling,
-                                       seed=args.seed, batch_size=args.batch_size)
+                                       seed=args.seed, pairs_per_call=args.eval_batch_size)
 
 
 def stages(model, checkpoint, jobs):
@@ -503,8 +492,7 @@ def deltas_figure(path, out, model=None, bins=101):
                   per_layer=per_layer)
     png, js = os.path.join(out, "fig8_deltas.png"), os.path.join(out, "fig8_deltas.json")
     draw_deltas(record, edges, counts, png, path)
-    with open(js, "w") as f:
-        json.dump(record, f, indent=1)
+    common.write_json(js, record)
     return [png, js]
 
 
@@ -612,8 +600,7 @@ def curves_figure(paths, out):
                          test=test_metrics(res)))
     png, js = os.path.join(out, "fig7_curves.png"), os.path.join(out, "fig7_curves.json")
     draw_curves(runs, png)
-    with open(js, "w") as f:
-        json.dump(dict(figure="Fig. 7", runs=runs), f, indent=1)
+    common.write_json(js, dict(figure="Fig. 7", runs=runs))
     return [png, js]
 
 
@@ -657,7 +644,7 @@ def draw_curves(runs, png):
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("attention", help="Fig. 10: cross-attention maps per caption token")
     a.add_argument("--model", default=TINY_MODEL, help="local diffusers folder or hub id (default the tiny shapes SD)")
@@ -665,12 +652,13 @@ def parse_args(argv):
                                         f"the tiny model and no --image: {DEFAULT_DELTAS} if it exists)")
     a.add_argument("--image", action="append", help="an image file (repeatable; every --text is drawn on each)")
     a.add_argument("--text", action="append", help="a caption (repeatable)")
-    a.add_argument("--lam", type=float, help="eq. 3's lambda for the score (default: the deltas', shapes 100, else 1)")
+    a.add_argument("--lam", type=common.positive, help="eq. 3's lambda for the score (default: the deltas', shapes 100, else 1)")
     a.add_argument("--no-summary", dest="summary", action="store_false",
                    help="default items only: skip the held-out summary (every test item scored)")
     a.add_argument("--seed", type=int, default=0, help="noise and the shapes split (as train.py)")
-    a.add_argument("--device", default=None)
-    a.add_argument("--batch-size", type=int, default=32, help="pairs per UNet call (maps do not depend on it)")
+    a.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    a.add_argument("--eval-batch-size", type=common.positive_int, default=32,
+                   help="image-text pairs per UNet call (maps do not depend on it)")
     d = sub.add_parser("deltas", help="Fig. 8: learned prompt weights")
     d.add_argument("file", nargs="?", default=DEFAULT_DELTAS)
     d.add_argument("--model", help="base model folder for ||p|| / ||W|| (default the file's base_model)")
@@ -716,19 +704,16 @@ def timed(name, fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        if args.command == "attention":
-            check_attention_args(args)
-            timed("attention", lambda: attention_figures(args))
-        elif args.command == "deltas":
-            timed("deltas", lambda: deltas_figure(args.file, args.out, args.model))
-        elif args.command == "curves":
-            timed("curves", lambda: curves_figure(args.files, args.out))
-        else:
-            run_all(args)
-    except ERRORS as e:
-        raise common.InputError(str(e)) from None
+    os.makedirs(args.out, exist_ok=True)
+    if args.command == "attention":
+        check_attention_args(args)
+        timed("attention", lambda: attention_figures(args))
+    elif args.command == "deltas":
+        timed("deltas", lambda: deltas_figure(args.file, args.out, args.model))
+    elif args.command == "curves":
+        timed("curves", lambda: curves_figure(args.files, args.out))
+    else:
+        run_all(args)
     return 0
 
 

@@ -108,9 +108,7 @@ def _layers(text):
 
 
 def _timesteps(text):
-    if text == "official" or (text.isdigit() and int(text) > 0):
-        return text if text == "official" else int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number or 'official', got {text!r}")
+    return text if text == "official" else positive_int(text)
 
 
 def add_model_args(p):
