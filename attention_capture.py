@@ -119,7 +119,7 @@ class CaptureProcessor:
 class AttentionScorer(nn.Module):
     """Installs `CaptureProcessor` on the selected attn2 layers and turns a UNet pass into a (B,) score."""
 
-    def __init__(self, unet, layers="all", pooling="lse", lam=1.0, keep_maps=False):
+    def __init__(self, unet, layers, pooling, lam, keep_maps=False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")

@@ -34,7 +34,7 @@ def lse_pool(A, mask, lam=1.0):
     return masked_mean(S, mask)                                            # (B, heads)     eq. 4, over real tokens
 
 
-def pool(method, A, mask, lam=1.0, logits=None, image_feats=None, text_feats=None):
+def pool(method, A, mask, lam=None, logits=None, image_feats=None, text_feats=None):
     """Pool one layer's attention to a (B, heads) score with the chosen `method` (see the module docstring)."""
     if method == "lse":
         return lse_pool(A, mask, lam)
