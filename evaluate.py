@@ -34,17 +34,29 @@ errors (strict >):
 "Average" and "All" are over all items (micro); the JSON also holds the mean of the columns (macro_average).
 Bad input: "error: <one line>" on stderr, exit code 2. An unreadable image skips its item, counted in the summary.
 A non-finite score is an error naming the item; ties with a wrong candidate and duplicate records are reported.
+
+Every accuracy is printed with its 95% bootstrap interval over items; the JSON keeps each item's score matrix. Under
+`accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes) each process scores its share
+of the items and the main one writes the same JSON and tables as one process. Scores are appended to OUTPUT's partial
+files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest.
 """
 import argparse
+import hashlib
 import json
 import os
+import pathlib
+import re
+import shutil
 import sys
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import methods
-from common import MAX_LISTED, ArgumentParser, InputError, check_writable, positive_int, run_cli, write_json
+from common import (MAX_LISTED, ArgumentParser, InputError, check_writable, default_device, positive_int,
+                    resolve_dtype, run_cli, write_json)
 from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
                       load_items, loader_options, split_items)
 
@@ -184,20 +196,29 @@ def pair_chunks(items, pairs):
         yield group
 
 
-def score_dataset(model, items, pairs=16, desc=None):
-    """[(item, score matrix)] for every item whose images open, and [(item id, error)] for those that do not."""
+def score_dataset(model, items, pairs=16, desc=None, groups=None, on_group=None):
+    """[(item, score matrix)] for every item whose images open, and [(item id, error)] for those that do not.
+    groups: the item groups to score, one score_items call each (default pair_chunks(items, pairs));
+    on_group(scored, [(item, error)]) runs after each group with that group's results (the partial file)."""
     scored, unreadable, cache = [], [], ImageCache()
-    with tqdm(total=len(items), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
-        for group in pair_chunks(items, pairs):
-            loaded = []
+    groups = list(pair_chunks(items, pairs)) if groups is None else groups
+    with tqdm(total=sum(map(len, groups)), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
+              disable=not PartialState().is_main_process) as bar:
+        for group in groups:
+            loaded, bad = [], []
             for item in group:
                 try:
                     loaded.append((item, cache.load(item.images)))
                 except Exception as e:  # corrupt / truncated / not an image: skip this item only
-                    unreadable.append((item.id, f"{type(e).__name__}: {e}"))
+                    bad.append((item, f"{type(e).__name__}: {e}"))
+            done = []
             if loaded:
                 mats = model.score_items([(ims, item.texts) for item, ims in loaded])
-                scored += [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
+                done = [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
+            scored += done
+            unreadable += [(item.id, e) for item, e in bad]
+            if on_group:
+                on_group(done, bad)
             bar.update(len(group))
     return scored, unreadable
 
@@ -210,17 +231,154 @@ def finite(item, s):
     return s
 
 
-def evaluate_items(model, name, items, pairs=16, desc=None):
+def evaluate_items(model, name, items, pairs=16, desc=None, store=None):
     """Score `items` of data set `name`, about `pairs` image-text pairs per scoring call -> {"metrics": {column:
-    percent}, "counts", n_items, unreadable, ...}."""
-    scored, unreadable = score_dataset(model, items, pairs, desc=desc or name)
+    percent}, "counts", "ci" (95% bootstrap intervals), n_items, unreadable, "items" (id, category, score matrix and
+    flags of each scored item), ...}. Under `accelerate launch` the items are shared out among the processes
+    (`score_sharded`); every process returns the same results. store: a partial file (`open_partial`)."""
+    records = score_sharded(model, items, pairs, desc or name, store)
+    scored = [(items[k], torch.tensor(r["scores"])) for k, r in records if "scores" in r]
+    unreadable = [(r["id"], r["error"]) for _, r in records if "error" in r]
     records = [(item, item_metrics(name, s)) for item, s in scored]
     out = summarize(name, records)
     ties = [item.id for item, s in scored if tied(name, s)]
     out.update(n_items=len(records), unreadable=len(unreadable),
                unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
-               ties=len(ties), tied_items=ties[:MAX_LISTED])
+               ties=len(ties), tied_items=ties[:MAX_LISTED], **intervals(name, records))
+    out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m)
+                    for (item, s), (_, m) in zip(scored, records)]
     return out
+
+
+# ---- many processes (accelerate launch), partial files, confidence intervals -------------------------------------
+
+CI_RESAMPLES, CI_SEED = 1000, 0  # every interval: 95% percentile bootstrap over items, the same resamples for a count
+
+
+def processes(device=None):
+    """accelerate's PartialState: this run's one process, or one of `accelerate launch`'s. Processes on CPU
+    (--device cpu, or no GPU) talk over gloo; on GPUs each takes its own device (accelerate sets it)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_PORT" in os.environ \
+            and not any(k in os.environ for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        print("warning: `accelerate launch --cpu --num_processes N` starts one process (accelerate starts N CPU "
+              "processes only with --mpirun_hostfile); for N CPU processes use `accelerate launch --multi_gpu "
+              "--num_processes N ... --device cpu`", file=sys.stderr)
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def score_sharded(model, items, pairs, desc, store=None):
+    """[(position in items, record)] for every item, in order; a record is {"id", "scores": matrix as lists} or
+    {"id", "error"}. The items are cut into the groups one process would score (pair_chunks), the groups not already
+    in `store` are dealt out to the processes in turn, and the records are gathered (gather_object: no padding, so
+    no duplicates), so every score comes from the same scoring call as in one process and is bit-identical to it."""
+    state = PartialState()
+    done, out = store or ({}, None)
+    where = {id(item): k for k, item in enumerate(items)}
+    groups = [g for g in pair_chunks(items, pairs) if not all(where[id(item)] in done for item in g)]
+
+    def record(scored, unreadable):
+        new = [dict(k=where[id(item)], id=item.id, scores=s.tolist()) for item, s in scored]
+        new += [dict(k=where[id(item)], id=item.id, error=e) for item, e in unreadable]
+        mine.extend(new)
+        if out:
+            out.write("".join(json.dumps(r) + "\n" for r in new))
+            out.flush()                                            # a kill loses at most the group in flight
+
+    mine = []
+    score_dataset(model, items, pairs, desc, groups=groups[state.process_index::state.num_processes], on_group=record)
+    if out:
+        out.close()
+    records = dict(done) | {r["k"]: r for r in gather_object(mine)}
+    return [(k, records[k]) for k in range(len(items))]
+
+
+def _hits(records, flag, which=None):
+    return [float(m[flag]) for item, m in records if which is None or which(item.category)]
+
+
+def percent_ci(values):
+    """[low, high] in percent (or points, for differences) of the mean of per-item 0/1 values; None without items."""
+    ci = bootstrap_ci(values, CI_RESAMPLES, CI_SEED)
+    return ci and [100 * ci[0], 100 * ci[1]]
+
+
+def intervals(name, records):
+    """{"ci": {column: [low, high]}}, and Winoground's {"per_tag_ci": {tag: {column: [low, high]}}} (Table 10)."""
+    out = {"ci": {col: percent_ci(_hits(records, flag, which)) for col, flag, which in COLUMNS[name]}}
+    if name == "winoground":
+        out["per_tag_ci"] = {t: {f: percent_ci(_hits(records, f.lower(), _is(t.lower())))
+                                 for f in ("Text", "Image", "Group")}
+                             for t in sorted({item.category for item, _ in records})}
+    return out
+
+
+def paired_differences(name, first, other):
+    """{column: {difference, ci, n}}: `other` minus `first` in points, item by item (two evaluate_items results on
+    the same items; the same resamples for both); None when they scored different items."""
+    a, b = first["items"], other["items"]
+    if [r["id"] for r in a] != [r["id"] for r in b]:
+        return None
+    out = {}
+    for col, flag, which in COLUMNS[name]:
+        d = [float(y[flag]) - float(x[flag]) for x, y in zip(a, b) if which is None or which(x["category"])]
+        out[col] = dict(difference=100 * sum(d) / len(d) if d else None, ci=percent_ci(d), n=len(d))
+    return out
+
+
+def partial_folder(output, label, name):
+    """Where one run's per-item records go while it is scored: results.json -> results.items/<data set>/<label>/."""
+    return os.path.join(os.path.splitext(output)[0] + ".items", name, re.sub(r"[^\w.-]+", "-", label))
+
+
+def _sha256(data=b"", path=None):
+    h = hashlib.sha256(data)
+    if path:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(args, method, checkpoint, model, name, root, split, items):
+    """What a partial file's scores depend on, flat {what: value} so that a difference can be named: the method, the
+    checkpoint's content, precision and device, the scorer's options (model.config), the data set and its items."""
+    fp = dict(getattr(model, "config", {}), method=method, checkpoint=checkpoint and _sha256(path=checkpoint),
+              device=default_device(args.device), eval_batch_size=args.eval_batch_size,
+              precision=str(resolve_dtype(args.precision, default_device(args.device))).replace("torch.", ""),
+              dataset=name, data_root=os.path.abspath(root), split=split,
+              items=f"{len(items)}, ids {_sha256(json.dumps([it.id for it in items]).encode())}")
+    return json.loads(json.dumps(fp, default=str))
+
+
+def open_partial(folder, fp, resume):
+    """({item position: record} already scored in `folder`, this process's file to append records to).
+
+    Without --resume, or without a fingerprint there, `folder` starts empty. With --resume its fingerprint must be
+    `fp` (else an InputError names what differs); a line cut short by a kill is dropped. Every process runs this."""
+    state = PartialState()
+    fp_file = os.path.join(folder, "fingerprint.json")
+    old = json.loads(pathlib.Path(fp_file).read_text()) if resume and os.path.exists(fp_file) else None
+    if old is not None and old != fp:
+        diff = [k for k in dict.fromkeys([*fp, *old]) if old.get(k) != fp.get(k)]
+        raise InputError(f"--resume: {folder} holds scores made with another " + "; another ".join(
+            f"{k} ({old.get(k)} there, {fp.get(k)} now)" for k in diff[:3]) + "; rerun without --resume to start over")
+    parts = lambda: sorted(f for f in os.listdir(folder) if f.startswith("part-"))  # noqa: E731
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if old is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            write_json(fp_file, fp)
+        for part in parts():
+            with open(os.path.join(folder, part), "rb+") as f:
+                f.truncate(f.read().rfind(b"\n") + 1)
+    state.wait_for_everyone()
+    done = {}
+    for part in parts():
+        with open(os.path.join(folder, part)) as f:
+            done.update((r["k"], r) for r in map(json.loads, f))
+    state.wait_for_everyone()                                      # all have read before anyone appends
+    return done, open(os.path.join(folder, f"part-{state.process_index}.jsonl"), "a")
 
 
 # ---- data and the runs -------------------------------------------------------------------------------------------
@@ -291,9 +449,16 @@ def _fmt(v):
     return "-" if v is None else f"{v:.2f}"
 
 
+def _fmt_ci(v, ci):
+    """A percent with its interval beside it: 93.75 [87.5, 98.9]."""
+    return _fmt(v) if v is None or not ci else f"{v:.2f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def render_table(title, column_groups, rows):
     """column_groups [(group title, [column])], rows [(label, [cell])] (cells of all groups in order) -> text."""
-    widths = [[max(len(c), 7) for c in cols] for _, cols in column_groups]
+    starts = [sum(len(cols) for _, cols in column_groups[:g]) for g in range(len(column_groups))]
+    widths = [[max(len(c), 7, *(len(str(cells[k + i])) for _, cells in rows)) for i, c in enumerate(cols)]
+              for (_, cols), k in zip(column_groups, starts)]
     spans = [sum(w) + len(w) - 1 for w in widths]
     lines = [[""] + [g[:s].ljust(s) for (g, _), s in zip(column_groups, spans)],
              ["Method"] + [" ".join(c.rjust(w) for c, w in zip(cols, ws))
@@ -308,11 +473,14 @@ def render_table(title, column_groups, rows):
     return "\n".join([title] + [" | ".join([r[0].ljust(first)] + r[1:]) for r in lines])
 
 
-def format_table(name, rows):
-    """One data set's columns for several runs: rows {label: {column: percent}} (e.g. zero_shot / few_shot)."""
-    cols = [c for c, _, _ in COLUMNS[name]]
-    return render_table(f"{TITLES[name]}: accuracy (%)", [(TITLES[name], cols)],
-                        [(label, [_fmt(m.get(c)) for c in cols]) for label, m in rows.items()])
+def format_table(name, rows, cis=None):
+    """One data set's columns for several runs: rows {label: {column: percent}} (e.g. zero_shot / few_shot), and
+    their intervals cis {label: {column: [low, high]}} when given."""
+    cols, cis = [c for c, _, _ in COLUMNS[name]], cis or {}
+    return render_table(f"{TITLES[name]}: accuracy (%)" + (" [95% bootstrap CI]" if cis else ""),
+                        [(TITLES[name], cols)],
+                        [(label, [_fmt_ci(m.get(c), cis.get(label, {}).get(c)) for c in cols])
+                         for label, m in rows.items()])
 
 
 def tables(results):
@@ -337,12 +505,37 @@ def tables(results):
     return out
 
 
-def show_table(title, column_groups, rows):
-    """A paper table: one accuracy row per method ({method: column_groups}) and the item counts behind each cell."""
-    cells = [c for _, cols in column_groups for c in cols]
-    body = [(m, [_fmt(v) for _, cols in g for _, v, _ in cols]) for m, g in rows.items()]
+def show_table(title, column_groups, rows, cis=None):
+    """A paper table: one accuracy row per method ({method: column_groups}) and the item counts behind each cell;
+    cis {method: {(group, column): [low, high]}}: each cell's interval, printed beside it."""
+    cells, cis = [c for _, cols in column_groups for c in cols], cis or {}
+    body = [(m, [_fmt_ci(v, cis.get(m, {}).get((t, c))) for t, cols in g for c, v, _ in cols]) for m, g in rows.items()]
     return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in column_groups],
                         body + [("(items)", [n for _, _, n in cells])])
+
+
+def cell_ci(results, key, group, column):
+    """The interval of one cell of `tables(results)`: table `key`, column group `group` (a data set's title, or a
+    Winoground tag in Table 10)."""
+    if key == "table10":
+        return results["winoground"]["per_tag_ci"].get(group, {}).get(column)
+    return results[next(n for n, t in TITLES.items() if t == group and n in results)]["ci"][column]
+
+
+def show_differences(results, labels):
+    """{data set: {"<label> - <first label>": {column: {difference, ci, n}}}} of every run against the first, and the
+    printed tables."""
+    out, text = {}, []
+    for name in results[labels[0]]:
+        diffs = {f"{m} - {labels[0]}": paired_differences(name, results[labels[0]][name], results[m][name])
+                 for m in labels[1:]}
+        out[name] = diffs
+        cols = [c for c, _, _ in COLUMNS[name]]
+        text.append(render_table(f"{TITLES[name]}: paired difference, points [95% bootstrap CI, same items and "
+                                 "resamples]", [(TITLES[name], cols)],
+                                 [(row, [_fmt_ci(d[c]["difference"], d[c]["ci"]) if d else "-" for c in cols])
+                                  for row, d in diffs.items()]))
+    return out, "\n\n".join(text)
 
 
 def summary_line(name, res, report):
@@ -384,6 +577,9 @@ def build_parser():
     p.add_argument("--checkpoint", action="append", metavar="[METHOD=]FILE",
                    help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
                         "method, METHOD=FILE to that method; repeatable")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the items already scored in OUTPUT's partial files (results.json -> results.items/) "
+                        "and score the rest; refused if the model, checkpoint, options or data differ")
     methods.add_model_args(p)
     add_data_args(p)
     p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=argparse.SUPPRESS,
@@ -394,10 +590,12 @@ def build_parser():
 def run(args, argv=()):
     if args.output:
         check_writable(args.output)  # before any data or model
+    state = processes(args.device)  # one process, or one of `accelerate launch`'s: each scores its share of the items
     roots = dataset_roots(args)
     runs = default_runs(args, [name for name, _ in roots])
-    data = load_data(args, roots, runs)
-    for name, (_, _, _, report) in data.items():
+    with state.main_process_first():                               # the shapes world is written on first use
+        data = load_data(args, roots, runs)
+    for name, (_, _, _, report) in data.items() if state.is_main_process else ():
         for w in report["warnings"][:5]:
             print(f"warning: {w}", file=sys.stderr)
         if len(report["warnings"]) > 5:
@@ -407,7 +605,15 @@ def run(args, argv=()):
         model = methods.build(method, args, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
-            results[name] = evaluate_items(model, name, items, args.eval_batch_size, desc=f"{label} {name}")
+            store = None
+            if args.output:
+                folder = partial_folder(args.output, label, name)
+                fp = fingerprint(args, method, checkpoint, model, name, root, split, items)
+                store = open_partial(folder, fp, args.resume)
+                if store[0] and state.is_main_process:
+                    print(f"{label} {name}: {len(store[0])} of {len(items)} items already scored in {folder}")
+            results[name] = evaluate_items(model, name, items, args.eval_batch_size, desc=f"{label} {name}",
+                                           store=store)
             results[name].update(root=root, split=split, report=report)
         per_method[label] = {"method": method, "checkpoint": checkpoint, "model": getattr(model, "config", {}),
                              "datasets": results}
@@ -415,19 +621,29 @@ def run(args, argv=()):
     labels = [label for label, _, _ in runs]
     first = per_method[labels[0]]["datasets"]
     shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
+    differences, diff_text = show_differences({m: r["datasets"] for m, r in per_method.items()}, labels)
+    if not state.is_main_process:
+        return None
     print()
     for key, (title, column_groups) in shown[labels[0]].items():
-        print(show_table(title, column_groups, {m: shown[m][key][1] for m in labels}) + "\n")
+        cis = {m: {(g, c): cell_ci(per_method[m]["datasets"], key, g, c) for g, cols in shown[m][key][1]
+                   for c, _, _ in cols} for m in labels}
+        print(show_table(title + " [95% bootstrap CI]", column_groups, {m: shown[m][key][1] for m in labels}, cis)
+              + "\n")
+    if len(labels) > 1:
+        print(diff_text + "\n")
     for name, res in first.items():
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
     flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in cg} for k, (_, cg) in t.items()}  # noqa
-    out = dict(command=["evaluate.py"] + list(argv), args=vars(args), model=per_method[labels[0]]["model"],
+    out = dict(command=["evaluate.py"] + [a for a in argv if a != "--resume"],
+               args={k: v for k, v in vars(args).items() if k != "resume"}, model=per_method[labels[0]]["model"],
                datasets=first, tables=flat(shown[labels[0]]),
-               methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()})
+               methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()}, differences=differences)
     if args.output:
         write_json(args.output, out)
+        shutil.rmtree(os.path.splitext(args.output)[0] + ".items", ignore_errors=True)
         print(f"results written to {args.output}")
     return out
 

@@ -14,6 +14,11 @@ Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG
 (the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
 sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C ends the current step, writes
 the checkpoint and prints the command that resumes (exit 130); a failed write keeps the last good checkpoint (exit 2).
+
+Data-parallel under `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes):
+--batch-size is per process, the global batch batch-size x N x grad-accum, in the data order of one process with that
+global batch; the trainable gradients are averaged across processes (accelerate's reduce); only the main process
+writes files. `--resume` accepts a checkpoint with the same global batch.
 """
 import argparse
 import contextlib
@@ -27,6 +32,8 @@ import threading
 import time
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from tqdm import tqdm
 
 import evaluate
@@ -84,9 +91,11 @@ def parse_args(argv=None):
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
-def batch_indices(step, micro, args, n):
-    """Items of micro-batch `micro` of step `step`: a per-epoch permutation seeded by (seed, epoch); stateless."""
-    first = (step * args.grad_accum + micro) * args.batch_size
+def batch_indices(step, micro, args, n, rank=0, world=1):
+    """Items of micro-batch `micro` of step `step`: a per-epoch permutation seeded by (seed, epoch); stateless.
+    With `world` processes the micro-batch has batch_size x world items and process `rank` takes its slice, so the
+    data order is that of one process with the same global batch."""
+    first = (step * args.grad_accum + micro) * args.batch_size * world + rank * args.batch_size
     out = []
     for k in range(first, first + args.batch_size):
         epoch = k // n
@@ -111,53 +120,69 @@ def compute_loss(model, batch, args, generator):
 
 
 def train(args, model, params, train_items, test_items, log=print, stop=None):
-    """The training loop; `stop` (a threading.Event, see sigint_stops) set: end this step, checkpoint, Interrupted."""
+    """The training loop; `stop` (a threading.Event, see sigint_stops) set in any process: end this step, checkpoint,
+    Interrupted. Data-parallel under `accelerate launch`: every process scores its slice of each micro-batch with the
+    same noise (step_generator), the gradients of the trainable tensors are averaged over the processes (accelerate's
+    reduce) before clipping and the optimizer step, so every process holds the same tensors; the main one saves."""
+    dist = PartialState()
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    steps_per_epoch = math.ceil(len(train_items) / (args.batch_size * args.grad_accum))
+    steps_per_epoch = math.ceil(len(train_items) / (args.batch_size * dist.num_processes * args.grad_accum))
     total = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
         for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling"):
-            if ck["args"].get(key) != getattr(args, key):
-                raise InputError(f"--resume: {ckpt_path} was written with --{key.replace('_', '-')} "
-                                 f"{ck['args'].get(key)}, this run has {getattr(args, key)}")
+            now, what = getattr(args, key), f"--{key.replace('_', '-')}"
+            if key == "batch_size":
+                now, what = now * dist.num_processes, "the global batch (--batch-size x processes)"
+            if was.get(key) != now:
+                raise InputError(f"--resume: {ckpt_path} was written with {what} {was.get(key)}, this run has {now}")
         with torch.no_grad():
             for p, saved in zip(params, ck["params"]):
                 p.copy_(saved)
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         start, history = ck["step"], ck["history"]
-        log(f"resumed from {ckpt_path} at step {start}")
+        if dist.is_main_process:
+            log(f"resumed from {ckpt_path} at step {start}")
     images = ImageCache()
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
+               disable=not dist.is_main_process)
     t0 = time.time()
     for step in bar:
         opt.zero_grad(set_to_none=True)
         step_loss, hits, seen = 0.0, 0, 0
         for micro in range(args.grad_accum):
-            batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items))]
+            batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items), dist.process_index,
+                                                            dist.num_processes)]
             loaded = [(images.load(it.images), it.texts) for it in batch]
             loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
-            if not torch.isfinite(loss):
+            mean_loss = reduce(loss.detach(), "mean")              # over the processes: the global micro-batch's
+            if not torch.isfinite(mean_loss):
                 good = f"last good checkpoint {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; {good}. "
+                raise FloatingPointError(f"non-finite loss ({mean_loss.item()}) at step {step}; {good}. "
                                          "Try a lower --lr or --precision fp32.")
             (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
+            step_loss += mean_loss.item() / args.grad_accum
             if mats is not None:
                 hits += sum(triplet_loss.correct(S.detach()) for S in mats)
                 seen += len(mats)
+        hits, seen = map(int, reduce(torch.tensor([hits, seen]), "sum"))
+        grads = [p for p in params if p.grad is not None]          # the same tensors in every process
+        for p, g in zip(grads, reduce([p.grad for p in grads], "mean")):
+            p.grad = g
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         history.append({"step": step + 1, "loss": step_loss, "train_acc": hits / seen if seen else None})
-        rate = (step + 1 - start) * args.batch_size * args.grad_accum / max(time.time() - t0, 1e-9)
+        rate = (step + 1 - start) * args.batch_size * dist.num_processes * args.grad_accum / max(time.time() - t0,
+                                                                                                 1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
         done = step + 1
-        stopping = stop is not None and stop.is_set() and done < total
-        if done % args.save_every == 0 or done == total or stopping:
+        stopping = stop is not None and bool(reduce(torch.tensor(float(stop.is_set())), "sum") > 0) and done < total
+        if (done % args.save_every == 0 or done == total or stopping) and dist.is_main_process:
             state = {"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
                      "rng": torch.get_rng_state(), "history": history, "args": vars(args)}
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
@@ -167,7 +192,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         if args.eval_every and done % args.eval_every == 0 and done != total:
             res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
-            log(f"step {done}: " + json.dumps(res["metrics"]))
+            if dist.is_main_process:
+                log(f"step {done}: " + json.dumps(res["metrics"]))
     return history
 
 
@@ -214,10 +240,13 @@ def trained_file(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    state = evaluate.processes(args.device)   # one process, or one of `accelerate launch`'s (data-parallel: train())
+    args.processes, main_process = state.num_processes, state.is_main_process
     torch.manual_seed(args.seed)
     check_writable(args.output_dir, folder=True)  # before any data, model or step
-    items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
-                               **loader_options(args, args.dataset))
+    with state.main_process_first():                               # the shapes world is written on first use
+        items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
+                                   **loader_options(args, args.dataset))
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
     name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
     if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
@@ -225,8 +254,9 @@ def main(argv=None):
                                    **loader_options(args, name))
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
-    print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "
-          f"(split by seed {args.seed}, no shared sentence-image pair)")
+    if main_process:
+        print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "
+              f"(split by seed {args.seed}, no shared sentence-image pair)")
     model, params = build(args)
     results = {"dataset": args.dataset, "eval_dataset": name, "model": model.config, "args": vars(args), "data_report": report,
                "split": {"train": len(train_items), "test": len(test_items), "seed": args.seed, "shots": args.shots}}
@@ -242,7 +272,8 @@ def main(argv=None):
         raise Interrupted(f"{e}; resume with: {resume_command(argv)}") from None
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
                         "final_loss": history[-1]["loss"] if history else None, "history": history}
-    model.save_trained(trained_file(args), vars(args))
+    if main_process:
+        model.save_trained(trained_file(args), vars(args))
     results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
     del model
     results["compare"] = {}
@@ -252,11 +283,13 @@ def main(argv=None):
             results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.eval_batch_size,
                                                                  desc=f"{method} zero-shot")
         del other
+    if not main_process:
+        return results
     write_json(os.path.join(args.output_dir, "results.json"), results)
-    rows = {f"{args.method} {k.replace('_', '-')}": results[k]["metrics"] for k in ("zero_shot", "few_shot")
-            if k in results}
-    rows.update({f"{m} zero-shot": r["metrics"] for m, r in results["compare"].items()})
-    print(evaluate.format_table(name, rows))
+    runs = {f"{args.method} {k.replace('_', '-')}": results[k] for k in ("zero_shot", "few_shot") if k in results}
+    runs.update({f"{m} zero-shot": r for m, r in results["compare"].items()})
+    print(evaluate.format_table(name, {k: r["metrics"] for k, r in runs.items()},
+                                {k: r["ci"] for k, r in runs.items()}))
     print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
     return results
 
