@@ -177,9 +177,9 @@ def test_killed_run_leaves_no_done_file_and_the_rerun_completes(tmp_path, server
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = root / "compositional_visual_genome.csv.part"
     try:
-        deadline = time.time() + 60
+        deadline = time.monotonic() + 60
         while not (part.exists() and part.stat().st_size == len(COMVG_CSV) // 2):
-            assert time.time() < deadline and proc.poll() is None, "the download never started"
+            assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -312,8 +312,8 @@ def step(self, *a, **k):  # in step 2: tell the parent, and wait (at most 120 s)
     calls.append(1)
     if len(calls) == 2:
         open(os.environ["MARKER"], "w").close()
-        t = time.time()
-        while signal.getsignal(signal.SIGINT) is not signal.default_int_handler and time.time() - t < 120:
+        t = time.monotonic()
+        while signal.getsignal(signal.SIGINT) is not signal.default_int_handler and time.monotonic() - t < 120:
             time.sleep(0.01)
     return real(self, *a, **k)
 torch.optim.AdamW.step = step
