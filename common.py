@@ -11,6 +11,7 @@ it. Imports run one way (tests/test_layout.py checks it); each file imports only
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -142,6 +143,15 @@ def _cause(e, path):
         if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 20:
             return "no space left on device"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def file_hash(path, algorithm="sha256"):
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path, obj):

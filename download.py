@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from common import MAX_LISTED, ArgumentParser, InputError, positive_int, run_cli
+from common import MAX_LISTED, ArgumentParser, InputError, file_hash, positive_int, run_cli
 
 GB, MB = 1e9, 1e6
 CONFIRM_ABOVE = 1 * GB      # bytes: anything bigger starts only with --yes
@@ -158,14 +158,6 @@ class FetchError(Exception):
     def __init__(self, message, status=None, unreachable=False):
         super().__init__(message)
         self.status, self.unreachable = status, unreachable
-
-
-def file_hash(path, algorithm):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path, size=None, sha256=None, md5=None, check=None):

@@ -55,8 +55,8 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import methods
-from common import (MAX_LISTED, ArgumentParser, InputError, check_writable, default_device, positive_int,
-                    resolve_dtype, run_cli, write_json)
+from common import (MAX_LISTED, ArgumentParser, InputError, check_writable, default_device, file_hash,
+                    positive_int, resolve_dtype, run_cli, write_json)
 from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
                       load_items, loader_options, split_items)
 
@@ -330,23 +330,15 @@ def partial_folder(output, label, name):
     return os.path.join(os.path.splitext(output)[0] + ".items", name, re.sub(r"[^\w.-]+", "-", label))
 
 
-def _sha256(data=b"", path=None):
-    h = hashlib.sha256(data)
-    if path:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 def fingerprint(args, method, checkpoint, model, name, root, split, items):
     """What a partial file's scores depend on, flat {what: value} so that a difference can be named: the method, the
     checkpoint's content, precision and device, the scorer's options (model.config), the data set and its items."""
-    fp = dict(getattr(model, "config", {}), method=method, checkpoint=checkpoint and _sha256(path=checkpoint),
+    ids = hashlib.sha256(json.dumps([it.id for it in items]).encode()).hexdigest()[:16]
+    fp = dict(getattr(model, "config", {}), method=method, checkpoint=checkpoint and file_hash(checkpoint)[:16],
               device=default_device(args.device), eval_batch_size=args.eval_batch_size,
               precision=str(resolve_dtype(args.precision, default_device(args.device))).replace("torch.", ""),
               dataset=name, data_root=os.path.abspath(root), split=split,
-              items=f"{len(items)}, ids {_sha256(json.dumps([it.id for it in items]).encode())}")
+              items=f"{len(items)}, ids {ids}")
     return json.loads(json.dumps(fp, default=str))
 
 

@@ -51,17 +51,19 @@ def option(args, key, recorded=None):
     return None
 
 
-def recorded_options(checkpoint):
-    """The options a checkpoint was trained with (its scorer's lambda and pooling first); {} without a checkpoint."""
+def recorded_options(checkpoint, meta=None):
+    """The options a checkpoint was trained with (its scorer's lambda and pooling first); {} without a checkpoint.
+    meta: its header, if already read."""
     if not checkpoint:
         return {}
-    meta = read_checkpoint(checkpoint, tensors=False)[0]
+    meta = meta or read_checkpoint(checkpoint, tensors=False)[0]
     return {**(meta.get("training_args") or {}), **(meta.get("scorer") or {})}
 
 
 def build(method, args, checkpoint=None):
     """The model of one method from the CLI options, with its learned tensors when a checkpoint is given."""
-    recorded = recorded_options(checkpoint)
+    meta = read_checkpoint(checkpoint, tensors=False)[0] if checkpoint else {}
+    recorded = recorded_options(checkpoint, meta)
     shared = dict(device=args.device, dtype=args.precision, seed=args.seed)
     if method in ("clip_ft", "clip_prompt"):
         model = ClipMatcher.from_pretrained(args.clip_model or CLIP_MODEL, method=method, **shared)
@@ -76,8 +78,7 @@ def build(method, args, checkpoint=None):
             model = DiffusionITM.from_pretrained(model_id, variant=option(args, "itm_variant"),
                                                  n_timesteps=option(args, "itm_timesteps", recorded),
                                                  uncond_attention=option(args, "uncond_attention"), **shared, **opts)
-    deltas = checkpoint and read_checkpoint(checkpoint, tensors=False)[0].get("format") == prompt_delta.FORMAT
-    if deltas and isinstance(model, DiffusionITM):
+    if meta.get("format") == prompt_delta.FORMAT and isinstance(model, DiffusionITM):
         model.core.load_trained(checkpoint)  # p^k, p^v scored the official way
     elif checkpoint:
         model.load_trained(checkpoint)
