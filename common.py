@@ -173,11 +173,16 @@ def atomic_write(path, write):
 
 def check_writable(path, folder=False):
     """Before any work: raise an InputError unless `path` (a file to write, or with folder=True a folder to write
-    into) can be written. Creates the folder (as the write would), then a probe file in it, removed at once."""
+    into) can be written. Creates the folder (as the write would), then a probe file in it, and removes both: a
+    check leaves nothing behind (the writes create their folders)."""
     path = os.path.abspath(str(path))
     where = path if folder else os.path.dirname(path)
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    created, d = [], where                                          # the folders makedirs adds, deepest first
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(where, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
@@ -186,6 +191,10 @@ def check_writable(path, folder=False):
         raise InputError(f"cannot write {path}: {'it' if where == path else where} is a file, not a folder") from None
     except OSError as e:
         raise InputError(f"cannot write {path}: {_cause(e, where)}") from None
+    finally:
+        for d in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def _cause(e, path):

@@ -715,6 +715,7 @@ def timed(name, fn):
 def main(argv=None):
     args = parse_args(argv)
     common.check_writable(args.out, folder=True)  # before any model or figure
+    os.makedirs(args.out, exist_ok=True)
     if args.command == "attention":
         check_attention_args(args)
         timed("attention", lambda: attention_figures(args))
