@@ -168,7 +168,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
                 except Exception as e:  # noqa: BLE001 - corrupt / truncated / not an image: PIL raises many types
                     skipped.append(f"{it.id}: {type(e).__name__}: {e}")
                     if skipped[-1] not in unreadable and dist.is_main_process:
-                        log(f"warning: training item {skipped[-1]}; skipped (counted in results.json)")
+                        print(f"warning: training item {skipped[-1]}; skipped (counted in results.json)",
+                              file=sys.stderr)
                     unreadable.add(skipped[-1])
             if len(unreadable) == len(train_items):
                 raise InputError(f"no training item can be read: the images of all {len(train_items)} are unreadable "
