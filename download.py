@@ -326,10 +326,14 @@ def fetch_images(jobs_list, tally, jobs=JOBS, desc="images"):
     with ThreadPoolExecutor(max(1, jobs)) as pool, \
             tqdm(total=len(jobs_list), unit="img", desc=desc, file=sys.stderr, mininterval=0.5) as bar:
         futures = {pool.submit(one, name, sources): name for name, sources in jobs_list}
-        for future in as_completed(futures):
-            outcome, why = future.result()
-            count(tally, futures[future], outcome, why)
-            bar.update(1)
+        try:
+            for future in as_completed(futures):
+                outcome, why = future.result()
+                count(tally, futures[future], outcome, why)
+                bar.update(1)
+        except BaseException:  # an InputError (a folder in the way) or Ctrl-C: the images not started are not
+            pool.shutdown(wait=False, cancel_futures=True)  # tried, the ones in flight end on their own
+            raise
 
 
 def existing_image(names, folders):

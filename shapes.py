@@ -18,7 +18,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import MAX_SIZE, ArgumentParser, InputError, atomic_write, check_writable, image_size, positive_int, run_cli
+from common import (MAX_SIZE, ArgumentParser, InputError, atomic_write, check_writable, image_size, positive_int,
+                    run_cli)
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")

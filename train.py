@@ -162,7 +162,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items), dist.process_index,
                                                             dist.num_processes)]
             loaded = []
-            for it in batch:                                       # as in evaluation: an unreadable image skips its item
+            for it in batch:                              # as in evaluation: an unreadable image skips its item
                 try:
                     loaded.append((images.load(it.images), it.texts))
                 except Exception as e:  # noqa: BLE001 - corrupt / truncated / not an image: PIL raises many types
