@@ -388,7 +388,7 @@ def unpacked(dest, zip_name):
     try:
         with open(marker_path(dest, zip_name)) as f:
             return all(os.path.isfile(os.path.join(dest, rel)) for rel in json.load(f))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return False
 
 
@@ -482,7 +482,7 @@ def winoground_examples_ok(path):
     try:
         with open(path, encoding="utf-8") as f:
             return all("image_0" in json.loads(line) for line in f if line.strip())
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return False
 
 
