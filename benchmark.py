@@ -523,6 +523,8 @@ def main(argv=None):
         print(CHILD_MARK + json.dumps(run_memory_child(args)), flush=True)
         return None
     check_writable(args.output)  # before any model is built
+    if not args.model:
+        check_writable(args.cache_dir, folder=True)  # where the preset's random weights are built once
     torch.manual_seed(args.seed)
     path = model_path(args)
     model = load(path, args)

@@ -17,8 +17,10 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -31,21 +33,57 @@ class InputError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C, handled: the work stopped cleanly; the message (one line) says where and how to resume. Exit 130."""
+    """Ctrl-C or SIGTERM, handled: the work stopped cleanly; the message (one line) says where and how to resume.
+    Exit 128 + the signal: 130 (Ctrl-C, SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, containers, `timeout`) raised as an exception, where Ctrl-C raises KeyboardInterrupt."""
+    signum = signal.SIGTERM
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within: SIGTERM raises Terminated (handled like Ctrl-C's KeyboardInterrupt), the previous handler back
+    afterwards. Off the main thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_cli(main, argv=None):
     """Run main(argv) -> exit code: main's own if it returns an int (download.py: 1 when a file failed), else 0; 2
-    after an InputError printed as one `error: ...` line on stderr; 130 after an Interrupted (its one line)."""
+    after an InputError printed as one `error: ...` line on stderr; 128 + the signal after an Interrupted (its one
+    line) or an unhandled Ctrl-C / SIGTERM (`interrupted`): 130 for Ctrl-C, 143 for SIGTERM."""
     try:
-        code = main(argv)
+        with sigterm_raises():
+            code = main(argv)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(e, file=sys.stderr)
-        return 130
+        return 128 + e.signum
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
+        return 128 + signum
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,6 +114,20 @@ def number(kind=float, low=None, high=None, above=None):
 
 
 positive_int, positive = number(int, low=1), number(above=0)  # the two most common rules
+MAX_SIZE = 2048  # pixels: the largest image side any option accepts (refused before anything is allocated)
+
+
+def image_size(multiple=1, high=MAX_SIZE):
+    """An argparse type: an image side in pixels, a multiple of `multiple` from `multiple` to `high`, e.g.
+    `argument --resolution: must be a multiple of 8 from 8 to 2048, got 100000`."""
+    rule = f"a multiple of {multiple} from {multiple} to {high}" if multiple > 1 else f"from 1 to {high}"
+
+    def parse(text):
+        x = number(int)(text)
+        if not (multiple <= x <= high and x % multiple == 0):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return x
+    return parse
 
 
 def resolve_dtype(dtype, device):
@@ -121,11 +173,16 @@ def atomic_write(path, write):
 
 def check_writable(path, folder=False):
     """Before any work: raise an InputError unless `path` (a file to write, or with folder=True a folder to write
-    into) can be written. Creates the folder (as the write would), then a probe file in it, removed at once."""
+    into) can be written. Creates the folder (as the write would), then a probe file in it, and removes both: a
+    check leaves nothing behind (the writes create their folders)."""
     path = os.path.abspath(str(path))
     where = path if folder else os.path.dirname(path)
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    created, d = [], where                                          # the folders makedirs adds, deepest first
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(where, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
@@ -134,6 +191,10 @@ def check_writable(path, folder=False):
         raise InputError(f"cannot write {path}: {'it' if where == path else where} is a file, not a folder") from None
     except OSError as e:
         raise InputError(f"cannot write {path}: {_cause(e, where)}") from None
+    finally:
+        for d in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def _cause(e, path):
@@ -182,7 +243,7 @@ def read_checkpoint(path, tensors=True):
 def _json_or_text(value):
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply to be metadata
         return value
 
 
@@ -196,6 +257,8 @@ def check_tensors(path, saved, own, about=""):
         if saved[k].shape != t.shape:
             raise InputError(f"checkpoint {path}{about}: {k} has shape {tuple(saved[k].shape)} in the file, "
                              f"{tuple(t.shape)} in this model")
+        if saved[k].is_floating_point() and not torch.isfinite(saved[k]).all():
+            raise InputError(f"checkpoint {path}{about}: {k} holds non-finite values (NaN or inf)")
 
 
 def copy_tensors(saved, own):

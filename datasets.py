@@ -36,6 +36,10 @@ import download
 import shapes
 from common import MAX_LISTED, InputError
 
+# A CSV field may be as long as its file (the file is in memory already): no `field larger than field limit` at
+# 131,072 characters; an over-long sentence is cut by the tokenizer, as any long text is.
+csv.field_size_limit(2 ** 31 - 1)
+
 
 @dataclass
 class Item:
@@ -135,6 +139,9 @@ def read_json(path, what):
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{what} {path} is nested too deeply to be an annotation file (JSON parser's recursion "
+                         "limit)") from None
 
 
 def draw(pool, k, rng, bad_keys=(), bad_texts=()):
@@ -588,8 +595,8 @@ def load_winoground(root, annotations=None, split=None, seed=0):
             where = f"{path}:{n}"
             try:
                 ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                malformed(report, where, f"not JSON ({e.msg})")
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+                malformed(report, where, f"not JSON ({getattr(e, 'msg', 'nested too deeply')})")
                 continue
             if not isinstance(ex, dict) or not all(ex.get(k) not in (None, "") for k in WINOGROUND_FIELDS):
                 malformed(report, where, f"missing one of {', '.join(WINOGROUND_FIELDS)}")

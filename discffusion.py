@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from safetensors import SafetensorError
 
 import prompt_delta
 from attention_capture import AttentionScorer
@@ -66,16 +67,19 @@ def load_components(model, dtype):
                              " (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
         raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
-    try:
-        return dict(
-            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype),
-            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype),
-            scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"could not load model {model!r}: {first}") from None
+    loaders = dict(tokenizer=lambda: CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
+                   text_encoder=lambda: CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype),
+                   vae=lambda: AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype),
+                   unet=lambda: UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype),
+                   scheduler=lambda: DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
+    out = {}
+    for part, load in loaders.items():
+        try:
+            out[part] = load()
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"could not load model {model!r} ({part}/): {first}") from None
+    return out
 
 
 class Discffusion(nn.Module):

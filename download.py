@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from common import MAX_LISTED, ArgumentParser, InputError, file_hash, positive_int, run_cli
+from common import MAX_LISTED, ArgumentParser, InputError, check_writable, file_hash, positive_int, run_cli
 
 GB, MB = 1e9, 1e6
 CONFIRM_ABOVE = 1 * GB      # bytes: anything bigger starts only with --yes
@@ -233,7 +233,11 @@ def fetch(url, path, size=None, sha256=None, md5=None, check=None, bar=True):
     """url -> path, via path.part; "present" if path is already complete and valid, else "fetched".
 
     A .part left by an earlier run is continued. Raises FetchError when the file cannot be fetched, or when it fails
-    its check (size, sha256, md5, check(path) -> None or why): the bad file is then removed, never kept as done."""
+    its check (size, sha256, md5, check(path) -> None or why): the bad file is then removed, never kept as done.
+    A folder where the file (or its .part) must go is an InputError: nothing of the user's is removed."""
+    for p in (path, f"{path}.part"):
+        if os.path.isdir(p):
+            raise InputError(f"cannot write {p}: a folder is in the way of the file (move it away)")
     if os.path.exists(path):
         if verify(path, size, sha256, md5, check) is None:
             return "present"
@@ -322,10 +326,14 @@ def fetch_images(jobs_list, tally, jobs=JOBS, desc="images"):
     with ThreadPoolExecutor(max(1, jobs)) as pool, \
             tqdm(total=len(jobs_list), unit="img", desc=desc, file=sys.stderr, mininterval=0.5) as bar:
         futures = {pool.submit(one, name, sources): name for name, sources in jobs_list}
-        for future in as_completed(futures):
-            outcome, why = future.result()
-            count(tally, futures[future], outcome, why)
-            bar.update(1)
+        try:
+            for future in as_completed(futures):
+                outcome, why = future.result()
+                count(tally, futures[future], outcome, why)
+                bar.update(1)
+        except BaseException:  # an InputError (a folder in the way) or Ctrl-C: the images not started are not
+            pool.shutdown(wait=False, cancel_futures=True)  # tried, the ones in flight end on their own
+            raise
 
 
 def existing_image(names, folders):
@@ -380,7 +388,7 @@ def unpacked(dest, zip_name):
     try:
         with open(marker_path(dest, zip_name)) as f:
             return all(os.path.isfile(os.path.join(dest, rel)) for rel in json.load(f))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         return False
 
 
@@ -474,7 +482,7 @@ def winoground_examples_ok(path):
     try:
         with open(path, encoding="utf-8") as f:
             return all("image_0" in json.loads(line) for line in f if line.strip())
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return False
 
 
@@ -627,23 +635,32 @@ def main(argv=None):
     if args.name not in DATASETS:
         raise InputError(f"unknown data set {args.name!r}: choose from {', '.join(DATASETS)}")
     root = os.path.join(args.data_root, args.name)
+    check_writable(root, folder=True)  # a data root that is a file, read-only or inside a file: before any fetch
     print(f"{args.name}: {DATASETS[args.name]} -> {root}")
-    if args.name == "comvg":
-        tally = fetch_comvg(root, args.mirror, args.jobs)
-    elif args.name == "winoground":
-        tally = fetch_winoground(root)
-    elif args.name == "vlchecklist":
-        tally = fetch_vlchecklist(root, args.mirror, args.with_images, args.yes)
-    elif args.name == "vqav2":
-        tally = fetch_vqav2(root, args.mirror, args.with_images, args.yes, args.jobs)
-    elif args.name == "refcocog":
-        tally = fetch_refcocog(root, args.mirror, args.with_images, args.yes)
-    else:
-        tally = fetch_coco(root, args.mirror, args.with_images, args.yes)
+    try:
+        tally = fetch_dataset(args, root)
+    except OSError as e:  # the local side (network failures are FetchErrors): a folder in the way, a full disk, ...
+        where = f"{e.filename}" if e.filename else root
+        raise InputError(f"cannot write {where}: {(e.strerror or str(e)).lower()}") from None
     code = summary(args.name, root, tally)
     if args.name == "vlchecklist" and not args.with_images:
         print(vlc_image_route(root))
     return code
+
+
+def fetch_dataset(args, root):
+    """The tally of fetching data set args.name into root."""
+    if args.name == "comvg":
+        return fetch_comvg(root, args.mirror, args.jobs)
+    if args.name == "winoground":
+        return fetch_winoground(root)
+    if args.name == "vlchecklist":
+        return fetch_vlchecklist(root, args.mirror, args.with_images, args.yes)
+    if args.name == "vqav2":
+        return fetch_vqav2(root, args.mirror, args.with_images, args.yes, args.jobs)
+    if args.name == "refcocog":
+        return fetch_refcocog(root, args.mirror, args.with_images, args.yes)
+    return fetch_coco(root, args.mirror, args.with_images, args.yes)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ A non-finite score is an error naming the item; ties with a wrong candidate and 
 Every accuracy is printed with its 95% bootstrap interval over items; the JSON keeps each item's score matrix. Under
 `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes) each process scores its share
 of the items and the main one writes the same JSON and tables as one process. Scores are appended to OUTPUT's partial
-files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest.
+files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest. Ctrl-C
+or SIGTERM stops with one line naming the kept files and the command that resumes (exit 130 for Ctrl-C, 143 for
+SIGTERM).
 """
 import argparse
 import hashlib
@@ -46,7 +48,9 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
+import signal
 import sys
 
 import torch
@@ -55,8 +59,8 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import methods
-from common import (MAX_LISTED, ArgumentParser, InputError, check_writable, default_device, file_hash,
-                    positive_int, resolve_dtype, run_cli, write_json)
+from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, check_writable, default_device,
+                    file_hash, positive_int, resolve_dtype, run_cli, write_json)
 from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
                       load_items, loader_options, split_items)
 
@@ -642,8 +646,22 @@ def run(args, argv=()):
 
 def evaluate_cli(argv):
     args = build_parser().parse_args(argv)
-    with torch.no_grad():
-        run(args, argv)
+    try:
+        with torch.no_grad():
+            run(args, argv)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, under run_cli): one line, the partial files kept
+        raise Interrupted(interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),
+                          getattr(e, "signum", signal.SIGINT)) from None
+
+
+def interrupted_line(args, argv, signum):
+    """What an interruption says: where the scores made so far are kept and the command that resumes."""
+    items = os.path.splitext(args.output)[0] + ".items" if args.output else None
+    command = shlex.join(["python", "evaluate.py", *[a for a in argv if a != "--resume"]])
+    if items and os.path.isdir(items):
+        return (f"interrupted ({SIGNAL_NAMES[signum]}): the items scored so far are kept in {items}/; resume with: "
+                f"{command} --resume")
+    return f"interrupted ({SIGNAL_NAMES[signum]}) before any item was scored; rerun with: {command}"
 
 
 def main(argv=None):

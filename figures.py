@@ -454,6 +454,10 @@ def read_deltas(path):
     if not layers or missing:
         raise common.InputError(f"{path} is not a prompt-delta file (no delta_k.<layer> / delta_v.<layer> tensors"
                                 f"{' for ' + missing[0] if missing else ''})")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise common.InputError(f"{path}: {bad[0]} holds non-finite values (NaN or inf)"
+                                + (f", and {len(bad) - 1} more tensors" if len(bad) > 1 else ""))
     return meta, layers, {n: (tensors[f"delta_k.{n}"], tensors[f"delta_v.{n}"], tensors.get(f"head_logits.{n}"))
                           for n in layers}
 
@@ -464,12 +468,16 @@ def base_weights(model, layers):
     if not model or not os.path.isfile(path):
         return {}
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        if not all(f"{n}.to_k.weight" in keys for n in layers):
-            return {}
-        return {n: (f.get_tensor(f"{n}.to_k.weight").float(), f.get_tensor(f"{n}.to_v.weight").float())
-                for n in layers}
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            if not all(f"{n}.to_k.weight" in keys for n in layers):
+                return {}
+            return {n: (f.get_tensor(f"{n}.to_k.weight").float(), f.get_tensor(f"{n}.to_v.weight").float())
+                    for n in layers}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a truncated or corrupt file
+        raise common.InputError(f"base model weights {path} are not a readable safetensors file "
+                                f"({type(e).__name__}: {str(e).strip()[:120]})") from None
 
 
 def deltas_figure(path, out, model=None, bins=101):
@@ -565,6 +573,8 @@ def read_history(path):
         raise common.InputError(f"results file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise common.InputError(f"results file {path} is not JSON ({e})") from None
+    except RecursionError:
+        raise common.InputError(f"results file {path} is nested too deeply to be train.py's results") from None
     hist = (res.get("train") or {}).get("history") if isinstance(res, dict) else None
     if not hist or not all(isinstance(h, dict) and "step" in h and "loss" in h for h in hist):
         raise common.InputError(f"{path} has no training history (expected train.history = [{{step, loss, "
@@ -704,6 +714,7 @@ def timed(name, fn):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.check_writable(args.out, folder=True)  # before any model or figure
     os.makedirs(args.out, exist_ok=True)
     if args.command == "attention":
         check_attention_args(args)

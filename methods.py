@@ -13,7 +13,7 @@ import os
 
 import prompt_delta
 from clip_baselines import ClipMatcher
-from common import DTYPES, number, positive, positive_int, read_checkpoint
+from common import DTYPES, MAX_SIZE, image_size, number, positive, positive_int, read_checkpoint
 from diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 
@@ -136,9 +136,10 @@ def add_model_args(p):
                                                   "(the public code's six) or comma-separated attn2 names")
     g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
                    + ",".join(map(str, LEVELS)) + ")")
-    g.add_argument("--resolution", type=positive_int, help="input resolution (default: the model's native size)")
-    g.add_argument("--resize-via", type=positive_int,
-                   help="resize to this size first (224: the paper's Table 2 setting)")
+    g.add_argument("--resolution", type=image_size(8), help="input resolution in pixels, a multiple of 8 up to "
+                                                            f"{MAX_SIZE} (default: the model's native size)")
+    g.add_argument("--resize-via", type=image_size(),
+                   help=f"resize to this size first, 1 to {MAX_SIZE} pixels (224: the paper's Table 2 setting)")
     b = p.add_argument_group("baselines (§5.3, Table 8)")
     b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
     b.add_argument("--itm-variant", choices=("itm", "classifier", "combined"),

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import ArgumentParser, InputError, positive_int, run_cli
+from common import (MAX_SIZE, ArgumentParser, InputError, atomic_write, check_writable, image_size, positive_int,
+                    run_cli)
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -40,12 +41,17 @@ def words(colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS):
 
 
 def check_vocabulary(colors, shapes, relations):
-    """Raise InputError unless every word is drawable and negatives exist (3+ objects, 2+ relations)."""
+    """Raise InputError unless every word is drawable, none is given twice, and negatives exist (3+ objects, 2+
+    relations)."""
     bad = [c for c in colors if c not in COLORS] + [s for s in shapes if s not in SHAPES]
     bad += [r for r in relations if r not in RELATIONS]
     if bad:
         raise InputError(f"unknown word(s) {', '.join(map(repr, bad))}: colours {', '.join(COLORS)}; "
                          f"shapes {', '.join(SHAPES)}; relations {', '.join(RELATIONS)}")
+    for what, given in (("colour", colors), ("shape", shapes), ("relation", relations)):
+        twice = sorted({w for w in given if list(given).count(w) > 1})
+        if twice:
+            raise InputError(f"{what}(s) {', '.join(map(repr, twice))} given twice: each may appear once")
     if len(colors) * len(shapes) < 3 or len(relations) < 2:
         raise InputError("need at least 3 objects (colours x shapes) and 2 relations to draw negatives")
 
@@ -103,11 +109,21 @@ def render(scene, rng, size=32, colors=COLORS, supersample=4):
 
 
 def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, relations=RELATIONS, quality=95):
-    """Write n items per neg_value (subject, object, verb) to out/comvg.csv and out/images/; returns the csv path."""
+    """Write n items per neg_value (subject, object, verb) to out/comvg.csv and out/images/; returns the csv path.
+    A folder that cannot be written (a file, read-only, full) is an InputError naming it; the CSV comes last and
+    atomically, so a world cut short is written again on its next use."""
     check_vocabulary(colors, shapes, relations)
+    check_writable(out, folder=True)
+    try:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        return _write_comvg(out, n, seed, size, colors, shapes, relations, quality)
+    except OSError as e:
+        raise InputError(f"cannot write the shapes world to {out}: {e.strerror or e}") from None
+
+
+def _write_comvg(out, n, seed, size, colors, shapes, relations, quality):
     rng = random.Random(seed)
     objs = objects(colors, shapes)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows, image_id = [], 100000
     for slot in NEG_VALUES:
         for _ in range(n):
@@ -119,10 +135,13 @@ def write_comvg(out, n=50, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES,
                 save_jpeg(render(scene, rng, size), os.path.join(out, "images", f"{i}.jpg"), quality)
             rows.append([len(rows) + 1, caption(pos), ",".join(pos), str(neg), ids[0], ids[1], slot])
     path = os.path.join(out, "comvg.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(HEADER)
-        w.writerows(rows)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(HEADER)
+            w.writerows(rows)
+    atomic_write(path, write)
     return path
 
 
@@ -158,7 +177,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for comvg.csv and images/")
     p.add_argument("--n", type=positive_int, default=50, help="items per negative type (subject / object / verb)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=image_size(), default=32, help=f"image side in pixels, 1 to {MAX_SIZE}")
     p.add_argument("--colors", default=",".join(COLORS), help=f"comma-separated, from {','.join(COLORS)}")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--relations", default=",".join(RELATIONS))

@@ -12,8 +12,11 @@ shots from their train split and test on `--eval-split`. Defaults per data set: 
 Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
 `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
 (the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
-sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C ends the current step, writes
-the checkpoint and prints the command that resumes (exit 130); a failed write keeps the last good checkpoint (exit 2).
+sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C or SIGTERM (schedulers,
+containers, `timeout`) ends the current step, writes the checkpoint and prints the command that resumes (exit 130 for
+Ctrl-C, 143 for SIGTERM); a failed write keeps the last good checkpoint (exit 2). As in evaluation, an item whose
+image cannot be read is skipped and counted (results.json: train.unreadable; a warning line when first seen); if no
+training item can be read at all, that is an error.
 
 Data-parallel under `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes):
 --batch-size is per process, the global batch batch-size x N x grad-accum, in the data order of one process with that
@@ -39,8 +42,8 @@ from tqdm import tqdm
 import evaluate
 import methods
 import triplet_loss
-from common import (ArgumentParser, InputError, Interrupted, atomic_write, check_writable, number, positive,
-                    positive_int, run_cli, write_json)
+from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, atomic_write, check_writable,
+                    number, positive, positive_int, run_cli, write_json)
 from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
 from diffusion_itm import hardneg_loss
 
@@ -148,17 +151,34 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         if dist.is_main_process:
             log(f"resumed from {ckpt_path} at step {start}")
     images = ImageCache()
+    unreadable = {u for h in history for u in h.get("unreadable", [])}   # "item id: error", this process's
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
     t0 = time.time()
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        step_loss, hits, seen = 0.0, 0, 0
+        step_loss, hits, seen, used, skipped = 0.0, 0, 0, 0, []
         for micro in range(args.grad_accum):
             batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items), dist.process_index,
                                                             dist.num_processes)]
-            loaded = [(images.load(it.images), it.texts) for it in batch]
-            loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
+            loaded = []
+            for it in batch:                              # as in evaluation: an unreadable image skips its item
+                try:
+                    loaded.append((images.load(it.images), it.texts))
+                except Exception as e:  # noqa: BLE001 - corrupt / truncated / not an image: PIL raises many types
+                    skipped.append(f"{it.id}: {type(e).__name__}: {e}")
+                    if skipped[-1] not in unreadable and dist.is_main_process:
+                        print(f"warning: training item {skipped[-1]}; skipped (counted in results.json)",
+                              file=sys.stderr)
+                    unreadable.add(skipped[-1])
+            if len(unreadable) == len(train_items):
+                raise InputError(f"no training item can be read: the images of all {len(train_items)} are unreadable "
+                                 f"(first: {min(unreadable)})")
+            used += len(loaded)
+            if loaded:
+                loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
+            else:  # the whole micro-batch unreadable: zero gradients, so every process still reduces the same tensors
+                loss, mats = sum(p.sum() for p in params) * 0.0, None
             mean_loss = reduce(loss.detach(), "mean")              # over the processes: the global micro-batch's
             if not torch.isfinite(mean_loss):
                 good = f"last good checkpoint {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
@@ -169,14 +189,15 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             if mats is not None:
                 hits += sum(triplet_loss.correct(S.detach()) for S in mats)
                 seen += len(mats)
-        hits, seen = map(int, reduce(torch.tensor([hits, seen]), "sum"))
+        hits, seen, used = map(int, reduce(torch.tensor([hits, seen, used]), "sum"))
         grads = [p for p in params if p.grad is not None]          # the same tensors in every process
         for p, g in zip(grads, reduce([p.grad for p in grads], "mean")):
             p.grad = g
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
-        history.append({"step": step + 1, "loss": step_loss, "train_acc": hits / seen if seen else None})
+        history.append({"step": step + 1, "loss": step_loss, "train_acc": hits / seen if seen else None, "items": used}
+                       | ({"unreadable": sorted(set(skipped))} if skipped else {}))
         rate = (step + 1 - start) * args.batch_size * dist.num_processes * args.grad_accum / max(time.time() - t0,
                                                                                                  1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
@@ -188,7 +209,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if stopping:
             bar.close()
-            raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {ckpt_path})")
+            raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {ckpt_path})", stop.signum)
         if args.eval_every and done % args.eval_every == 0 and done != total:
             res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
@@ -197,25 +218,36 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     return history
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; schedulers, containers and `timeout`
+
+
 @contextlib.contextmanager
 def sigint_stops():
-    """Within: the first Ctrl-C (SIGINT) sets the yielded Event (the loop ends its step, checkpoints and stops); a
-    second one raises KeyboardInterrupt at once. The previous handler is back afterwards. Off the main thread, where
-    no handler can be set, the Event is never set."""
+    """Within: the first Ctrl-C (SIGINT) or SIGTERM sets the yielded Event and its `signum` (the loop ends its step,
+    checkpoints and stops); a second one acts at once (the previous handlers are back: KeyboardInterrupt, or under
+    run_cli Terminated for SIGTERM). The previous handlers are back afterwards. Off the main thread, where no handler
+    can be set, the Event is never set."""
     stop = threading.Event()
+    stop.signum = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum, frame):
+        stop.signum = signum
         stop.set()
-        signal.signal(signal.SIGINT, previous)
-        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
-    previous = signal.signal(signal.SIGINT, handler) or signal.SIG_DFL
+        for s, h in previous.items():
+            signal.signal(s, h)
+        again = "press again" if signum == signal.SIGINT else "send it again"
+        print(f"\n{SIGNAL_NAMES[signum]}: stopping after this step ({again} to abort at once)", file=sys.stderr)
+    previous = {}
+    for s in STOP_SIGNALS:
+        previous[s] = signal.signal(s, handler) or signal.SIG_DFL
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def resume_command(argv):
@@ -269,9 +301,13 @@ def main(argv=None):
         with sigint_stops() as stop:
             history = train(args, model, params, train_items, test_items, stop=stop)
     except Interrupted as e:
-        raise Interrupted(f"{e}; resume with: {resume_command(argv)}") from None
+        raise Interrupted(f"{e}; resume with: {resume_command(argv)}", e.signum) from None
+    unreadable = sorted({u for h in history for u in h.get("unreadable", [])})
     results["train"] = {"steps": len(history), "seconds": round(time.time() - t, 1),
-                        "final_loss": history[-1]["loss"] if history else None, "history": history}
+                        "final_loss": history[-1]["loss"] if history else None,
+                        "unreadable": len(unreadable), "unreadable_items": unreadable[:MAX_LISTED], "history": history}
+    if unreadable and main_process:
+        print(f"training: {len(unreadable)} items with unreadable images skipped (listed in results.json)")
     if main_process:
         model.save_trained(trained_file(args), vars(args))
     results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
@@ -300,6 +336,3 @@ if __name__ == "__main__":
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: the last checkpoint stays
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -173,7 +173,7 @@ def test_bad_input_in_process(tmp_path, fake, capsys):
     assert err.startswith("error: no data set found") and err.count("\n") == 1
     for name in ("comvg", "refcocog", "vqav2", "winoground", "vlchecklist"):
         assert os.path.join(str(tmp_path), name) in err
-    assert evaluate.main(["--annotations", "x.csv"]) == 2
+    assert evaluate.main(["--annotations", "x.csv", "--output", str(tmp_path / "r.json")]) == 2
     assert "--annotations needs --dataset" in capsys.readouterr().err
 
 
@@ -190,12 +190,13 @@ def test_missing_root_exits_2_without_traceback(tmp_path):
 def test_missing_data_set_from_train_says_how_to_fetch_it(tmp_path, capsys):
     import train
     from common import run_cli
-    assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none")]) == 2
+    out = ["--output-dir", str(tmp_path / "run")]                      # tests write only under their tmp dirs
+    assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none"), *out]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "test.txt + vqa_text_test.csv" in err
     assert "python download.py vqav2" in err and "--dataset shapes" in err
     (tmp_path / "empty").mkdir()                      # a folder without its files: the same guidance
-    assert run_cli(train.main, ["--dataset", "comvg", "--data-root", str(tmp_path / "empty")]) == 2
+    assert run_cli(train.main, ["--dataset", "comvg", "--data-root", str(tmp_path / "empty"), *out]) == 2
     err = capsys.readouterr().err
     assert "compositional_visual_genome.csv" in err and "python download.py comvg" in err and err.count("\n") == 1
 

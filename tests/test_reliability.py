@@ -81,7 +81,7 @@ USAGE = [
     (evaluate, ["--eval-batch-size", "2.5"], "argument --eval-batch-size: expected a whole number, got '2.5'"),
     (evaluate, ["--levels", "0.2,1.5"], "argument --levels: each noise level must be in (0, 1], got 0.2,1.5"),
     (evaluate, ["--levels", "nan"], "argument --levels: each noise level must be in (0, 1], got nan"),
-    (evaluate, ["--resolution", "0"], "argument --resolution: must be >= 1, got 0"),
+    (evaluate, ["--resolution", "0"], "argument --resolution: must be a multiple of 8 from 8 to 2048, got 0"),
     (evaluate, ["--itm-timesteps", "0"], "argument --itm-timesteps: must be >= 1, got 0"),
     (evaluate, ["--limit", "0"], "argument --limit: must be >= 1, got 0"),
     (evaluate, ["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
