@@ -35,8 +35,8 @@ class Interrupted(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run main(argv) -> exit code: main's own if it returns an int (download.py: 1 when a file failed), else 0; 2
-    after an InputError printed as one `error: ...` line on stderr; 130 after an Interrupted (its one line)."""
+    """Run main(argv) -> exit code: main's own if it returns an int (tools/download.py: 1 when a file failed), else
+    0; 2 after an InputError printed as one `error: ...` line on stderr; 130 after an Interrupted (its one line)."""
     try:
         code = main(argv)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -12,16 +12,16 @@ import argparse
 import os
 
 import prompt_delta
-from clip_baselines import ClipMatcher
+from baselines.clip_baselines import ClipMatcher
 from common import DTYPES, number, positive, positive_int, read_checkpoint
-from diffusion_itm import DiffusionITM
+from baselines.diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
 
-# generic defaults, then per data set. The embedded shapes world (shapes.py + models/tiny-shapes-sd): 60 training
+# generic defaults, then per data set. The embedded shapes world (tools/shapes.py + models/tiny-shapes-sd): 60 training
 # items, 300 steps, a larger learning rate for the tiny model, a sharper LogSumExp (attention probabilities lie in
 # [0, 1], so at lambda 1 eq. 3 is within a constant of mean pooling over the image tokens; lambda 100 is close to max
 # pooling: see README), and DiffusionITM beside it with 50 timesteps (cheap on the tiny model).

@@ -16,5 +16,5 @@ torch.set_num_threads(1)  # a busy second core stalls small ops badly
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random Stable Diffusion saved in diffusers layout (the same loading path as real weights)."""
-    from sd_configs import make_random_sd
+    from tools.sd_configs import make_random_sd
     return make_random_sd("tiny", str(tmp_path_factory.mktemp("tiny_sd")), seed=0)

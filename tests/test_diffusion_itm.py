@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from common import InputError
-from diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
+from baselines.diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
 from discffusion import Discffusion
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
@@ -224,7 +224,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
 
 def test_official_timesteps_and_layers():
     from attention_capture import select_layers
-    from diffusion_itm import official_timesteps
+    from baselines.diffusion_itm import official_timesteps
     ts = official_timesteps(1000)
     assert ts == [989 - 33 * k for k in range(30)][::-1]                  # pipeline_dsd.sampled_timesteps, 30 steps
     sd2 = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(3) for a in range(2)] + \

@@ -1,7 +1,7 @@
 """Stable Diffusion architectures built from configs, with random weights, saved in diffusers layout.
 
-Not a paper section: the scaffolding that lets tests, `benchmark.py` and `shapes.py` load a model through the very
-`Discffusion.from_pretrained(folder)` path that real SD 2.1-base weights use, offline. Presets:
+Not a paper section: the scaffolding that lets tests, `tools/benchmark.py` and `tools/shapes.py` load a model through
+the very `Discffusion.from_pretrained(folder)` path that real SD 2.1-base weights use, offline. Presets:
   tiny     - a few thousand parameters, 7 cross-attention layers (tests).
   small    - the SD 2.x topology (4 blocks, 16 cross-attention layers, linear projections) with narrow channels.
   sd2-base - the real SD 2.1-base architecture (UNet 866M parameters, OpenCLIP-H sized text encoder), random weights.
