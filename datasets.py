@@ -814,7 +814,7 @@ def has_table_data(root="data"):
     return os.path.isdir(root) and any(os.path.isdir(default_root(n, root)) for n in TABLE_DATASETS)
 
 
-# what goes where, as the "not found" errors say it (evaluate.py --help and the README have the full layouts)
+# what goes where, as the "not found" errors say it (evaluate.py --help and docs/data.md have the full layouts)
 LAYOUTS = {
     "comvg": "compositional_visual_genome.csv + VG_100K/<image_id>.jpg",
     "refcocog": "refs(google).p + instances.json + train2014/COCO_train2014_<id>.jpg",

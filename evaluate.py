@@ -412,7 +412,7 @@ def dataset_roots(args):
         return [(args.dataset, args.data_root or default_root(args.dataset))]
     if not args.data_root and not has_table_data("data"):  # a first run: the embedded default, with the way on
         print("no data set under data/: evaluating the embedded shapes world (python -m tools.download comvg fetches "
-              "ComVG; see README, Getting the data)")
+              "ComVG; see docs/data.md)")
         args.dataset = "shapes"
         return [("shapes", default_root("shapes"))]
     return find_datasets(args.data_root or "data")

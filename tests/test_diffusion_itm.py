@@ -239,7 +239,7 @@ def official_direct(sd_path, core, images_, texts):
     is the mean over that batch, heads and image tokens of logsumexp over the 77 text tokens of Q K^T / sqrt(d), in
     the attn2 of the last transformer block of each Transformer2D of the last down block with cross-attention, the
     mid block and the last such up block, averaged over those layers; plus ||eps - eps_uncond|| - ||eps - eps_cond||;
-    averaged over timesteps. The VAE mean stands in for its latent_dist.sample() (README)."""
+    averaged over timesteps. The VAE mean stands in for its latent_dist.sample() (docs/official_code.md)."""
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet").eval()
     blocks = {"down": [b for b in unet.down_blocks if hasattr(b, "attentions")][-1], "mid": unet.mid_block,

@@ -8,7 +8,7 @@ and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained 
   2. Text encoder (CLIPTextModel, 2 layers, 64 wide; its tokenizer pads on the left, see `shapes_tokenizer`) and
      UNet (UNet2DConditionModel, 32/64/64 channels: no attention at 32x32, cross-attention at 16x16, 8x8 and in the
      8x8 mid block), trained jointly with the standard epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2
-     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps, lr 2e-3 (the README gives
+     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps, lr 2e-3 (docs/results.md gives
      the measured losses and run time).
 Deterministic for a given --seed and --threads.
 
