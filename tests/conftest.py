@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+# the repository root: the paper's files import by plain name, the folders as packages (tools.shapes, baselines.X)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # a busy second core stalls small ops badly
 
