@@ -130,3 +130,27 @@ def test_bash_blocks_are_read_with_their_continuations():
     text = ("x\n```bash\npython a.py --x 1 \\\n    --y 2   # note\nls\npython b.py\n```\n"
             "python outside.py\n```python\npython_api()\n```\n")
     assert bash_commands(text) == [(3, "python a.py --x 1 --y 2   # note"), (6, "python b.py")]
+
+
+def test_the_readme_reads_in_order_within_its_first_80_lines():
+    lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    head = "\n".join(lines[:80])
+    at = {s: head.find(s) for s in ("torch==2.13.0", "pip install -r requirements.txt", "python -m pytest -q",
+                                    "python train.py --dataset shapes", "| Discffusion few-shot",
+                                    "## Reading the code beside the paper")}
+    assert all(v >= 0 for v in at.values()), [s for s, v in at.items() if v < 0]
+    assert list(at.values()) == sorted(at.values()), at      # the CPU note before the install command, and so on
+    reading = head[at["## Reading the code beside the paper"]:]
+    order = [reading.find(f"`{f}`") for f in ("discffusion.py", "attention_capture.py", "lse_pool.py",
+                                              "prompt_delta.py", "triplet_loss.py", "train.py", "evaluate.py")]
+    assert min(order) >= 0 and order == sorted(order), order
+    assert all(f"`{f}`" in reading.split("\n\n", 2)[2] for f in ("discffusion.py", "lse_pool.py", "prompt_delta.py",
+                                                                 "triplet_loss.py", "evaluate.py"))  # the map
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_relative_link_and_image_resolves(page):
+    text = open(os.path.join(ROOT, page)).read()
+    links = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    missing = [t for t in links if t and not os.path.exists(os.path.join(ROOT, os.path.dirname(page), t))]
+    assert not missing, f"{page}: {missing}"
