@@ -127,7 +127,8 @@ def make_random_sd(preset, folder, seed=0, words=WORDS):
 def make_random_clip(folder, words=None, seed=0, image_size=32):
     """A tiny CLIP with random weights (seeded) saved as CLIPModel + tokenizer + image processor; returns `folder`.
 
-    Loads through the same clip_baselines.ClipMatcher.from_pretrained(folder) path as real checkpoints, offline (tests)."""
+    Loads through the same baselines.clip_baselines.ClipMatcher.from_pretrained(folder) path as real checkpoints,
+    offline (tests)."""
     max_len = 16
     tok = write_tokenizer(folder, words or WORDS, max_len)
     config = CLIPConfig(
