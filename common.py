@@ -3,11 +3,12 @@
 Not a paper section. The lowest module of the project: it imports nothing of ours, and every other file may import
 it. Imports run one way (tests/test_layout.py checks it); each file imports only files above it here:
 
-    common, lse_pool, triplet_loss, sd_configs          (no project imports but common)
-    prompt_delta -> attention_capture -> discffusion    (eq. 5 -> §4.3 capture and eq. 3-4 -> §4.2 the model)
-    diffusion_itm, clip_baselines -> methods            (the baselines; every method built from CLI options)
-    shapes -> datasets                                  (the embedded world; every data set, the few-shot split)
-    evaluate -> train                                   (metrics and tables; training)      benchmark, pretrain_shapes
+    common, lse_pool, triplet_loss, tools/sd_configs     (no project imports but common)
+    prompt_delta -> attention_capture -> discffusion     (eq. 5 -> §4.3 capture and eq. 3-4 -> §4.2 the model)
+    baselines/diffusion_itm, clip_baselines -> methods   (the baselines; every method built from CLI options)
+    tools/shapes, tools/download -> datasets             (the embedded world, fetching; every data set, the split)
+    evaluate -> train                                    (metrics and tables; training)
+    tools/benchmark, pretrain_shapes, figures, ablations (the tooling: import any file above, nothing imports them)
 """
 import argparse
 import contextlib
@@ -67,7 +68,7 @@ def sigterm_raises():
 
 
 def run_cli(main, argv=None):
-    """Run main(argv) -> exit code: main's own if it returns an int (download.py: 1 when a file failed), else 0; 2
+    """Run main(argv) -> exit code: main's own if it returns an int (tools/download.py: 1 when a file failed), else 0; 2
     after an InputError printed as one `error: ...` line on stderr; 128 + the signal after an Interrupted (its one
     line) or an unhandled Ctrl-C / SIGTERM (`interrupted`): 130 for Ctrl-C, 143 for SIGTERM."""
     try:

@@ -11,8 +11,8 @@ an item is a small image-text matching problem whose score matrix is (len(images
 line / index), items skipped because an image is `missing_images` on disk (distinct files in `missing_files`).
 A missing root, annotation file or image folder (no image found at all) raises `InputError` (`DataMissing`) with one
 line naming what was looked for and every place searched; through `load_items` the line also says what goes where,
-the `download.py` command and the offline `--dataset shapes` (`data_hint`). Negative texts are drawn with `random.Random(f"{seed}/{item id}")`,
-so an item's candidates do not depend on which other items are loaded.
+the `python -m tools.download` command and the offline `--dataset shapes` (`data_hint`). Negative texts are drawn
+with `random.Random(f"{seed}/{item id}")`, so an item's candidates do not depend on which other items are loaded.
 
 The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the groups are
 shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group is the
@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import download
-import shapes
+from tools import download, shapes
 from common import MAX_LISTED, InputError
 
 # A CSV field may be as long as its file (the file is in memory already): no `field larger than field limit` at
@@ -768,7 +767,7 @@ def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
 
 
 def load_shapes(root, annotations=None, split=None, seed=0, n=50):
-    """The embedded shapes world (shapes.py) in ComVG format; written to `root` first if it holds no comvg.csv.
+    """The embedded shapes world (tools/shapes.py) in ComVG format; written to `root` first if it holds no comvg.csv.
 
     The world itself is always drawn with seed 0 (n items per subject / object / relation swap), so `--seed` moves
     the few-shot split and the noise, never the data."""
@@ -822,7 +821,7 @@ def has_table_data(root="data"):
     return os.path.isdir(root) and any(os.path.isdir(default_root(n, root)) for n in TABLE_DATASETS)
 
 
-# what goes where, as the "not found" errors say it (evaluate.py --help and the README have the full layouts)
+# what goes where, as the "not found" errors say it (evaluate.py --help and docs/data.md have the full layouts)
 LAYOUTS = {
     "comvg": "compositional_visual_genome.csv + VG_100K/<image_id>.jpg",
     "refcocog": "refs(google).p + instances.json + train2014/COCO_train2014_<id>.jpg",

@@ -19,8 +19,8 @@ sub-folder per data set (names case-insensitive, '-' and '_' ignored), each in i
     (data/coco/        captions_train2014.json + train2014/: a training source; evaluated only with --dataset coco)
 
 Splits: RefCOCOg and VQAv2 are evaluated on "val" unless --split names another (or "all").
-Fetching a data set: python download.py NAME (see its --help). No --dataset and no data set under data/: the embedded
-shapes world is evaluated (said in one line).
+Fetching a data set: python -m tools.download NAME (see its --help). No --dataset and no data set under data/: the
+embedded shapes world is evaluated (said in one line).
 
 Metrics are pure functions of one item's score matrix s (n_images, n_texts), higher = better match; ties count as
 errors (strict >):
@@ -415,8 +415,8 @@ def dataset_roots(args):
     if args.dataset:
         return [(args.dataset, args.data_root or default_root(args.dataset))]
     if not args.data_root and not has_table_data("data"):  # a first run: the embedded default, with the way on
-        print("no data set under data/: evaluating the embedded shapes world (python download.py comvg fetches "
-              "ComVG; see README, Getting the data)")
+        print("no data set under data/: evaluating the embedded shapes world (python -m tools.download comvg fetches "
+              "ComVG; see docs/data.md)")
         args.dataset = "shapes"
         return [("shapes", default_root("shapes"))]
     return find_datasets(args.data_root or "data")

@@ -7,7 +7,7 @@ eq. 4  f(y, x) = Ave(S(A))                                      here: the mean o
 (image tokens) sum to one over the text tokens. The result is one number per (example, head); the heads, layers and
 noise levels are averaged in `attention_capture.py` / `discffusion.py`.
 
-Variants (Fig. 5 and the README's comparison with the public code):
+Variants (Fig. 5 and docs/official_code.md, the comparison with the public code):
   lse       eq. 3 with lambda, then the mean over real text tokens (the paper; default)
   max       lambda -> infinity: the maximum of each column ("maximum value from each column of the attention map")
   mean      the plain average of each column

@@ -12,19 +12,19 @@ import argparse
 import os
 
 import prompt_delta
-from clip_baselines import ClipMatcher
+from baselines.clip_baselines import ClipMatcher
+from baselines.diffusion_itm import DiffusionITM
 from common import DTYPES, MAX_SIZE, image_size, number, positive, positive_int, read_checkpoint
-from diffusion_itm import DiffusionITM
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
 
-# generic defaults, then per data set. The embedded shapes world (shapes.py + models/tiny-shapes-sd): 60 training
+# generic defaults, then per data set. The embedded shapes world (tools/shapes.py + models/tiny-shapes-sd): 60 training
 # items, 300 steps, a larger learning rate for the tiny model, a sharper LogSumExp (attention probabilities lie in
 # [0, 1], so at lambda 1 eq. 3 is within a constant of mean pooling over the image tokens; lambda 100 is close to max
-# pooling: see README), and DiffusionITM beside it with 50 timesteps (cheap on the tiny model).
+# pooling: see docs/results.md), and DiffusionITM beside it with 50 timesteps (cheap on the tiny model).
 DEFAULTS = {
     None: dict(model=DEFAULT_MODEL, shots="0.05", lr=1e-4, compare="", lam=1.0, pooling="lse", itm_timesteps=10,
                layers="all", itm_variant="itm", uncond_attention=False),
@@ -126,7 +126,7 @@ def add_model_args(p):
     g.add_argument("--score", choices=tuple(PRESETS), default="paper",
                    help="paper (default): the paper's score with the options below; official: every scoring choice of "
                         "the public code at once (official pooling, --layers official, --uncond-attention, "
-                        "--itm-variant combined, --itm-timesteps official; see README), options given still win"),
+                        "--itm-variant combined, --itm-timesteps official; see docs/official_code.md), options given still win"),
     g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
                    help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
                         "(with --checkpoint: default the checkpoint's own)")

@@ -45,7 +45,7 @@ import triplet_loss
 from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, atomic_write, check_writable,
                     number, positive, positive_int, run_cli, write_json)
 from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
-from diffusion_itm import hardneg_loss
+from baselines.diffusion_itm import hardneg_loss
 
 
 def parse_args(argv=None):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+# the repository root: the paper's files import by plain name, the folders as packages (tools.shapes, baselines.X)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)  # a busy second core stalls small ops badly
 
@@ -16,5 +17,5 @@ torch.set_num_threads(1)  # a busy second core stalls small ops badly
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny random Stable Diffusion saved in diffusers layout (the same loading path as real weights)."""
-    from sd_configs import make_random_sd
+    from tools.sd_configs import make_random_sd
     return make_random_sd("tiny", str(tmp_path_factory.mktemp("tiny_sd")), seed=0)

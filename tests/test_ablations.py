@@ -1,4 +1,4 @@
-"""ablations.py (Fig. 3-6, Tables 5, 7, 11): a sweep's points equal the evaluate.py calls they stand for, intervals
+"""tools/ablations.py (Fig. 3-6, Tables 5, 7, 11): a sweep's points equal the evaluate.py calls they stand for, intervals
 hold their point, derived deltas files keep exactly the scored layers, figures are drawn, training runs are reused,
 bad input is one error line."""
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ablations
+from tools import ablations
 import evaluate
 import methods
 from common import read_checkpoint, save_tensors

@@ -1,4 +1,4 @@
-"""benchmark.py (App. B, §5.5) on the tiny preset: it runs end to end and writes its JSON; the official-style loop
+"""tools/benchmark.py (App. B, §5.5) on the tiny preset: it runs end to end and writes its JSON; the official-style loop
 and `Discffusion.score` give the same attention scores and make the same number of (image, text, timestep)
 evaluations, with the work split the way each method splits it. Nothing here reads a clock."""
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import benchmark
+from tools import benchmark
 from discffusion import Discffusion
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_baselines import ClipMatcher
-from sd_configs import make_random_clip
+from baselines.clip_baselines import ClipMatcher
+from tools.sd_configs import make_random_clip
 from common import InputError
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from common import InputError
-from diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
+from baselines.diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
 from discffusion import Discffusion
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
@@ -224,7 +224,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
 
 def test_official_timesteps_and_layers():
     from attention_capture import select_layers
-    from diffusion_itm import official_timesteps
+    from baselines.diffusion_itm import official_timesteps
     ts = official_timesteps(1000)
     assert ts == [989 - 33 * k for k in range(30)][::-1]                  # pipeline_dsd.sampled_timesteps, 30 steps
     sd2 = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(3) for a in range(2)] + \
@@ -239,7 +239,7 @@ def official_direct(sd_path, core, images_, texts):
     is the mean over that batch, heads and image tokens of logsumexp over the 77 text tokens of Q K^T / sqrt(d), in
     the attn2 of the last transformer block of each Transformer2D of the last down block with cross-attention, the
     mid block and the last such up block, averaged over those layers; plus ||eps - eps_uncond|| - ||eps - eps_cond||;
-    averaged over timesteps. The VAE mean stands in for its latent_dist.sample() (README)."""
+    averaged over timesteps. The VAE mean stands in for its latent_dist.sample() (docs/official_code.md)."""
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet").eval()
     blocks = {"down": [b for b in unet.down_blocks if hasattr(b, "attentions")][-1], "mid": unet.mid_block,

@@ -1,4 +1,4 @@
-"""download.py against a local HTTP server on 127.0.0.1: no network at all.
+"""tools/download.py against a local HTTP server on 127.0.0.1: no network at all.
 
 Fixtures in tests/fixtures/download/ are real excerpts: the first rows (and an object and a verb row) of the official
 code's compositional_visual_genome.csv, the first lines of its test.txt / vqa_text_test.csv, and three records of
@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-import download
+from tools import download
 from common import run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,8 +172,8 @@ def test_leftover_part_is_continued_with_a_range_request(tmp_path, server):
 def test_killed_run_leaves_no_done_file_and_the_rerun_completes(tmp_path, server):
     root = tmp_path / "comvg"
     server.stall[CSV_PATH] = threading.Event()
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "download.py"), "comvg", "--data-root",
-                             str(tmp_path), "--mirror", server.url], cwd=str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "tools.download", "comvg", "--data-root", str(tmp_path),
+                             "--mirror", server.url], cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = root / "compositional_visual_genome.csv.part"
     try:
@@ -386,8 +386,8 @@ def test_big_downloads_need_yes(tmp_path, capsys):
 # ---- CLI input -----------------------------------------------------------------------------------------------------
 
 def test_unknown_data_set_is_one_error_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "download.py"), "imagenet"], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "tools.download", "imagenet"], cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "error: unknown data set 'imagenet': choose from comvg, winoground, vlchecklist, vqav2, refcocog, coco"]
@@ -399,5 +399,5 @@ def test_bad_option_and_hints(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert set(download.HINTS) == set(download.DATASETS)
-    assert download.hint("comvg").startswith("fetch it with: python download.py comvg")
+    assert download.hint("comvg").startswith("fetch it with: python -m tools.download comvg")
     assert download.hint("shapes") == ""

@@ -183,7 +183,7 @@ def test_missing_root_exits_2_without_traceback(tmp_path):
                         missing, "--output", str(tmp_path / "r.json")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1   # one line
     assert r.stderr.startswith(f"error: ComVG data root not found: {missing} is not a folder; ")
-    for said in ("compositional_visual_genome.csv", "python download.py comvg", "--dataset shapes"):
+    for said in ("compositional_visual_genome.csv", "python -m tools.download comvg", "--dataset shapes"):
         assert said in r.stderr                       # what goes where, how to fetch it, the offline alternative
 
 
@@ -194,11 +194,11 @@ def test_missing_data_set_from_train_says_how_to_fetch_it(tmp_path, capsys):
     assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none"), *out]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "test.txt + vqa_text_test.csv" in err
-    assert "python download.py vqav2" in err and "--dataset shapes" in err
+    assert "python -m tools.download vqav2" in err and "--dataset shapes" in err
     (tmp_path / "empty").mkdir()                      # a folder without its files: the same guidance
     assert run_cli(train.main, ["--dataset", "comvg", "--data-root", str(tmp_path / "empty"), *out]) == 2
     err = capsys.readouterr().err
-    assert "compositional_visual_genome.csv" in err and "python download.py comvg" in err and err.count("\n") == 1
+    assert "compositional_visual_genome.csv" in err and "python -m tools.download comvg" in err and err.count("\n") == 1
 
 
 def test_first_run_in_an_empty_folder_evaluates_the_shapes_world(tmp_path):
@@ -207,7 +207,7 @@ def test_first_run_in_an_empty_folder_evaluates_the_shapes_world(tmp_path):
                        capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     first = r.stdout.splitlines()[0]
-    assert "evaluating the embedded shapes world" in first and "python download.py comvg" in first
+    assert "evaluating the embedded shapes world" in first and "python -m tools.download comvg" in first
     assert "Shapes (ComVG format)" in r.stdout and "discffusion zero-shot" in r.stdout
     res = json.load(open(tmp_path / "results.json"))
     assert res["datasets"]["shapes"]["n_items"] == 2 and (tmp_path / "data" / "shapes" / "comvg.csv").exists()

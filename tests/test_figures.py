@@ -1,4 +1,4 @@
-"""figures.py (Fig. 7, 8, 10): each figure writes a non-blank PNG of its size and a JSON of the numbers behind it."""
+"""tools/figures.py (Fig. 7, 8, 10): each figure writes a non-blank PNG of its size and a JSON of the numbers behind it."""
 import json
 import random
 
@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 import common
-import figures
-import shapes
+from tools import figures, shapes
 
 CAPTION = "a red circle left of a blue square"
 

@@ -5,7 +5,7 @@ import pytest
 
 import evaluate
 import train
-from sd_configs import make_random_clip
+from tools.sd_configs import make_random_clip
 from tests.test_train import write_comvg
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")

@@ -16,15 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import benchmark
 import datasets
-import download
 import evaluate
 import methods
-import pretrain_shapes
-import shapes
 import train
 from common import run_cli
+from tools import benchmark, download, pretrain_shapes, shapes
 from test_datasets import write_comvg, write_vlchecklist, write_winoground
 from test_evaluate import FakeModel, color_of
 from test_train import write_comvg as write_train_comvg

@@ -27,7 +27,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARAL
 LAUNCH_TIMEOUT = 300  # a hung gloo collective fails the test instead of CI
 # two processes x 2 items vs one process x 4 items, 3 AdamW steps at lr 0.05, on p^k, p^v and head logits (|x| ~0.15):
 # measured max |difference| 2.3e-4, relative L2 2.4e-5 (float rounding of other GEMM shapes and of the gradient
-# sum, which Adam's g / sqrt(v) turns into up to a few % of one step where a gradient is near zero); see README
+# sum, which Adam's g / sqrt(v) turns into up to a few % of one step where a gradient is near zero); see docs/scaleout.md
 DELTA_TOL, DELTA_REL_TOL = 1e-3, 1e-4
 
 

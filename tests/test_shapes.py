@@ -1,4 +1,4 @@
-"""The shapes world (shapes.py) and the committed tiny Stable Diffusion trained on it (models/tiny-shapes-sd)."""
+"""The shapes world (tools/shapes.py) and the committed tiny Stable Diffusion trained on it (models/tiny-shapes-sd)."""
 import ast
 import csv
 import hashlib
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import shapes
+from tools import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "tiny-shapes-sd")
@@ -97,8 +97,9 @@ def test_cli(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "cli"
-    subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--out", str(out), "--n", "2", "--seed", "3",
-                    "--colors", "red,blue", "--shapes", "circle,square", "--relations", "left of,above"], check=True)
+    subprocess.run([sys.executable, "-m", "tools.shapes", "--out", str(out), "--n", "2", "--seed", "3",
+                    "--colors", "red,blue", "--shapes", "circle,square", "--relations", "left of,above"], cwd=ROOT,
+                   check=True)
     rs = rows(str(out))
     assert len(rs) == 6 and all(set(r["sentence"].split()) <= {"a", "red", "blue", "circle", "square", "left", "of",
                                                                  "above"} for r in rs)
@@ -107,8 +108,8 @@ def test_cli(tmp_path):
 def test_bad_vocabulary(tmp_path):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--out", str(tmp_path), "--colors", "mauve"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tools.shapes", "--out", str(tmp_path), "--colors", "mauve"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "mauve" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -154,7 +155,7 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
     A scorer that ignores the text, the image or the unconditional term scores near 0.5; the committed model scores
     0.85 here, and 0.70 (34 of 48; P < 0.003 for a coin) cannot be passed by chance."""
     from datasets import load_comvg
-    from diffusion_itm import DiffusionITM
+    from baselines.diffusion_itm import DiffusionITM
     shapes.write_comvg(str(tmp_path), n=24, seed=123)
     items = [it for it in load_comvg(str(tmp_path))[0] if it.category in ("subject", "object")]
     m = DiffusionITM.from_pretrained(MODEL, device="cpu", n_timesteps=10, pairs_per_call=64)
@@ -164,8 +165,8 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
 
 
 def test_pretraining_is_reproducible(tmp_path):
-    """Two tiny runs of pretrain_shapes.py with one seed write identical weights, in diffusers layout."""
-    import pretrain_shapes
+    """Two tiny runs of tools/pretrain_shapes.py with one seed write identical weights, in diffusers layout."""
+    from tools import pretrain_shapes
     from discffusion import load_components
     args = ["--images", "32", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4", "--grid", "",
             "--threads", "1"]

@@ -19,16 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import benchmark
 import common
 import datasets
-import download
 import evaluate
-import figures
 import methods
 import prompt_delta
-import shapes
 import train
+from tools import benchmark, download, figures, shapes
 from common import run_cli
 from discffusion import Discffusion
 from test_datasets import write_comvg, write_vlchecklist, write_winoground

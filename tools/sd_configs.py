@@ -1,7 +1,7 @@
 """Stable Diffusion architectures built from configs, with random weights, saved in diffusers layout.
 
-Not a paper section: the scaffolding that lets tests, `benchmark.py` and `shapes.py` load a model through the very
-`Discffusion.from_pretrained(folder)` path that real SD 2.1-base weights use, offline. Presets:
+Not a paper section: the scaffolding that lets tests, `tools/benchmark.py` and `tools/shapes.py` load a model through
+the very `Discffusion.from_pretrained(folder)` path that real SD 2.1-base weights use, offline. Presets:
   tiny     - a few thousand parameters, 7 cross-attention layers (tests).
   small    - the SD 2.x topology (4 blocks, 16 cross-attention layers, linear projections) with narrow channels.
   sd2-base - the real SD 2.1-base architecture (UNet 866M parameters, OpenCLIP-H sized text encoder), random weights.
@@ -127,7 +127,8 @@ def make_random_sd(preset, folder, seed=0, words=WORDS):
 def make_random_clip(folder, words=None, seed=0, image_size=32):
     """A tiny CLIP with random weights (seeded) saved as CLIPModel + tokenizer + image processor; returns `folder`.
 
-    Loads through the same clip_baselines.ClipMatcher.from_pretrained(folder) path as real checkpoints, offline (tests)."""
+    Loads through the same baselines.clip_baselines.ClipMatcher.from_pretrained(folder) path as real checkpoints,
+    offline (tests)."""
     max_len = 16
     tok = write_tokenizer(folder, words or WORDS, max_len)
     config = CLIPConfig(

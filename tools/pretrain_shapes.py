@@ -8,11 +8,11 @@ and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained 
   2. Text encoder (CLIPTextModel, 2 layers, 64 wide; its tokenizer pads on the left, see `shapes_tokenizer`) and
      UNet (UNet2DConditionModel, 32/64/64 channels: no attention at 32x32, cross-attention at 16x16, 8x8 and in the
      8x8 mid block), trained jointly with the standard epsilon-prediction loss || eps - eps_theta(z_t, t, y) ||^2
-     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps, lr 2e-3 (the README gives
+     under a DDPMScheduler (1000 steps), 10% empty captions, AdamW, batch 32, 767 steps, lr 2e-3 (docs/results.md gives
      the measured losses and run time).
 Deterministic for a given --seed and --threads.
 
-    python pretrain_shapes.py --out models/tiny-shapes-sd
+    python -m tools.pretrain_shapes --out models/tiny-shapes-sd
 """
 import math
 import os
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import shapes
 from common import ArgumentParser, number, positive_int, run_cli
 from discffusion import load_components
-from sd_configs import SCHEDULER, save_sd, write_tokenizer
+from tools import shapes
+from tools.sd_configs import SCHEDULER, save_sd, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
 
@@ -180,8 +180,8 @@ def draw_grid(images, captions, path, scale=3):
     grid.save(path)
 
 
-def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="python -m tools.pretrain_shapes", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/tiny-shapes-sd")
     p.add_argument("--seed", type=number(int, low=0), default=0)
     p.add_argument("--images", type=positive_int, default=20000, help="training images (drawn once, encoded once)")
@@ -198,7 +198,11 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads (fixed, for a reproducible model)")
     p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
     p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(a.threads)
     if a.grid_only:

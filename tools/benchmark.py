@@ -19,9 +19,9 @@ of the process on CPU), in a fresh child process, each figure from a reset peak,
 batch 1, one pair of the official loop, and one training step (margin loss, eq. 6, on p^k/p^v, eq. 5, gradient
 checkpointing on by default); with --compile, `score` with a torch.compile'd UNet.
 
-    python benchmark.py --preset small --device cpu                  # random SD 2.x-topology weights, no download
-    python benchmark.py --preset sd2-base --device cuda --precision fp16
-    python benchmark.py --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
+    python -m tools.benchmark --preset small --device cpu            # random SD 2.x-topology weights, no download
+    python -m tools.benchmark --preset sd2-base --device cuda --precision fp16
+    python -m tools.benchmark --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
 """
 import argparse
 import json
@@ -41,8 +41,10 @@ import triplet_loss
 from attention_capture import CaptureProcessor
 from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
-from sd_configs import make_random_sd
+from tools.sd_configs import make_random_sd
 
+# the repository root: the memory child runs there as `python -m tools.benchmark`
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_MARK = "BENCHMARK_CHILD_RESULT "
 COLORS = "red green blue yellow white black".split()
 SHAPES = "circle square triangle cat dog ball table".split()
@@ -50,7 +52,8 @@ RELATIONS = ("left of", "right of", "above", "below", "next to", "on")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="small", choices=("tiny", "small", "sd2-base"),
                    help="random-weight SD built from sd_configs (default small)")
     p.add_argument("--model", help="hub id or local diffusers folder with real weights (overrides --preset)")
@@ -414,12 +417,12 @@ def run_memory_child(args):
 
 def measure_memory(path, args):
     path = os.path.abspath(path) if os.path.isdir(path) else path              # the child runs from the repo root
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--model", path, "--device", args.device,
+    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-child", "--model", path, "--device", args.device,
            "--precision", args.precision, "--seed", str(args.seed), "--train-texts", str(args.train_texts),
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith(CHILD_MARK):
             return json.loads(line[len(CHILD_MARK):])

@@ -1,11 +1,11 @@
 """Fetching the data sets of the paper's §5.1, one command per data set, into the layout datasets.py reads.
 
-    python download.py comvg         # the ComVG CSV + only the 524 Visual Genome images it uses
-    python download.py winoground    # Hugging Face Hub facebook/winoground (gated: accept its terms, log in first)
-    python download.py vlchecklist   # VL-CheckList annotations; prints where to get its images
-    python download.py vqav2         # the official code's VQAv2 test files; --with-images: the COCO images they use
-    python download.py refcocog      # refcocog.zip; --with-images --yes: COCO train2014.zip too
-    python download.py coco          # COCO 2014 captions; --with-images --yes: COCO train2014.zip too
+    python -m tools.download comvg        # the ComVG CSV + only the 524 Visual Genome images it uses
+    python -m tools.download winoground   # Hugging Face Hub facebook/winoground (gated: accept its terms, log in)
+    python -m tools.download vlchecklist  # VL-CheckList annotations; prints where to get its images
+    python -m tools.download vqav2        # the official code's VQAv2 test files; --with-images: their COCO images
+    python -m tools.download refcocog     # refcocog.zip; --with-images --yes: COCO train2014.zip too
+    python -m tools.download coco         # COCO 2014 captions; --with-images --yes: COCO train2014.zip too
 
 Each data set goes into DATA_ROOT/NAME (default data/NAME). Every file is written to <file>.part and renamed only once
 it is complete and checked: sha256 / md5 where known, images must decode with PIL, archives must pass zipfile's CRC
@@ -99,14 +99,17 @@ DATASETS = {
             "(13.5 GB)",
 }
 HINTS = {
-    "comvg": "python download.py comvg (the ComVG CSV + the 524 Visual Genome images it uses, ~0.1 GB)",
-    "winoground": "python download.py winoground (gated on the Hugging Face Hub: accept its terms and log in first)",
-    "vlchecklist": "python download.py vlchecklist (the annotations; it prints where to get the VG / SWiG / HAKE "
+    "comvg": "python -m tools.download comvg (the ComVG CSV + the 524 Visual Genome images it uses, ~0.1 GB)",
+    "winoground": "python -m tools.download winoground (gated on the Hugging Face Hub: accept its terms and log in "
+                  "first)",
+    "vlchecklist": "python -m tools.download vlchecklist (the annotations; it prints where to get the VG / SWiG / HAKE "
                    "images)",
-    "vqav2": "python download.py vqav2 --with-images (the paper's test files + the COCO val2014 images they use, "
+    "vqav2": "python -m tools.download vqav2 --with-images (the paper's test files + the COCO val2014 images they use, "
              "~0.9 GB)",
-    "refcocog": "python download.py refcocog --with-images --yes (refcocog.zip 57 MB + COCO train2014.zip 13.5 GB)",
-    "coco": "python download.py coco --with-images --yes (COCO 2014 captions 253 MB + COCO train2014.zip 13.5 GB)",
+    "refcocog": "python -m tools.download refcocog --with-images --yes (refcocog.zip 57 MB + COCO train2014.zip "
+                "13.5 GB)",
+    "coco": "python -m tools.download coco --with-images --yes (COCO 2014 captions 253 MB + COCO train2014.zip "
+            "13.5 GB)",
 }
 
 
@@ -136,7 +139,7 @@ def manual_route(name, root):
 
 def vlc_image_route(root):
     return (f"VL-CheckList images are not fetched by default: put them under {root}/images/ as vg/ (Visual Genome: "
-            f"`python download.py vlchecklist --with-images --yes` fetches its two archives, 15.2 GB), swig/ "
+            f"`python -m tools.download vlchecklist --with-images --yes` fetches its two archives, 15.2 GB), swig/ "
             f"(https://swig-data-weights.s3.us-east-2.amazonaws.com/images_512.zip) and hake/ (HAKE's images), "
             f"exactly as in {VLC_DATASETS_MD}")
 
@@ -614,8 +617,8 @@ def fetch_coco(root, mirror=None, with_images=False, yes=False):
 
 def build_parser():
     listing = "\n".join(f"  {name:12s} {what}" for name, what in DATASETS.items())
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=f"data sets:\n{listing}\n\n" + __doc__.split("\n\n", 2)[2])
+    p = ArgumentParser(prog="python -m tools.download", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"data sets:\n{listing}\n\n" + __doc__.split("\n\n", 2)[2])
     p.add_argument("name", metavar="NAME", help=f"the data set: {', '.join(DATASETS)}")
     p.add_argument("--data-root", default="data", help="parent folder; the data set goes into DATA_ROOT/NAME "
                                                        "(default data)")
@@ -630,10 +633,15 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.name not in DATASETS:
         raise InputError(f"unknown data set {args.name!r}: choose from {', '.join(DATASETS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     root = os.path.join(args.data_root, args.name)
     check_writable(root, folder=True)  # a data root that is a file, read-only or inside a file: before any fetch
     print(f"{args.name}: {DATASETS[args.name]} -> {root}")

@@ -7,7 +7,7 @@ is a sentence, its positive image and a negative image whose scene changes the s
 (neg_value subject / object / verb), so the real ComVG loader, training and evaluation run on it unchanged.
 `training_pairs` draws (image, caption) pairs from the same world for pretraining a tiny Stable Diffusion.
 
-    python shapes.py --out data/shapes --n 50 --seed 0
+    python -m tools.shapes --out data/shapes --n 50 --seed 0
 """
 import csv
 import io
@@ -172,8 +172,8 @@ def training_pairs(n, seed=0, size=32, colors=tuple(COLORS), shapes=SHAPES, rela
     return images, captions
 
 
-def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="python -m tools.shapes", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for comvg.csv and images/")
     p.add_argument("--n", type=positive_int, default=50, help="items per negative type (subject / object / verb)")
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +181,11 @@ def main(argv=None):
     p.add_argument("--colors", default=",".join(COLORS), help=f"comma-separated, from {','.join(COLORS)}")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--relations", default=",".join(RELATIONS))
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     path = write_comvg(a.out, a.n, a.seed, a.size, a.colors.split(","), a.shapes.split(","), a.relations.split(","))
     print(f"wrote {3 * a.n} items to {path}")
 

@@ -9,9 +9,9 @@
     table11  margin loss (eq. 6) vs cross-entropy vs the diffusion loss, one training run each
     table5   the default shots (5%; shapes: 60 items) vs a tenth of them (0.5%; shapes: 6 items)
 
-    python ablations.py                           # every sweep on the shapes default, few-shot -> docs/ablations/
-    python ablations.py fig3 fig5 --limit 30      # some sweeps, on the first 30 test items
-    python ablations.py fig3 fig5 fig6 table7 --zero-shot --model stabilityai/stable-diffusion-2-1-base \\
+    python -m tools.ablations                       # every sweep on the shapes default, few-shot -> docs/ablations/
+    python -m tools.ablations fig3 fig5 --limit 30  # some sweeps, on the first 30 test items
+    python -m tools.ablations fig3 fig5 fig6 table7 --zero-shot --model stabilityai/stable-diffusion-2-1-base \\
         --dataset comvg --data-root data/comvg    # the paper's zero-shot ablations (§5.6), no training
 
 Each sweep writes OUT/<sweep>.json (per point: the metrics, item counts, the 95% interval of every column, seconds,
@@ -390,8 +390,8 @@ def write_table(name, data, text, out):
 # ---- command line --------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tools.ablations", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="*", default=["all"], help=f"any of {' '.join(SWEEPS)}, or all (default)")
     p.add_argument("--out", default=os.path.join("docs", "ablations"), help="figures, tables, JSON (docs/ablations)")
     p.add_argument("--runs", default=os.path.join("runs", "ablations"), help="training runs (runs/ablations)")

@@ -8,10 +8,10 @@
   Fig. 7   `curves`     training loss and training accuracy per step from train.py's results.json, several runs on one
                         plot.
 
-    python figures.py                                   # = `all`: the defaults below, into docs/
-    python figures.py attention [--model M] [--checkpoint F] [--image P --text T [--text T2 ...]] [--out docs/]
-    python figures.py deltas RUN/prompt_deltas.safetensors
-    python figures.py curves RUN1/results.json RUN2/results.json
+    python -m tools.figures                             # = `all`: the defaults below, into docs/
+    python -m tools.figures attention [--model M] [--checkpoint F] [--image P --text T [--text T2 ...]] [--out docs/]
+    python -m tools.figures deltas RUN/prompt_deltas.safetensors
+    python -m tools.figures curves RUN1/results.json RUN2/results.json
 
 Defaults: the committed tiny model (models/tiny-shapes-sd) on held-out items of the shapes world (the test split of
 `train.py --dataset shapes`), each item's true caption and its swapped caption (the caption of the ComVG negative
@@ -41,10 +41,9 @@ from PIL import Image  # noqa: E402
 import common  # noqa: E402
 import datasets  # noqa: E402
 import methods  # noqa: E402
-import shapes  # noqa: E402
-from discffusion import Discffusion  # noqa: E402
+from discffusion import Discffusion, to_rgb  # noqa: E402
+from tools import shapes  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = methods.TINY_MODEL
 SHAPES_RUN = os.path.join("runs", "shapes")
 DEFAULT_DELTAS = os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
@@ -278,7 +277,6 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             im.load()
-            from discffusion import to_rgb
             return to_rgb(im)
     except OSError as e:
         raise common.InputError(f"image {path} is not a readable image ({type(e).__name__})") from None
@@ -654,7 +652,8 @@ def draw_curves(runs, png):
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("attention", help="Fig. 10: cross-attention maps per caption token")
     a.add_argument("--model", default=TINY_MODEL, help="local diffusers folder or hub id (default the tiny shapes SD)")

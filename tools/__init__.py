@@ -1,0 +1,10 @@
+"""The tooling around the method, not the method: each module runs from the repository root as `python -m tools.X`
+(`--help` lists its options), and imports the paper's top-level files by plain name. `python -m tools.download NAME`
+fetches a data set of §5.1 into the layout datasets.py reads (docs/data.md); `python -m tools.benchmark` measures
+speed and memory against the official code's per-pair loop (App. B, §5.5; docs/benchmark.md); `python -m
+tools.figures` draws Fig. 7, 8 and 10 into docs/ (docs/figures.md); `python -m tools.ablations` runs the ablation
+sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes world in the ComVG
+format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it (models/tiny-shapes-sd);
+sd_configs.py (no command) builds Stable Diffusion and CLIP architectures from configs with random weights, for the
+tests and the benchmark.
+"""
