@@ -126,6 +126,8 @@ def check_writable(path, folder=False):
     where = path if folder else os.path.dirname(path)
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    if not folder:
+        name_fits(path, ".tmp")  # atomic_write's temporary name is the longest one
     try:
         os.makedirs(where, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
@@ -134,6 +136,51 @@ def check_writable(path, folder=False):
         raise InputError(f"cannot write {path}: {'it' if where == path else where} is a file, not a folder") from None
     except OSError as e:
         raise InputError(f"cannot write {path}: {_cause(e, where)}") from None
+
+
+def name_fits(path, suffix=""):
+    """Raise an InputError unless the last part of `path` + `suffix` fits the file system's name limit (NAME_MAX,
+    255 bytes on most), so that an over-long --output is refused before any work, not when it is written."""
+    name = os.path.basename(os.path.abspath(str(path))) + suffix
+    limit = 255
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
+    if len(os.fsencode(name)) > limit:
+        raise InputError(f"cannot write {path}: its name {'with ' + suffix + ' ' if suffix else ''}is "
+                         f"{len(os.fsencode(name))} bytes, over this file system's limit of {limit}")
+
+
+def _existing_parent(path):
+    where = os.path.dirname(os.path.abspath(str(path)))
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    return where
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_apart(outputs, inputs):
+    """Before any work: an InputError unless every output stays clear of every input, paths compared with symlinks
+    resolved. outputs [(path, kind)]: kind "file" (written, also as path.tmp) or "folder" (created and removed
+    again, e.g. evaluate.py's OUTPUT.items). inputs [(path, what, kind)]: kind "file" (a checkpoint or annotation
+    file: never written), "tree" (a --model folder: nothing is written anywhere under it) or "root" (a data root:
+    no file already in it is replaced; a new file in it is allowed). A folder output may not hold any input."""
+    def real(p):
+        return os.path.realpath(os.path.abspath(str(p)))
+    for out, kind in outputs:
+        paths = [out, f"{out}.tmp"] if kind == "file" else [out]
+        for path, (inp, what, ikind) in ((p, i) for p in paths for i in inputs if i[0]):
+            o, i = real(path), real(inp)
+            clash = (o == i or (ikind == "tree" and _inside(o, i))
+                     or (ikind == "root" and _inside(o, i) and os.path.lexists(path))
+                     or (kind == "folder" and _inside(i, o)))
+            if clash:
+                how = ("is" if o == i else "holds" if kind == "folder" and _inside(i, o) else
+                       "lies inside" if ikind == "tree" else "is a file of")
+                raise InputError(f"cannot write {path}: it {how} the {what} {inp}; an output never replaces an "
+                                 "input: choose another output")
 
 
 def _cause(e, path):
@@ -184,6 +231,16 @@ def _json_or_text(value):
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def meta_value(path, meta, key, kind, what):
+    """meta[key] of checkpoint `path` if it is a `kind` (a type or tuple of types), else an InputError naming the
+    file, the key and what it should hold."""
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        got = "absent" if key not in meta else json.dumps(value, default=str)[:60]
+        raise InputError(f"checkpoint {path}: its metadata {key!r} is {got}, not {what}")
+    return value
 
 
 def check_tensors(path, saved, own, about=""):

@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -39,9 +40,10 @@ from tqdm import tqdm
 import evaluate
 import methods
 import triplet_loss
-from common import (ArgumentParser, InputError, Interrupted, atomic_write, check_writable, number, positive,
-                    positive_int, run_cli, write_json)
-from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
+from common import (ArgumentParser, InputError, Interrupted, atomic_write, check_apart, check_writable, number,
+                    positive, positive_int, run_cli, write_json)
+from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, load_items, loader_options,
+                      split_items)
 from diffusion_itm import hardneg_loss
 
 
@@ -83,10 +85,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for key in ("model", "shots", "lr", "compare", "lam", "pooling", "itm_timesteps", "steps"):
         setattr(args, key, methods.option(args, key))
-    bad = [m for m in args.compare.split(",") if m and m not in methods.METHODS]
+    names = [m for m in args.compare.split(",") if m]
+    bad = [m for m in names if m not in methods.METHODS]
     if bad:
         p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(methods.METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        p.error(f"--compare: {', '.join(twice)} named twice (each method is one row)")
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    args.changes = []  # options changed at a --resume (train: RESUME_APPLIED)
     return args
 
 
@@ -119,6 +126,40 @@ def compute_loss(model, batch, args, generator):
     return triplet_loss.margin_loss(mats, args.margin, args.negatives), mats
 
 
+# --resume and the options: those that define the trained tensors, the data order or the score are refused when they
+# differ from the checkpoint's; the optimisation settings below apply from the resumed step on (the restored
+# optimizer state takes the command line's --lr and --weight-decay), and each change is recorded in args.changes
+# (results.json's args and the trained file's training_args), with the step it took effect from.
+RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
+                "score", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
+                "ref_negatives", "mask_object", "vlc_max_per_file")
+RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "loss", "steps", "epochs")
+STATE_KEYS = ("step", "params", "optimizer", "rng", "history", "args")
+
+
+def read_state(path, params):
+    """checkpoint.pt -> its state dict, loaded with torch.load(weights_only=True): tensors and plain data only, so a
+    crafted pickle is refused and never runs. An unreadable file, one that lacks the state's parts, or one whose
+    trained tensors differ in number or shape from this model's (other --layers or --model) is an InputError."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated, empty or foreign file
+        text = str(e).strip()
+        why = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote: " + (
+            f"it names {why.group(1)}, which only a crafted file does (refused, not run)" if why else
+            f"{type(e).__name__}{': ' + text.splitlines()[0][:120] if text else ''}")) from None
+    lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
+    if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in ck["params"]]
+    if shapes != [tuple(p.shape) for p in params]:
+        raise InputError(f"--resume: {path} holds {len(shapes)} trained tensors that do not fit this model's "
+                         f"{len(params)} (first shapes {shapes[:2]} there, {[tuple(p.shape) for p in params[:2]]} "
+                         f"here): written with other --layers or --model? rerun without --resume to start over")
+    return ck
+
+
 def train(args, model, params, train_items, test_items, log=print, stop=None):
     """The training loop; `stop` (a threading.Event, see sigint_stops) set in any process: end this step, checkpoint,
     Interrupted. Data-parallel under `accelerate launch`: every process scores its slice of each micro-batch with the
@@ -131,22 +172,34 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_state(ckpt_path, params)
         was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
-        for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling"):
-            now, what = getattr(args, key), f"--{key.replace('_', '-')}"
+        for key in RESUME_FIXED:
+            now, what = getattr(args, key, None), f"--{key.replace('_', '-')}"
             if key == "batch_size":
                 now, what = now * dist.num_processes, "the global batch (--batch-size x processes)"
-            if was.get(key) != now:
-                raise InputError(f"--resume: {ckpt_path} was written with {what} {was.get(key)}, this run has {now}")
-        with torch.no_grad():
-            for p, saved in zip(params, ck["params"]):
-                p.copy_(saved)
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
+            if key in was and was[key] != now:
+                shown = ["the default" if v is None else v for v in (was[key], now)]
+                raise InputError(f"--resume: {ckpt_path} was written with {what} {shown[0]}, this run has "
+                                 f"{shown[1]}; rerun without --resume to start over")
+        try:
+            with torch.no_grad():
+                for p, saved in zip(params, ck["params"]):
+                    p.copy_(saved)
+            opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"--resume: {ckpt_path} does not fit this run ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        for group in opt.param_groups:                             # the command line's, not the restored ones
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         start, history = ck["step"], ck["history"]
+        changed = [dict(option=f"--{k.replace('_', '-')}", was=was.get(k), now=getattr(args, k), from_step=start + 1)
+                   for k in RESUME_APPLIED if k in was and was[k] != getattr(args, k)]
+        args.changes = list(was.get("changes") or []) + changed
         if dist.is_main_process:
-            log(f"resumed from {ckpt_path} at step {start}")
+            log(f"resumed from {ckpt_path} at step {start}" + "".join(
+                f"; {c['option']} {c['was']} -> {c['now']} from step {c['from_step']}" for c in changed))
     images = ImageCache()
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
@@ -244,6 +297,12 @@ def main(argv=None):
     args.processes, main_process = state.num_processes, state.is_main_process
     torch.manual_seed(args.seed)
     check_writable(args.output_dir, folder=True)  # before any data, model or step
+    roots = [args.data_root or args.dataset in LOADERS and default_root(args.dataset)]
+    roots += [args.eval_dataset and (args.eval_data_root or args.eval_dataset in LOADERS and
+                                     default_root(args.eval_dataset))]
+    check_apart([(os.path.join(args.output_dir, f), "file") for f in ("checkpoint.pt", "results.json")]
+                + [(trained_file(args), "file")], methods.model_folders(args) + [(args.annotations, "annotations", "file")]
+                + [(r, "data root", "root") for r in roots])
     with state.main_process_first():                               # the shapes world is written on first use
         items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
                                    **loader_options(args, args.dataset))
