@@ -137,10 +137,10 @@ RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "los
 STATE_KEYS = ("step", "params", "optimizer", "rng", "history", "args")
 
 
-def read_state(path, params):
+def read_state(path):
     """checkpoint.pt -> its state dict, loaded with torch.load(weights_only=True): tensors and plain data only, so a
-    crafted pickle is refused and never runs. An unreadable file, one that lacks the state's parts, or one whose
-    trained tensors differ in number or shape from this model's (other --layers or --model) is an InputError."""
+    crafted pickle is refused and never runs. An unreadable file or one that lacks the state's parts is an
+    InputError naming it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated, empty or foreign file
@@ -152,12 +152,16 @@ def read_state(path, params):
     lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
     if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
         raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
-    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in ck["params"]]
+    return ck
+
+
+def check_params(path, saved, params):
+    """The checkpoint's trained tensors fit this model's, in number and shape (zip would silently cut them short)."""
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in saved]
     if shapes != [tuple(p.shape) for p in params]:
         raise InputError(f"--resume: {path} holds {len(shapes)} trained tensors that do not fit this model's "
                          f"{len(params)} (first shapes {shapes[:2]} there, {[tuple(p.shape) for p in params[:2]]} "
                          f"here): written with other --layers or --model? rerun without --resume to start over")
-    return ck
 
 
 def train(args, model, params, train_items, test_items, log=print, stop=None):
@@ -172,7 +176,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ck = read_state(ckpt_path, params)
+        ck = read_state(ckpt_path)
         was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
         for key in RESUME_FIXED:
             now, what = getattr(args, key, None), f"--{key.replace('_', '-')}"
@@ -182,6 +186,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
                 shown = ["the default" if v is None else v for v in (was[key], now)]
                 raise InputError(f"--resume: {ckpt_path} was written with {what} {shown[0]}, this run has "
                                  f"{shown[1]}; rerun without --resume to start over")
+        check_params(ckpt_path, ck["params"], params)
         try:
             with torch.no_grad():
                 for p, saved in zip(params, ck["params"]):
