@@ -164,21 +164,30 @@ def _inside(path, folder):
 def check_apart(outputs, inputs):
     """Before any work: an InputError unless every output stays clear of every input, paths compared with symlinks
     resolved. outputs [(path, kind)]: kind "file" (written, also as path.tmp) or "folder" (created and removed
-    again, e.g. evaluate.py's OUTPUT.items). inputs [(path, what, kind)]: kind "file" (a checkpoint or annotation
-    file: never written), "tree" (a --model folder: nothing is written anywhere under it) or "root" (a data root:
-    no file already in it is replaced; a new file in it is allowed). A folder output may not hold any input."""
-    def real(p):
-        return os.path.realpath(os.path.abspath(str(p)))
-    for out, kind in outputs:
-        paths = [out, f"{out}.tmp"] if kind == "file" else [out]
-        for path, (inp, what, ikind) in ((p, i) for p in paths for i in inputs if i[0]):
-            o, i = real(path), real(inp)
-            clash = (o == i or (ikind == "tree" and _inside(o, i))
-                     or (ikind == "root" and _inside(o, i) and os.path.lexists(path))
-                     or (kind == "folder" and _inside(i, o)))
-            if clash:
-                how = ("is" if o == i else "holds" if kind == "folder" and _inside(i, o) else
-                       "lies inside" if ikind == "tree" else "is a file of")
+    again, e.g. evaluate.py's OUTPUT.items). inputs [(path, what, kind)]: kind "file" (a checkpoint, an annotation
+    file, an image: never written) or "tree" (a --model folder: nothing is written anywhere under it). A folder
+    output may not hold any input. Thousands of image inputs are cheap: folders are resolved once each."""
+    folders = {}
+
+    def real(p):  # the folder's symlinks resolved (once per folder), then the name's own
+        p = os.path.abspath(str(p))
+        head, name = os.path.split(p)
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        return os.path.join(folders[head], name)
+    outs = [(path, kind, os.path.realpath(path)) for out, kind in outputs
+            for path in ([out, f"{out}.tmp"] if kind == "file" else [out])]
+    names = {os.path.basename(o) for _, _, o in outs} | {os.path.basename(str(p)) for p, _, _ in outs}
+    for inp, what, ikind in (i for i in inputs if i[0]):
+        i = None
+        for path, kind, o in outs:
+            if ikind == "file" and kind == "file" and os.path.basename(str(inp)) not in names \
+                    and not os.path.islink(inp):
+                continue  # another name, not a link: not the same file
+            i = i or (os.path.realpath(inp) if os.path.islink(inp) else real(inp))
+            inside_out = kind == "folder" and _inside(i, o)
+            if o == i or (ikind == "tree" and _inside(o, i)) or inside_out:
+                how = "is" if o == i else "holds" if inside_out else "lies inside"
                 raise InputError(f"cannot write {path}: it {how} the {what} {inp}; an output never replaces an "
                                  "input: choose another output")
 

@@ -909,6 +909,12 @@ def load_items(name, root=None, annotations=None, seed=0, split=None, **options)
     return items, count_duplicates(items, report)
 
 
+def data_inputs(items, report):
+    """The files a loaded data set reads (its annotation files, every image), as `common.check_apart` inputs."""
+    images = dict.fromkeys(str(p) for it in items for p in it.images)
+    return [(f, "annotation file", "file") for f in report["files"]] + [(p, "image", "file") for p in images]
+
+
 # loader options both CLIs offer: CLI dest -> (data set, loader keyword)
 LOADER_OPTIONS = {"split_by": ("refcocog", "split_by"), "ref_negatives": ("refcocog", "negatives"),
                   "mask_object": ("refcocog", "mask_object"), "vlc_max_per_file": ("vlchecklist", "max_per_file")}

@@ -38,7 +38,9 @@ A non-finite score is an error naming the item; ties with a wrong candidate and 
 Every accuracy is printed with its 95% bootstrap interval over items; the JSON keeps each item's score matrix. Under
 `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes) each process scores its share
 of the items and the main one writes the same JSON and tables as one process. Scores are appended to OUTPUT's partial
-files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest.
+files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest. A kept
+score carries a digest of its item's id, texts and image bytes: an item edited since is scored again. --output
+never replaces an input (a checkpoint, an annotation file, an image, anything under --model).
 """
 import argparse
 import hashlib
@@ -57,8 +59,8 @@ from tqdm import tqdm
 import methods
 from common import (MAX_LISTED, ArgumentParser, InputError, check_apart, check_writable, default_device, file_hash,
                     name_fits, positive_int, resolve_dtype, run_cli, write_json)
-from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
-                      load_items, loader_options, split_items)
+from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, data_inputs, default_root, find_datasets,
+                      has_table_data, load_items, loader_options, split_items)
 
 TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
           "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
@@ -641,7 +643,8 @@ def build_parser():
                         "method, METHOD=FILE to that method; repeatable")
     p.add_argument("--resume", action="store_true",
                    help="keep the items already scored in OUTPUT's partial files (results.json -> results.items/) "
-                        "and score the rest; refused if the model, checkpoint, options or data differ")
+                        "and score the rest; refused if the model, checkpoint, options or item ids differ; an "
+                        "item whose texts or image bytes changed is scored again")
     methods.add_model_args(p)
     add_data_args(p)
     p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=argparse.SUPPRESS,
@@ -656,9 +659,12 @@ def run(args, argv=()):
     roots = dataset_roots(args)
     runs = default_runs(args, [name for name, _ in roots])
     if args.output:
-        check_output(args, roots, runs)  # before any data or model, too
+        check_output(args, runs)  # before any data or model, too
     with state.main_process_first():                               # the shapes world is written on first use
         data = load_data(args, roots, runs)
+    if args.output:                                                # nor a file the data sets read
+        check_apart([(args.output, "file"), (partial_root(args.output), "folder")],
+                    [i for _, _, items, report in data.values() for i in data_inputs(items, report)])
     for name, (_, _, _, report) in data.items() if state.is_main_process else ():
         for w in report["warnings"][:5]:
             print(f"warning: {w}", file=sys.stderr)
@@ -712,10 +718,11 @@ def run(args, argv=()):
     return out
 
 
-def check_output(args, roots, runs):
-    """--output and its partial folder (OUTPUT.items, removed at the end) replace no input: no checkpoint, annotation
-    file or file of a data root, nothing under --model; the partial folder is a folder apart from OUTPUT and its
-    name fits the file system (refused here, before any scoring, not when the first records are written)."""
+def check_output(args, runs):
+    """--output and its partial folder (OUTPUT.items, removed at the end) replace no input: no checkpoint or
+    --annotations file, nothing under --model (the data sets' own files are checked once they are loaded, before
+    any model is built); the partial folder is a folder apart from OUTPUT and its name fits the file system
+    (refused here, before any scoring, not when the first records are written)."""
     items = partial_root(args.output)
     if os.path.abspath(items) == os.path.abspath(args.output):
         raise InputError(f"--output {args.output}: the partial scores go to OUTPUT minus its extension + .items, "
@@ -725,8 +732,7 @@ def check_output(args, roots, runs):
                          "not a folder")
     name_fits(items)
     inputs = methods.model_folders(args) + [(c, "checkpoint", "file") for _, _, c in runs if c]
-    inputs += [(args.annotations, "annotations", "file")] + [(root, "data root", "root") for _, root in roots]
-    check_apart([(args.output, "file"), (items, "folder")], inputs)
+    check_apart([(args.output, "file"), (items, "folder")], inputs + [(args.annotations, "annotations", "file")])
 
 
 def evaluate_cli(argv):

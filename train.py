@@ -11,7 +11,10 @@ shots from their train split and test on `--eval-split`. Defaults per data set: 
 
 Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
 `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
-(the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
+(the data order and the noise of step s are functions of (seed, s)); the checkpoint is read with
+torch.load(weights_only=True), so a crafted file is refused, never run. An option that defines the run (RESUME_FIXED)
+must match the checkpoint's; a changed --lr, --weight-decay, --grad-clip, --margin, --negatives, --loss, --steps or
+--epochs applies from the resumed step on and is recorded (args.changes). At the end: OUTPUT_DIR/results.json (split
 sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C ends the current step, writes
 the checkpoint and prints the command that resumes (exit 130); a failed write keeps the last good checkpoint (exit 2).
 
@@ -42,8 +45,7 @@ import methods
 import triplet_loss
 from common import (ArgumentParser, InputError, Interrupted, atomic_write, check_apart, check_writable, number,
                     positive, positive_int, run_cli, write_json)
-from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, load_items, loader_options,
-                      split_items)
+from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, data_inputs, load_items, loader_options, split_items
 from diffusion_itm import hardneg_loss
 
 
@@ -302,20 +304,20 @@ def main(argv=None):
     args.processes, main_process = state.num_processes, state.is_main_process
     torch.manual_seed(args.seed)
     check_writable(args.output_dir, folder=True)  # before any data, model or step
-    roots = [args.data_root or args.dataset in LOADERS and default_root(args.dataset)]
-    roots += [args.eval_dataset and (args.eval_data_root or args.eval_dataset in LOADERS and
-                                     default_root(args.eval_dataset))]
-    check_apart([(os.path.join(args.output_dir, f), "file") for f in ("checkpoint.pt", "results.json")]
-                + [(trained_file(args), "file")], methods.model_folders(args) + [(args.annotations, "annotations", "file")]
-                + [(r, "data root", "root") for r in roots])
+    outputs = [(os.path.join(args.output_dir, f), "file") for f in ("checkpoint.pt", "results.json")]
+    outputs.append((trained_file(args), "file"))
+    check_apart(outputs, methods.model_folders(args) + [(args.annotations, "annotations", "file")])
     with state.main_process_first():                               # the shapes world is written on first use
         items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
                                    **loader_options(args, args.dataset))
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
     name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
+    inputs = data_inputs(items, report)
     if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
-        test_items, _ = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
-                                   **loader_options(args, name))
+        test_items, test_report = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
+                                             **loader_options(args, name))
+        inputs += data_inputs(test_items, test_report)
+    check_apart(outputs, inputs)                                   # nor a file the data sets read
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
     if main_process:

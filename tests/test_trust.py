@@ -280,13 +280,14 @@ def test_a_resumed_training_applies_a_changed_learning_rate_and_records_it(tiny_
 
 # ---- an output never replaces an input -------------------------------------------------------------------------------
 
-OUTPUT_CASES = ["the checkpoint", "the annotation file", "under --model", "a data file", "OUTPUT.items holds the "
-                "checkpoint", "res.items", "a file at OUTPUT.items", "a name over 255 bytes",
-                "train: output dir is the model", "train: the annotation file"]
+OUTPUT_CASES = ["the checkpoint", "the annotation file", "under --model", "an image of the data set",
+                "the annotation file found by name", "OUTPUT.items holds the checkpoint", "res.items",
+                "a file at OUTPUT.items", "a name over 255 bytes", "train: output dir is the model",
+                "train: the annotation file", "allowed: a new file in the data root, twice"]
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES)
-def test_an_output_that_is_an_input_is_refused_before_any_work(case, tmp_path, capsys, no_model):
+def test_an_output_that_is_an_input_is_refused_before_any_work(case, tmp_path, capsys, no_model, monkeypatch):
     root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
@@ -299,7 +300,10 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(case, tmp_path, c
         "the checkpoint": (ckpt, f"it is the checkpoint {ckpt}"),
         "the annotation file": (csv_path, f"it is the annotations {csv_path}"),
         "under --model": (model / "unet" / "r.json", f"it lies inside the --model folder {model}"),
-        "a data file": (os.path.join(root, "VG_100K", "10.jpg"), f"it is a file of the data root {root}"),
+        "an image of the data set": (os.path.join(root, "VG_100K", "10.jpg"),
+                                     f"it is the image {os.path.join(root, 'VG_100K', '10.jpg')}"),
+        "the annotation file found by name": (csv_path, f"it is the annotation file {csv_path}"),
+        "allowed: a new file in the data root, twice": (os.path.join(root, "r.json"), None),
         "OUTPUT.items holds the checkpoint": (tmp_path / "runs.json", f"it holds the checkpoint {ckpt}"),
         "res.items": (tmp_path / "res.items", "which is this name itself; choose a name not ending in .items"),
         "a file at OUTPUT.items": (tmp_path / "r.json", f"to {tmp_path / 'r.items'}: a file is there, not a folder"),
@@ -308,7 +312,13 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(case, tmp_path, c
         "train: the annotation file": (tmp_path / "out", "it is the annotations")}[case]
     if case == "a file at OUTPUT.items":
         (tmp_path / "r.items").write_text("someone's file")
-    extra = ["--annotations", csv_path] if "annotation" in case else []
+    extra = ["--annotations", csv_path] if case.endswith("annotation file") else []
+    if case.startswith("allowed"):                      # written where the data are, and again: not an input
+        monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+        for _ in range(2):
+            assert evaluate.main(base + ["--output", str(output)]) == 0
+        assert json.load(open(output))["datasets"]["comvg"]["n_items"] == 3
+        return
     if case.startswith("train"):
         if case.endswith("annotation file"):            # the CSV lies where train.py writes its results.json
             (tmp_path / "out").mkdir()
