@@ -102,7 +102,7 @@ def outside(name):
         return "not a file name"
     if "\0" in name:
         return "a NUL byte"
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", name):
         return "an absolute path"
     if ".." in re.split(r"[\\/]", name):
         return "a '..' component"
