@@ -406,7 +406,7 @@ def kept(record, item, digest):
         return False
 
 
-def open_partial(folder, fp, resume, items=()):
+def open_partial(folder, fp, resume, items):
     """({item position: record} already scored in `folder`, this process's file to append records to).
 
     Without --resume, or without a fingerprint there, `folder` starts empty. With --resume its fingerprint must be
