@@ -449,6 +449,8 @@ def vqa_records(report, q_path, a_path):
         where = f"{q_path}[{i}]"
         if not isinstance(q, dict) or not {"question_id", "question", "image_id"} <= set(q):
             malformed(report, where, "not a question with question_id, question, image_id")
+        elif not isinstance(q["question"], str):
+            malformed(report, where, f"question {json.dumps(q['question'])[:40]} is not a string")
         elif not str(q["image_id"]).isdigit():
             malformed(report, where, f"image_id {q['image_id']!r} is not a number")
         elif q["question_id"] not in by_id:
@@ -646,7 +648,7 @@ def load_winoground(root, annotations=None, split=None, seed=0):
                 continue
             odd = [k for k in WINOGROUND_FIELDS[1:] if not isinstance(ex[k], str) or not ex[k].strip()]
             if odd:
-                malformed(report, where, f"{odd[0]} is {json.dumps(ex[odd[0]])[:40]}, not a text")
+                malformed(report, where, f"{odd[0]} is {json.dumps(ex[odd[0]])[:40]}, not a string")
                 continue
             names = [ex[k] if os.path.splitext(ex[k])[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
             if escape(report, where, names):
@@ -800,7 +802,8 @@ def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
     caps = []
     for i, a in enumerate(data["annotations"]):
         report["records"] += 1
-        if not isinstance(a, dict) or not str(a.get("caption", "")).strip() or a.get("image_id") is None:
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not a["caption"].strip() \
+                or a.get("image_id") is None:
             malformed(report, f"{path}[{i}]", "not an annotation with image_id and caption")
             continue
         caps.append((a["image_id"], str(a["caption"]).strip(), a.get("id", i)))

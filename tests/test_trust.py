@@ -16,8 +16,8 @@ import methods
 import train
 from common import read_checkpoint, run_cli, save_tensors
 from discffusion import Discffusion
-from test_datasets import (image, write_comvg, write_refcocog, write_vlchecklist, write_vqa_paper,
-                           write_winoground)
+from test_datasets import (image, write_coco, write_comvg, write_refcocog, write_vlchecklist, write_vqa_paper,
+                           write_vqav2, write_winoground)
 from test_evaluate import FakeModel
 from test_train import write_comvg as write_train_comvg
 
@@ -337,7 +337,7 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(case, tmp_path, c
 # ---- silent coercions are errors or counted skips --------------------------------------------------------------------
 
 COERCIONS = ["VL-CheckList POS a string", "VL-CheckList NEG holds a number", "Winoground caption a list",
-             "Winoground caption a dict", "ComVG column twice", "VQAv2 column twice", "checkpoint lam -1",
+             "Winoground caption a dict", "VQAv2 question a list", "COCO caption a dict", "ComVG column twice", "VQAv2 column twice", "checkpoint lam -1",
              "checkpoint lam 0", "checkpoint lam nan", "checkpoint pooling bogus", "--methods twice",
              "--compare twice"]
 
@@ -363,6 +363,21 @@ def test_a_value_of_the_wrong_kind_is_an_error_or_a_counted_skip(case, tiny_sd, 
         items, report = datasets.load_items("winoground", root)
         assert report["malformed"] == 1 and [it.id for it in items] == ["1", "2"]
         assert report["warnings"][0].startswith(f"{path}:1: caption_1 is ")
+    elif case.startswith(("VQAv2 question", "COCO")):
+        vqa = case.startswith("VQAv2")
+        root = (write_vqav2 if vqa else write_coco)(str(tmp_path / "d"))
+        path = os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json" if vqa else
+                            os.path.join("annotations", "captions_train2014.json"))
+        data = json.load(open(path))
+        before, report0 = datasets.load_items("vqav2" if vqa else "coco", root)
+        records = data["questions"] if vqa else data["annotations"]
+        text = records[0]["question" if vqa else "caption"]
+        records[0]["question" if vqa else "caption"] = text.split() if vqa else {"text": text}
+        json.dump(data, open(path, "w"))
+        items, report = datasets.load_items("vqav2" if vqa else "coco", root)
+        assert report["malformed"] == report0["malformed"] + 1 and len(items) == len(before) - 1
+        assert f"{path}[0]" in " ".join(report["warnings"])
+        assert all(isinstance(t, str) and not t.startswith(("[", "{")) for it in items for t in it.texts)
     elif case.endswith("column twice"):
         if case.startswith("ComVG"):
             root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
