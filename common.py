@@ -180,6 +180,8 @@ def check_writable(path, folder=False):
     where = path if folder else os.path.dirname(path)
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
+    if not folder:
+        name_fits(path, ".tmp")  # atomic_write's temporary name is the longest one
     created, d = [], where                                          # the folders makedirs adds, deepest first
     while not os.path.lexists(d) and os.path.dirname(d) != d:
         created.append(d)
@@ -196,6 +198,60 @@ def check_writable(path, folder=False):
         for d in created:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+
+
+def name_fits(path, suffix=""):
+    """Raise an InputError unless the last part of `path` + `suffix` fits the file system's name limit (NAME_MAX,
+    255 bytes on most), so that an over-long --output is refused before any work, not when it is written."""
+    name = os.path.basename(os.path.abspath(str(path))) + suffix
+    limit = 255
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
+    if len(os.fsencode(name)) > limit:
+        raise InputError(f"cannot write {path}: its name {'with ' + suffix + ' ' if suffix else ''}is "
+                         f"{len(os.fsencode(name))} bytes, over this file system's limit of {limit}")
+
+
+def _existing_parent(path):
+    where = os.path.dirname(os.path.abspath(str(path)))
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    return where
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_apart(outputs, inputs):
+    """Before any work: an InputError unless every output stays clear of every input, paths compared with symlinks
+    resolved. outputs [(path, kind)]: kind "file" (written, also as path.tmp) or "folder" (created and removed
+    again, e.g. evaluate.py's OUTPUT.items). inputs [(path, what, kind)]: kind "file" (a checkpoint, an annotation
+    file, an image: never written) or "tree" (a --model folder: nothing is written anywhere under it). A folder
+    output may not hold any input. Thousands of image inputs are cheap: folders are resolved once each."""
+    folders = {}
+
+    def real(p):  # the folder's symlinks resolved (once per folder), then the name's own
+        p = os.path.abspath(str(p))
+        head, name = os.path.split(p)
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        return os.path.join(folders[head], name)
+    outs = [(path, kind, os.path.realpath(path)) for out, kind in outputs
+            for path in ([out, f"{out}.tmp"] if kind == "file" else [out])]
+    names = {os.path.basename(o) for _, _, o in outs} | {os.path.basename(str(p)) for p, _, _ in outs}
+    for inp, what, ikind in (i for i in inputs if i[0]):
+        i = None
+        for path, kind, o in outs:
+            if ikind == "file" and kind == "file" and os.path.basename(str(inp)) not in names \
+                    and not os.path.islink(inp):
+                continue  # another name, not a link: not the same file
+            i = i or (os.path.realpath(inp) if os.path.islink(inp) else real(inp))
+            inside_out = kind == "folder" and _inside(i, o)
+            if o == i or (ikind == "tree" and _inside(o, i)) or inside_out:
+                how = "is" if o == i else "holds" if inside_out else "lies inside"
+                raise InputError(f"cannot write {path}: it {how} the {what} {inp}; an output never replaces an "
+                                 "input: choose another output")
 
 
 def _cause(e, path):
@@ -246,6 +302,16 @@ def _json_or_text(value):
         return json.loads(value)
     except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply to be metadata
         return value
+
+
+def meta_value(path, meta, key, kind, what):
+    """meta[key] of checkpoint `path` if it is a `kind` (a type or tuple of types), else an InputError naming the
+    file, the key and what it should hold."""
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        got = "absent" if key not in meta else json.dumps(value, default=str)[:60]
+        raise InputError(f"checkpoint {path}: its metadata {key!r} is {got}, not {what}")
+    return value
 
 
 def check_tensors(path, saved, own, about=""):

@@ -97,10 +97,38 @@ def given_file(what, path):
     return path
 
 
+def outside(name):
+    """Why a file name read from a data file could leave the folder it is looked up in, or None if it cannot: every
+    name a data file gives stays inside its data root. An absolute path (/x, C:\\x, \\\\host\\x), a '..' component, or a
+    NUL byte may leave it (symlinks the user placed under the root are followed: the name itself is what is checked)."""
+    if not isinstance(name, str) or not name:
+        return "not a file name"
+    if "\0" in name:
+        return "a NUL byte"
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", name):
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "a '..' component"
+    return None
+
+
+def escape(report, where, names):
+    """Count the record at `where` as malformed if any of `names` (from a data file) could leave its folder."""
+    for name in names:
+        why = outside(name)
+        if why:
+            malformed(report, where, f"file name {name!r} could leave the data folder ({why})")
+            return True
+    return False
+
+
 def find_image(names, folders):
-    """First existing folder/name over folders (outer) and candidate names (inner); None if none exists."""
+    """First existing folder/name over folders (outer) and candidate names (inner); None if none exists. A name that
+    could leave its folder (`outside`) is never looked up."""
     for d in folders:
         for n in names:
+            if outside(n):
+                continue
             p = os.path.join(d, n)
             if os.path.isfile(p):
                 return p
@@ -141,6 +169,21 @@ def read_json(path, what):
     except RecursionError:
         raise InputError(f"{what} {path} is nested too deeply to be an annotation file (JSON parser's recursion "
                          "limit)") from None
+
+
+def csv_rows(f, path, what, required):
+    """csv.DictReader over `f` whose header holds every `required` column once; a lacking column or a column named
+    twice (DictReader would keep the last) is an InputError naming the file and the column."""
+    reader = csv.DictReader(f)
+    header = reader.fieldnames or []
+    twice = [c for c, n in Counter(header).items() if n > 1 and c]
+    if twice:
+        raise InputError(f"{what} {path}: the header names the column {twice[0]!r} {Counter(header)[twice[0]]} times")
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise InputError(f"{what} {path} lacks the column(s) {', '.join(absent)} "
+                         f"(expected header {','.join(required)})")
+    return reader
 
 
 def draw(pool, k, rng, bad_keys=(), bad_texts=()):
@@ -186,11 +229,7 @@ def load_comvg(root, annotations=None, split=None, seed=0):
     folders = [os.path.join(root, d) if d else root for d in COMVG_IMAGE_DIRS]
     report, items, seen = new_report("comvg", [path]), [], set()
     with io.StringIO(read_text(path, "ComVG CSV"), newline="") as f:
-        reader = csv.DictReader(f)
-        absent = [c for c in COMVG_FIELDS if c not in (reader.fieldnames or [])]
-        if absent:
-            raise InputError(f"ComVG CSV {path} lacks the column(s) {', '.join(absent)} "
-                             f"(expected header {','.join(COMVG_FIELDS)})")
+        reader = csv_rows(f, path, "ComVG CSV", COMVG_FIELDS)
         for row in reader:
             report["records"] += 1
             where = f"{path}:{reader.line_num}"
@@ -206,6 +245,8 @@ def load_comvg(root, annotations=None, split=None, seed=0):
                 malformed(report, where, f"neg_value {row['neg_value']!r} is not subject / object / verb")
                 continue
             names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
+            if escape(report, where, names):
+                continue
             paths = [find_image([n], folders) for n in names]
             if None in paths:
                 missing(report, [n for n, p in zip(names, paths) if p is None], seen)
@@ -228,16 +269,24 @@ def coco_image_dirs(root, subset):
             os.path.join(root, "images"), root]
 
 
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, strings, numbers: all a refs file holds): a pickle that names any
+    class or function, the way a crafted file runs code, is refused before anything is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a refs file never does (refused, not run)")
+
+
 def load_pickle(path):
     try:
         with open(path, "rb") as f:
             try:
-                return pickle.load(f)
+                return PlainUnpickler(f).load()
             except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII byte strings
                 f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
-        raise InputError(f"RefCOCOg refs {path} is not a readable pickle: {type(e).__name__}: {e}") from None
+                return PlainUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError, TypeError) as e:
+        raise InputError(f"RefCOCOg refs {path} is not a readable plain-data pickle: {type(e).__name__}: {e}") from None
 
 
 def refcocog_file_names(report, refs_path, root, boxes=None):
@@ -332,6 +381,8 @@ def load_refcocog(root, annotations=None, split=None, seed=0, n_texts=10, split_
         names = [f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)]
         if file_names.get(image_id):
             names.append(file_names[image_id])
+        if escape(report, f"{path}[ref_id {ref.get('ref_id')}]", names):
+            continue
         image = find_image(names, folders)
         if image is None:
             missing(report, names[:1], seen)
@@ -404,6 +455,8 @@ def vqa_records(report, q_path, a_path):
         where = f"{q_path}[{i}]"
         if not isinstance(q, dict) or not {"question_id", "question", "image_id"} <= set(q):
             malformed(report, where, "not a question with question_id, question, image_id")
+        elif not isinstance(q["question"], str):
+            malformed(report, where, f"question {json.dumps(q['question'])[:40]} is not a string")
         elif not str(q["image_id"]).isdigit():
             malformed(report, where, f"image_id {q['image_id']!r} is not a number")
         elif q["question_id"] not in by_id:
@@ -443,6 +496,8 @@ def vqa_binary_lines(report, path):
             name, sep, text = line.strip().partition("*")
             if not sep or not name.endswith(".jpg") or "/" in name:
                 malformed(report, f"{path}:{n}", "not `COCO_val2014_<id>.jpg*<question type>: <statement>`")
+            elif escape(report, f"{path}:{n}", [name]):
+                continue
             elif text.startswith(VQA_BINARY):
                 out.append((n, name, text.split(": ", 1)[-1].strip()))
             elif text.startswith(VQA_OTHER):
@@ -457,10 +512,7 @@ def vqa_other_rows(report, path, n_texts):
     cols = ["sentence"] + [f"neg_sentence_{k}" for k in range(1, n_texts)]
     out = []
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        absent = [c for c in ["pos_image_id"] + cols if c not in (reader.fieldnames or [])]
-        if absent:
-            raise InputError(f"VQAv2 {path} lacks the column(s) {', '.join(absent)}")
+        reader = csv_rows(f, path, "VQAv2", ["pos_image_id"] + cols)
         for row in reader:
             report["records"] += 1
             texts = [str(row[c] or "").strip() for c in cols]
@@ -600,12 +652,18 @@ def load_winoground(root, annotations=None, split=None, seed=0):
             if not isinstance(ex, dict) or not all(ex.get(k) not in (None, "") for k in WINOGROUND_FIELDS):
                 malformed(report, where, f"missing one of {', '.join(WINOGROUND_FIELDS)}")
                 continue
-            names = [str(ex[k]) if os.path.splitext(str(ex[k]))[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
+            odd = [k for k in WINOGROUND_FIELDS[1:] if not isinstance(ex[k], str) or not ex[k].strip()]
+            if odd:
+                malformed(report, where, f"{odd[0]} is {json.dumps(ex[odd[0]])[:40]}, not a string")
+                continue
+            names = [ex[k] if os.path.splitext(ex[k])[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
+            if escape(report, where, names):
+                continue
             paths = [find_image([nm], folders) for nm in names]
             if None in paths:
                 missing(report, [nm for nm, p in zip(names, paths) if p is None], seen)
                 continue
-            items.append(Item(id=str(ex["id"]), images=paths, texts=[str(ex["caption_0"]), str(ex["caption_1"])],
+            items.append(Item(id=str(ex["id"]), images=paths, texts=[ex["caption_0"], ex["caption_1"]],
                               category=str(ex.get("collapsed_tag", "")),
                               meta={k: ex.get(k) for k in ("tag", "secondary_tag", "num_main_preds")}))
     return finish(report, items, "Winoground", "<image_0>.png", folders)
@@ -700,8 +758,12 @@ def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None, ma
                 rel, texts = rec
                 pos, neg = [t for t in texts["POS"] if t], [t for t in texts["NEG"] if t]
                 assert isinstance(rel, str) and rel and pos and neg
+                assert all(isinstance(texts[k], list) for k in ("POS", "NEG")) and all(
+                    isinstance(t, str) for t in pos + neg)                      # "POS": "abc" is not three texts
             except (ValueError, TypeError, KeyError, AssertionError):
                 malformed(report, where, "not [image_path, {\"POS\": [text], \"NEG\": [text]}] with texts")
+                continue
+            if escape(report, where, [rel]):
                 continue
             image = vlc_find(rel, key, roots)
             if image is None:
@@ -711,7 +773,7 @@ def load_vlchecklist(root, annotations=None, split=None, seed=0, images=None, ma
                 report["over_cap"] += 1
                 continue
             kept += 1
-            items.append(Item(id=f"{key}[{i}]", images=[image], texts=[str(pos[0]), str(neg[0])],
+            items.append(Item(id=f"{key}[{i}]", images=[image], texts=[pos[0], neg[0]],
                               category=category or "", meta=dict(file=key)))
     return finish(report, items, "VL-CheckList", "<image_path> or vg/<image_path>", roots)
 
@@ -746,7 +808,8 @@ def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
     caps = []
     for i, a in enumerate(data["annotations"]):
         report["records"] += 1
-        if not isinstance(a, dict) or not str(a.get("caption", "")).strip() or a.get("image_id") is None:
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not a["caption"].strip() \
+                or a.get("image_id") is None:
             malformed(report, f"{path}[{i}]", "not an annotation with image_id and caption")
             continue
         caps.append((a["image_id"], str(a["caption"]).strip(), a.get("id", i)))
@@ -754,6 +817,8 @@ def load_coco(root, annotations=None, split=None, seed=0, n_negatives=9):
     items = []
     for image_id, caption, cid in caps:
         cands = [names[image_id]] if names.get(image_id) else []
+        if escape(report, f"{path}[image_id {image_id}]", cands):
+            continue
         if str(image_id).isdigit():
             cands.append(f"COCO_{sub}2014_{int(image_id):012d}.jpg")
         image = find_image(cands, image_dirs)
@@ -851,6 +916,12 @@ def load_items(name, root=None, annotations=None, seed=0, split=None, **options)
     except DataMissing as e:
         raise InputError(f"{e}; {data_hint(name, root)}") from None
     return items, count_duplicates(items, report)
+
+
+def data_inputs(items, report):
+    """The files a loaded data set reads (its annotation files, every image), as `common.check_apart` inputs."""
+    images = dict.fromkeys(str(p) for it in items for p in it.images)
+    return [(f, "annotation file", "file") for f in report["files"]] + [(p, "image", "file") for p in images]
 
 
 # loader options both CLIs offer: CLI dest -> (data set, loader keyword)

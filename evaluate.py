@@ -38,9 +38,10 @@ A non-finite score is an error naming the item; ties with a wrong candidate and 
 Every accuracy is printed with its 95% bootstrap interval over items; the JSON keeps each item's score matrix. Under
 `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU processes) each process scores its share
 of the items and the main one writes the same JSON and tables as one process. Scores are appended to OUTPUT's partial
-files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest. Ctrl-C
-or SIGTERM stops with one line naming the kept files and the command that resumes (exit 130 for Ctrl-C, 143 for
-SIGTERM).
+files as they come (results.json -> results.items/); `--resume` keeps them after a crash and scores the rest. A kept
+score carries a digest of its item's id, texts and image bytes: an item edited since is scored again. --output
+never replaces an input (a checkpoint, an annotation file, an image, anything under --model). Ctrl-C or SIGTERM
+stops with one line naming the kept files and the command that resumes (exit 130 for Ctrl-C, 143 for SIGTERM).
 """
 import argparse
 import hashlib
@@ -59,10 +60,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import methods
-from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, check_writable, default_device,
-                    file_hash, positive_int, resolve_dtype, run_cli, write_json)
-from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, default_root, find_datasets, has_table_data,
-                      load_items, loader_options, split_items)
+from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, check_apart, check_writable,
+                    default_device, file_hash, name_fits, positive_int, resolve_dtype, run_cli, write_json)
+from datasets import (DEFAULT_SPLIT, LOADERS, ImageCache, add_data_args, data_inputs, default_root, find_datasets,
+                      has_table_data, load_items, loader_options, split_items)
 
 TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
           "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
@@ -277,12 +278,15 @@ def score_sharded(model, items, pairs, desc, store=None):
     no duplicates), so every score comes from the same scoring call as in one process and is bit-identical to it."""
     state = PartialState()
     done, out = store or ({}, None)
+    hashes = {}
     where = {id(item): k for k, item in enumerate(items)}
     groups = [g for g in pair_chunks(items, pairs) if not all(where[id(item)] in done for item in g)]
 
     def record(scored, unreadable):
-        new = [dict(k=where[id(item)], id=item.id, scores=s.tolist()) for item, s in scored]
-        new += [dict(k=where[id(item)], id=item.id, error=e) for item, e in unreadable]
+        new = [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None,
+                    scores=s.tolist()) for item, s in scored]
+        new += [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, error=e)
+                for item, e in unreadable]
         mine.extend(new)
         if out:
             out.write("".join(json.dumps(r) + "\n" for r in new))
@@ -329,9 +333,14 @@ def paired_differences(name, first, other):
     return out
 
 
+def partial_root(output):
+    """The folder of OUTPUT's partial files: results.json -> results.items (removed once OUTPUT is written)."""
+    return os.path.splitext(output)[0] + ".items"
+
+
 def partial_folder(output, label, name):
     """Where one run's per-item records go while it is scored: results.json -> results.items/<data set>/<label>/."""
-    return os.path.join(os.path.splitext(output)[0] + ".items", name, re.sub(r"[^\w.-]+", "-", label))
+    return os.path.join(partial_root(output), name, re.sub(r"[^\w.-]+", "-", label))
 
 
 def fingerprint(args, method, checkpoint, model, name, root, split, items):
@@ -346,14 +355,70 @@ def fingerprint(args, method, checkpoint, model, name, root, split, items):
     return json.loads(json.dumps(fp, default=str))
 
 
-def open_partial(folder, fp, resume):
+def read_fingerprint(path):
+    """A partial folder's fingerprint.json; a truncated or garbled one is an InputError naming it (its scores cannot
+    be matched to a run, so they are not kept)."""
+    try:
+        fp = json.loads(pathlib.Path(path).read_bytes())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        fp = e
+    if not isinstance(fp, dict):
+        raise InputError(f"--resume: {path} is not a fingerprint (cut short or overwritten?): the scores beside it "
+                         "cannot be matched to this run; rerun without --resume to start over")
+    return fp
+
+
+def parse_record(line):
+    """One line of a partial file -> its record, or None for a line that is not one (a power cut can leave a line
+    that is complete but garbled): that item is scored again."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(r, dict) and type(r.get("k")) is int and r["k"] >= 0 and isinstance(r.get("content"), str) and (
+        isinstance(r.get("error"), str) or isinstance(r.get("scores"), list))
+    return r if ok else None
+
+
+def item_digest(item, hashes):
+    """What an item's scores depend on besides the run's options: its id, texts, and its images' bytes (and a
+    --mask-object box). `hashes`: {path: file hash} memo, one read per image file."""
+    def image(path):
+        key = str(path)
+        if key not in hashes:
+            try:
+                hashes[key] = file_hash(key)[:32]
+            except OSError as e:
+                hashes[key] = f"unreadable {type(e).__name__}"
+        return [hashes[key], getattr(path, "box", None)]
+    content = [item.id, list(item.texts), [image(p) for p in item.images]]
+    return hashlib.sha256(json.dumps(content, default=str).encode()).hexdigest()[:32]
+
+
+def kept(record, item, digest):
+    """A partial record still true for `item`: the same content digest and a finite score matrix of its shape."""
+    if record["content"] != digest:
+        return False
+    if "error" in record:
+        return True
+    s = record["scores"]
+    try:
+        return torch.isfinite(torch.tensor(s, dtype=torch.float64)).all().item() and \
+            list(torch.tensor(s).shape) == [len(item.images), len(item.texts)]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def open_partial(folder, fp, resume, items):
     """({item position: record} already scored in `folder`, this process's file to append records to).
 
     Without --resume, or without a fingerprint there, `folder` starts empty. With --resume its fingerprint must be
-    `fp` (else an InputError names what differs); a line cut short by a kill is dropped. Every process runs this."""
+    `fp` (else an InputError names what differs); a line cut short by a kill, or garbled, is dropped; a record is
+    kept only if its content digest is that of items[k] now (same id, texts and image bytes): an item edited since
+    is scored again. Every process runs this."""
     state = PartialState()
     fp_file = os.path.join(folder, "fingerprint.json")
-    old = json.loads(pathlib.Path(fp_file).read_text()) if resume and os.path.exists(fp_file) else None
+    old = read_fingerprint(fp_file) if resume and os.path.exists(fp_file) else None
     if old is not None and old != fp:
         diff = [k for k in dict.fromkeys([*fp, *old]) if old.get(k) != fp.get(k)]
         raise InputError(f"--resume: {folder} holds scores made with another " + "; another ".join(
@@ -371,8 +436,10 @@ def open_partial(folder, fp, resume):
     state.wait_for_everyone()
     done = {}
     for part in parts():
-        with open(os.path.join(folder, part)) as f:
-            done.update((r["k"], r) for r in map(json.loads, f))
+        with open(os.path.join(folder, part), "rb") as f:
+            done.update((r["k"], r) for r in map(parse_record, f) if r)
+    hashes = {}
+    done = {k: r for k, r in done.items() if k < len(items) and kept(r, items[k], item_digest(items[k], hashes))}
     state.wait_for_everyone()                                      # all have read before anyone appends
     return done, open(os.path.join(folder, f"part-{state.process_index}.jsonl"), "a")
 
@@ -552,6 +619,10 @@ def _methods(text):
     bad = [m for m in names if m not in methods.METHODS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}: choose from {','.join(methods.METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named twice (each method is one row; the differences "
+                                         "are against the first)")
     return names
 
 
@@ -575,7 +646,8 @@ def build_parser():
                         "method, METHOD=FILE to that method; repeatable")
     p.add_argument("--resume", action="store_true",
                    help="keep the items already scored in OUTPUT's partial files (results.json -> results.items/) "
-                        "and score the rest; refused if the model, checkpoint, options or data differ")
+                        "and score the rest; refused if the model, checkpoint, options or item ids differ; an "
+                        "item whose texts or image bytes changed is scored again")
     methods.add_model_args(p)
     add_data_args(p)
     p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=argparse.SUPPRESS,
@@ -589,8 +661,13 @@ def run(args, argv=()):
     state = processes(args.device)  # one process, or one of `accelerate launch`'s: each scores its share of the items
     roots = dataset_roots(args)
     runs = default_runs(args, [name for name, _ in roots])
+    if args.output:
+        check_output(args, runs)  # before any data or model, too
     with state.main_process_first():                               # the shapes world is written on first use
         data = load_data(args, roots, runs)
+    if args.output:                                                # nor a file the data sets read
+        check_apart([(args.output, "file"), (partial_root(args.output), "folder")],
+                    [i for _, _, items, report in data.values() for i in data_inputs(items, report)])
     for name, (_, _, _, report) in data.items() if state.is_main_process else ():
         for w in report["warnings"][:5]:
             print(f"warning: {w}", file=sys.stderr)
@@ -605,7 +682,7 @@ def run(args, argv=()):
             if args.output:
                 folder = partial_folder(args.output, label, name)
                 fp = fingerprint(args, method, checkpoint, model, name, root, split, items)
-                store = open_partial(folder, fp, args.resume)
+                store = open_partial(folder, fp, args.resume, items)
                 if store[0] and state.is_main_process:
                     print(f"{label} {name}: {len(store[0])} of {len(items)} items already scored in {folder}")
             results[name] = evaluate_items(model, name, items, args.eval_batch_size, desc=f"{label} {name}",
@@ -639,9 +716,26 @@ def run(args, argv=()):
                methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()}, differences=differences)
     if args.output:
         write_json(args.output, out)
-        shutil.rmtree(os.path.splitext(args.output)[0] + ".items", ignore_errors=True)
+        shutil.rmtree(partial_root(args.output), ignore_errors=True)
         print(f"results written to {args.output}")
     return out
+
+
+def check_output(args, runs):
+    """--output and its partial folder (OUTPUT.items, removed at the end) replace no input: no checkpoint or
+    --annotations file, nothing under --model (the data sets' own files are checked once they are loaded, before
+    any model is built); the partial folder is a folder apart from OUTPUT and its name fits the file system
+    (refused here, before any scoring, not when the first records are written)."""
+    items = partial_root(args.output)
+    if os.path.abspath(items) == os.path.abspath(args.output):
+        raise InputError(f"--output {args.output}: the partial scores go to OUTPUT minus its extension + .items, "
+                         "which is this name itself; choose a name not ending in .items")
+    if os.path.lexists(items) and not os.path.isdir(items):
+        raise InputError(f"cannot write the partial scores of --output {args.output} to {items}: a file is there, "
+                         "not a folder")
+    name_fits(items)
+    inputs = methods.model_folders(args) + [(c, "checkpoint", "file") for _, _, c in runs if c]
+    check_apart([(args.output, "file"), (items, "folder")], inputs + [(args.annotations, "annotations", "file")])
 
 
 def evaluate_cli(argv):

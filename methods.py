@@ -14,7 +14,7 @@ import os
 import prompt_delta
 from baselines.clip_baselines import ClipMatcher
 from baselines.diffusion_itm import DiffusionITM
-from common import DTYPES, MAX_SIZE, image_size, number, positive, positive_int, read_checkpoint
+from common import DTYPES, MAX_SIZE, InputError, image_size, meta_value, number, positive, positive_int, read_checkpoint
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
@@ -57,7 +57,23 @@ def recorded_options(checkpoint, meta=None):
     if not checkpoint:
         return {}
     meta = meta or read_checkpoint(checkpoint, tensors=False)[0]
-    return {**(meta.get("training_args") or {}), **(meta.get("scorer") or {})}
+    parts = [meta_value(checkpoint, {key: {}, **meta}, key, dict, "a dict") for key in ("training_args", "scorer")]
+    recorded = {**parts[0], **parts[1]}
+    for key, parse in RECORDED_RULES.items():  # a recorded value obeys the rule of its command-line option
+        if recorded.get(key) is not None:
+            try:
+                recorded[key] = parse(str(recorded[key]))
+            except argparse.ArgumentTypeError as e:
+                raise InputError(f"checkpoint {checkpoint}: its recorded {key}: {e}") from None
+    return recorded
+
+
+def _choice(*names):
+    def parse(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(names)}, got {text!r}")
+        return text
+    return parse
 
 
 def build(method, args, checkpoint=None):
@@ -83,6 +99,13 @@ def build(method, args, checkpoint=None):
     elif checkpoint:
         model.load_trained(checkpoint)
     return model
+
+
+def model_folders(args):
+    """The local model folders a run reads, as `common.check_apart` inputs: nothing is written anywhere under them."""
+    return [(m, f"{flag} folder", "tree") for m, flag in ((option(args, "model"), "--model"),
+                                                          (getattr(args, "clip_model", None), "--clip-model"))
+            if m and os.path.isdir(m)]
 
 
 # ---- the options both CLIs share, spelled the same way --------------------------------------------------------------
@@ -112,6 +135,11 @@ def _timesteps(text):
     return text if text == "official" else positive_int(text)
 
 
+# the recorded options `option` takes from a checkpoint, checked as the command line checks them
+POOLINGS = ("lse", "max", "mean", "cosine", "official")
+RECORDED_RULES = {"lam": positive, "pooling": _choice(*POOLINGS), "itm_timesteps": _timesteps}
+
+
 def add_model_args(p):
     """The model and scorer options of train.py and evaluate.py."""
     p.add_argument("--model", help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}; for --dataset shapes "
@@ -127,7 +155,7 @@ def add_model_args(p):
                    help="paper (default): the paper's score with the options below; official: every scoring choice of "
                         "the public code at once (official pooling, --layers official, --uncond-attention, "
                         "--itm-variant combined, --itm-timesteps official; see docs/official_code.md), options given still win"),
-    g.add_argument("--pooling", choices=("lse", "max", "mean", "cosine", "official"),
+    g.add_argument("--pooling", choices=POOLINGS,
                    help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
                         "(with --checkpoint: default the checkpoint's own)")
     g.add_argument("--lam", type=positive, help="LogSumExp lambda of eq. 3 (default 1; 100 for the shapes world; "

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, check_tensors, copy_tensors, layer_key, read_checkpoint, save_tensors
+from common import InputError, check_tensors, copy_tensors, layer_key, meta_value, read_checkpoint, save_tensors
 
 FORMAT = "discffusion-prompt-deltas-v1"
 
@@ -58,7 +58,9 @@ def load(path, scorer):
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
-    saved_layers = meta["layers"]
+    saved_layers = meta_value(path, meta, "layers", list, "a list of layer names")
+    for key in ("scorer", "training_args"):
+        meta_value(path, {key: {}, **meta}, key, dict, "a dict")
     if saved_layers != list(scorer.layers):
         extra = sorted(set(saved_layers) - set(scorer.layers))
         lacking = sorted(set(scorer.layers) - set(saved_layers))

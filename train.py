@@ -11,7 +11,10 @@ shots from their train split and test on `--eval-split`. Defaults per data set: 
 
 Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
 `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
-(the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
+(the data order and the noise of step s are functions of (seed, s)); the checkpoint is read with
+torch.load(weights_only=True), so a crafted file is refused, never run. An option that defines the run (RESUME_FIXED)
+must match the checkpoint's; a changed --lr, --weight-decay, --grad-clip, --margin, --negatives, --loss, --steps or
+--epochs applies from the resumed step on and is recorded (args.changes). At the end: OUTPUT_DIR/results.json (split
 sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C or SIGTERM (schedulers,
 containers, `timeout`) ends the current step, writes the checkpoint and prints the command that resumes (exit 130 for
 Ctrl-C, 143 for SIGTERM); a failed write keeps the last good checkpoint (exit 2). As in evaluation, an item whose
@@ -28,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -42,10 +46,10 @@ from tqdm import tqdm
 import evaluate
 import methods
 import triplet_loss
-from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, atomic_write, check_writable,
-                    number, positive, positive_int, run_cli, write_json)
-from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, load_items, loader_options, split_items
 from baselines.diffusion_itm import hardneg_loss
+from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, atomic_write, check_apart,
+                    check_writable, number, positive, positive_int, run_cli, write_json)
+from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, data_inputs, load_items, loader_options, split_items
 
 
 def parse_args(argv=None):
@@ -86,10 +90,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for key in ("model", "shots", "lr", "compare", "lam", "pooling", "itm_timesteps", "steps"):
         setattr(args, key, methods.option(args, key))
-    bad = [m for m in args.compare.split(",") if m and m not in methods.METHODS]
+    names = [m for m in args.compare.split(",") if m]
+    bad = [m for m in names if m not in methods.METHODS]
     if bad:
         p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(methods.METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        p.error(f"--compare: {', '.join(twice)} named twice (each method is one row)")
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    args.changes = []  # options changed at a --resume (train: RESUME_APPLIED)
     return args
 
 
@@ -122,6 +131,44 @@ def compute_loss(model, batch, args, generator):
     return triplet_loss.margin_loss(mats, args.margin, args.negatives), mats
 
 
+# --resume and the options: those that define the trained tensors, the data order or the score are refused when they
+# differ from the checkpoint's; the optimisation settings below apply from the resumed step on (the restored
+# optimizer state takes the command line's --lr and --weight-decay), and each change is recorded in args.changes
+# (results.json's args and the trained file's training_args), with the step it took effect from.
+RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
+                "score", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
+                "ref_negatives", "mask_object", "vlc_max_per_file")
+RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "loss", "steps", "epochs")
+STATE_KEYS = ("step", "params", "optimizer", "rng", "history", "args")
+
+
+def read_state(path):
+    """checkpoint.pt -> its state dict, loaded with torch.load(weights_only=True): tensors and plain data only, so a
+    crafted pickle is refused and never runs. An unreadable file or one that lacks the state's parts is an
+    InputError naming it."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated, empty or foreign file
+        text = str(e).strip()
+        why = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote: " + (
+            f"it names {why.group(1)}, which only a crafted file does (refused, not run)" if why else
+            f"{type(e).__name__}{': ' + text.splitlines()[0][:120] if text else ''}")) from None
+    lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
+    if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
+    return ck
+
+
+def check_params(path, saved, params):
+    """The checkpoint's trained tensors fit this model's, in number and shape (zip would silently cut them short)."""
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in saved]
+    if shapes != [tuple(p.shape) for p in params]:
+        raise InputError(f"--resume: {path} holds {len(shapes)} trained tensors that do not fit this model's "
+                         f"{len(params)} (first shapes {shapes[:2]} there, {[tuple(p.shape) for p in params[:2]]} "
+                         f"here): written with other --layers or --model? rerun without --resume to start over")
+
+
 def train(args, model, params, train_items, test_items, log=print, stop=None):
     """The training loop; `stop` (a threading.Event, see sigint_stops) set in any process: end this step, checkpoint,
     Interrupted. Data-parallel under `accelerate launch`: every process scores its slice of each micro-batch with the
@@ -134,22 +181,35 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_state(ckpt_path)
         was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
-        for key in ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling"):
-            now, what = getattr(args, key), f"--{key.replace('_', '-')}"
+        for key in RESUME_FIXED:
+            now, what = getattr(args, key, None), f"--{key.replace('_', '-')}"
             if key == "batch_size":
                 now, what = now * dist.num_processes, "the global batch (--batch-size x processes)"
-            if was.get(key) != now:
-                raise InputError(f"--resume: {ckpt_path} was written with {what} {was.get(key)}, this run has {now}")
-        with torch.no_grad():
-            for p, saved in zip(params, ck["params"]):
-                p.copy_(saved)
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
+            if key in was and was[key] != now:
+                shown = ["the default" if v is None else v for v in (was[key], now)]
+                raise InputError(f"--resume: {ckpt_path} was written with {what} {shown[0]}, this run has "
+                                 f"{shown[1]}; rerun without --resume to start over")
+        check_params(ckpt_path, ck["params"], params)
+        try:
+            with torch.no_grad():
+                for p, saved in zip(params, ck["params"]):
+                    p.copy_(saved)
+            opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"--resume: {ckpt_path} does not fit this run ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        for group in opt.param_groups:                             # the command line's, not the restored ones
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         start, history = ck["step"], ck["history"]
+        changed = [dict(option=f"--{k.replace('_', '-')}", was=was.get(k), now=getattr(args, k), from_step=start + 1)
+                   for k in RESUME_APPLIED if k in was and was[k] != getattr(args, k)]
+        args.changes = list(was.get("changes") or []) + changed
         if dist.is_main_process:
-            log(f"resumed from {ckpt_path} at step {start}")
+            log(f"resumed from {ckpt_path} at step {start}" + "".join(
+                f"; {c['option']} {c['was']} -> {c['now']} from step {c['from_step']}" for c in changed))
     images = ImageCache()
     unreadable = {u for h in history for u in h.get("unreadable", [])}   # "item id: error", this process's
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
@@ -276,14 +336,20 @@ def main(argv=None):
     args.processes, main_process = state.num_processes, state.is_main_process
     torch.manual_seed(args.seed)
     check_writable(args.output_dir, folder=True)  # before any data, model or step
+    outputs = [(os.path.join(args.output_dir, f), "file") for f in ("checkpoint.pt", "results.json")]
+    outputs.append((trained_file(args), "file"))
+    check_apart(outputs, methods.model_folders(args) + [(args.annotations, "annotations", "file")])
     with state.main_process_first():                               # the shapes world is written on first use
         items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
                                    **loader_options(args, args.dataset))
     train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
     name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
+    inputs = data_inputs(items, report)
     if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
-        test_items, _ = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
-                                   **loader_options(args, name))
+        test_items, test_report = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
+                                             **loader_options(args, name))
+        inputs += data_inputs(test_items, test_report)
+    check_apart(outputs, inputs)                                   # nor a file the data sets read
     if args.eval_limit:
         test_items = test_items[:args.eval_limit]
     if main_process:

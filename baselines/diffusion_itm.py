@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import InputError, check_tensors, copy_tensors, read_checkpoint, save_tensors, split_scores
+from common import InputError, check_tensors, copy_tensors, meta_value, read_checkpoint, save_tensors, split_scores
 from discffusion import DEFAULT_MODEL, Discffusion
 
 VARIANTS = ("itm", "classifier", "combined")
@@ -228,7 +228,11 @@ class DiffusionITM(nn.Module):
         meta, tensors = read_checkpoint(path)
         if meta.get("format") != FORMAT:
             raise InputError(f"checkpoint {path} is not a DiffusionITM LoRA file (format {meta.get('format')!r})")
-        lora = meta["lora"]
+        lora = meta_value(path, meta, "lora", dict, "a dict of rank, targets and alpha")
+        if not (isinstance(lora.get("rank"), int) and isinstance(lora.get("targets"), list)
+                and isinstance(lora.get("alpha"), (int, float))):
+            raise InputError(f"checkpoint {path}: its metadata 'lora' {lora} lacks an int rank, a list of targets "
+                             "or a number alpha")
         if self.lora is not None and self.lora != lora:
             diff = ", ".join(f"{k} {lora[k]} in the file, {self.lora[k]} in this model"
                              for k in lora if lora[k] != self.lora.get(k))

@@ -45,8 +45,8 @@ import evaluate  # noqa: E402
 import methods  # noqa: E402
 import prompt_delta  # noqa: E402
 import train  # noqa: E402
-from common import (ArgumentParser, InputError, positive_int, read_checkpoint, run_cli, save_tensors,  # noqa: E402
-                    write_json)
+from common import (ArgumentParser, InputError, meta_value, positive_int, read_checkpoint, run_cli,  # noqa: E402
+                    save_tensors, write_json)
 from datasets import DEFAULT_SPLIT, LOADERS, load_items, split_items  # noqa: E402
 
 SWEEPS = ("fig3", "fig4", "fig5", "fig6", "table7", "table11", "table5")
@@ -137,7 +137,8 @@ class Runner:
         meta, tensors = read_checkpoint(checkpoint)
         if meta.get("format") != prompt_delta.FORMAT:
             raise InputError(f"checkpoint {checkpoint} is not a Discffusion prompt-delta file")
-        layers = meta["layers"][-last:] if last else meta["layers"]
+        layers = meta_value(checkpoint, meta, "layers", list, "a list of layer names")
+        layers = layers[-last:] if last else layers
         tensors = {k: (torch.zeros_like(t) if plain_heads and k.startswith("head_logits.") else t)
                    for k, t in tensors.items() if k.split(".", 1)[1] in layers}
         suffix = f"last{last}" if last else "plain-heads"
