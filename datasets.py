@@ -1,7 +1,16 @@
 """Data sets of §5.1 (ComVG, RefCOCOg, VQAv2, Winoground, VL-CheckList, MS-COCO), read as their publishers ship them.
 
 Every loader yields `Item`s of one shape, so evaluation and training need no per-data-set branches beyond metrics:
-an item is a small image-text matching problem whose score matrix is (len(images), len(texts)).
+an item is a small image-text matching problem whose score matrix is (len(images), len(texts)). How an item is judged
+(`item_metrics`) and the paper's columns of each data set (`COLUMNS`) are defined here, beside its format:
+
+    ComVG          correct = s[pos, sentence] > s[neg, sentence]                   Subjects / Objects / Predicate / Average
+    RefCOCOg       rank of the true text among the 10 (others with s >= true)      Top-1 / Top-5
+    VQAv2          Top-1: paper form, Binary = the true image beats the 9 others     Binary (yes/no) / Other / All
+                   for its statement, Other = the true text of the 10; JSON form: the true text of the 10
+    Winoground     text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)
+                   image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group = both     Text / Image / Group, per tag
+    VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
 
     items, report = LOADERS["comvg"]("data/comvg")      # every loader: (root, annotations=None, split=None, seed=0)
     items, report = load_items("comvg")                 # the same, the folder found under data/ by any alias
@@ -965,6 +974,81 @@ def count_duplicates(items, report):
         report["warnings"].append(f"{len(dup)} duplicate records (an item id or the same images and texts seen "
                                   f"before, e.g. {', '.join(dup[:3])}); each is scored and counted as loaded")
     return report
+
+
+# ---- how an item is judged: the paper's columns (§5.1; Tables 1, 8, 10) ------------------------------------------
+# Pure functions of one item's score matrix s (n_images, n_texts), higher = better match; a tie counts as an error
+# (strict >). tools/runner.py averages the flags into each data set's columns; evaluate.py prints the paper's tables.
+
+TITLES = {"comvg": "Compositional Visual Genome", "refcocog": "RefCOCOg", "vqav2": "VQAv2",
+          "winoground": "Winoground", "vlchecklist": "VL-checklist", "coco": "MS-COCO captions",
+          "shapes": "Shapes (ComVG format)"}
+
+
+def pos_image_wins(s):
+    """ComVG: s (2 images, 1 text): the positive image scores higher than the negative one."""
+    return bool(s[0, 0] > s[1, 0])
+
+def pos_text_wins(s):
+    """VL-CheckList: s (1 image, 2 texts [POS, NEG]): POS scores higher."""
+    return bool(s[0, 0] > s[0, 1])
+
+def true_image_wins(s):
+    """s (n images, 1 text): image 0 scores strictly higher than every other image (text-to-image top-1)."""
+    return bool((s[1:, 0] < s[0, 0]).all())
+
+def true_text_rank(s):
+    """0-based rank of text 0 for image 0 among all texts; a tie counts against it (pessimistic)."""
+    return int((s[0, 1:] >= s[0, 0]).sum())
+
+def top_k(s, k):
+    return true_text_rank(s) < k
+
+def winoground_scores(s):
+    """s (2 images, 2 texts), image k <-> caption k -> (text, image, group) correctness (Thrush et al., 2022)."""
+    text = bool(s[0, 0] > s[0, 1]) and bool(s[1, 1] > s[1, 0])   # each image prefers its own caption
+    image = bool(s[0, 0] > s[1, 0]) and bool(s[1, 1] > s[0, 1])  # each caption prefers its own image
+    return text, image, text and image
+
+def tied(name, s):
+    """Does the true candidate tie exactly with a false one in a comparison the metric makes? (Counted wrong, as
+    every tie is, and reported.)"""
+    if name == "winoground":
+        return bool(s[0, 0] == s[0, 1] or s[1, 1] == s[1, 0] or s[0, 0] == s[1, 0] or s[1, 1] == s[0, 1])
+    if name in ("comvg", "shapes"):
+        return bool(s[0, 0] == s[1, 0])
+    return bool((s[0, 1:] == s[0, 0]).any())  # text 0 against the other texts of image 0
+
+def item_metrics(name, s):
+    """The per-item correctness flags each data set's columns average."""
+    if name in ("comvg", "shapes"):
+        return dict(correct=pos_image_wins(s))
+    if name == "vlchecklist":
+        return dict(correct=pos_text_wins(s))
+    if name == "winoground":
+        return dict(zip(("text", "image", "group"), winoground_scores(s)))
+    if name == "vqav2":  # the paper form's Binary items are 1 statement vs 10 images
+        return dict(correct=true_image_wins(s) if s.shape[0] > 1 else top_k(s, 1))
+    return dict(top1=top_k(s, 1), top5=top_k(s, 5), rank=true_text_rank(s))  # refcocog, coco
+
+def _is(*cats):
+    return lambda c: c.lower() in cats
+
+
+# data set -> [(column, flag, which items: category predicate or None = all)], in the paper's order
+COLUMNS = {
+    "comvg": [("Subjects", "correct", _is("subject")), ("Objects", "correct", _is("object")),
+              ("Predicate", "correct", _is("verb")), ("Average", "correct", None)],
+    "refcocog": [("Top-1", "top1", None), ("Top-5", "top5", None)],
+    "vqav2": [("Binary", "correct", _is("yes/no")), ("Other", "correct", lambda c: c.lower() != "yes/no"),
+              ("All", "correct", None)],
+    "winoground": [("Text", "text", None), ("Image", "image", None), ("Group", "group", None)],
+    "vlchecklist": [("Attribute", "correct", _is("attribute")), ("Object", "correct", _is("object")),
+                    ("Relation", "correct", _is("relation")), ("Average", "correct", None)],
+    "coco": [("Top-1", "top1", None), ("Top-5", "top5", None)],
+}
+COLUMNS["shapes"] = COLUMNS["comvg"]
+WINOGROUND_TAGS = ("Relation", "Object", "Both")  # Table 10's column groups (collapsed_tag)
 
 
 # ---- the few-shot split (§5.2) -------------------------------------------------------------------------------------

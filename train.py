@@ -43,13 +43,13 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from tqdm import tqdm
 
-import evaluate
 import methods
 import triplet_loss
 from baselines.diffusion_itm import hardneg_loss
 from common import (MAX_LISTED, SIGNAL_NAMES, ArgumentParser, InputError, Interrupted, atomic_write, check_apart,
                     check_writable, number, positive, positive_int, run_cli, write_json)
 from datasets import DEFAULT_SPLIT, ImageCache, add_data_args, data_inputs, load_items, loader_options, split_items
+from tools import runner
 
 
 def parse_args(argv=None):
@@ -271,7 +271,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             bar.close()
             raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {ckpt_path})", stop.signum)
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            res = evaluate.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
+            res = runner.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                           desc=f"eval@{done}")
             if dist.is_main_process:
                 log(f"step {done}: " + json.dumps(res["metrics"]))
@@ -332,7 +332,7 @@ def trained_file(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    state = evaluate.processes(args.device)   # one process, or one of `accelerate launch`'s (data-parallel: train())
+    state = runner.processes(args.device)   # one process, or one of `accelerate launch`'s (data-parallel: train())
     args.processes, main_process = state.num_processes, state.is_main_process
     torch.manual_seed(args.seed)
     check_writable(args.output_dir, folder=True)  # before any data, model or step
@@ -360,7 +360,7 @@ def main(argv=None):
                "split": {"train": len(train_items), "test": len(test_items), "seed": args.seed, "shots": args.shots}}
     if not args.no_zero_shot:
         with torch.no_grad():
-            results["zero_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size,
+            results["zero_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size,
                                                            desc="zero-shot")
     t = time.time()
     try:
@@ -376,13 +376,13 @@ def main(argv=None):
         print(f"training: {len(unreadable)} items with unreadable images skipped (listed in results.json)")
     if main_process:
         model.save_trained(trained_file(args), vars(args))
-    results["few_shot"] = evaluate.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
+    results["few_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
     del model
     results["compare"] = {}
     for method in [m for m in args.compare.split(",") if m]:
         other = methods.build(method, args)
         with torch.no_grad():
-            results["compare"][method] = evaluate.evaluate_items(other, name, test_items, args.eval_batch_size,
+            results["compare"][method] = runner.evaluate_items(other, name, test_items, args.eval_batch_size,
                                                                  desc=f"{method} zero-shot")
         del other
     if not main_process:
@@ -390,7 +390,7 @@ def main(argv=None):
     write_json(os.path.join(args.output_dir, "results.json"), results)
     runs = {f"{args.method} {k.replace('_', '-')}": results[k] for k in ("zero_shot", "few_shot") if k in results}
     runs.update({f"{m} zero-shot": r for m, r in results["compare"].items()})
-    print(evaluate.format_table(name, {k: r["metrics"] for k, r in runs.items()},
+    print(runner.format_table(name, {k: r["metrics"] for k, r in runs.items()},
                                 {k: r["ci"] for k, r in runs.items()}))
     print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
     return results

@@ -12,6 +12,7 @@ import evaluate
 import methods
 from datasets import Item
 from test_datasets import COLORS, write_comvg, write_refcocog, write_vlchecklist, write_vqav2, write_winoground
+from tools import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = torch.tensor
@@ -44,39 +45,39 @@ def fake(monkeypatch):
 # ---- metrics on hand-made matrices ---------------------------------------------------------------------------------
 
 def test_winoground_text_image_group():
-    assert evaluate.winoground_scores(T([[2., 1.], [0., 3.]])) == (True, True, True)
+    assert datasets.winoground_scores(T([[2., 1.], [0., 3.]])) == (True, True, True)
     # each image prefers its caption (text), but caption 1 prefers image 0 (s[0,1]=2.5 > s[1,1]=2): image fails
-    assert evaluate.winoground_scores(T([[3., 2.5], [1., 2.]])) == (True, False, False)
+    assert datasets.winoground_scores(T([[3., 2.5], [1., 2.]])) == (True, False, False)
     # each caption prefers its image (image), but image 1 prefers caption 0 (s[1,0]=2 > s[1,1]=1.5): text fails
-    assert evaluate.winoground_scores(T([[3., 1.], [2., 1.5]])) == (False, True, False)
-    assert evaluate.winoground_scores(T([[0., 1.], [1., 0.]])) == (False, False, False)
-    assert evaluate.winoground_scores(T([[1., 1.], [0., 2.]])) == (False, True, False)  # a tie is not a win
+    assert datasets.winoground_scores(T([[3., 1.], [2., 1.5]])) == (False, True, False)
+    assert datasets.winoground_scores(T([[0., 1.], [1., 0.]])) == (False, False, False)
+    assert datasets.winoground_scores(T([[1., 1.], [0., 2.]])) == (False, True, False)  # a tie is not a win
 
 
 def test_rank_top_k_and_pairs():
     s = T([[0.5, 0.9, 0.1, 0.7, 0.6, 0.8, 0.2, 0.3, 0.0, 0.55]])  # true text ranks 6th (5 others above it)
-    assert evaluate.true_text_rank(s) == 5
-    assert not evaluate.top_k(s, 1) and not evaluate.top_k(s, 5) and evaluate.top_k(s, 6)
-    assert evaluate.true_text_rank(T([[0.5, 0.5, 0.1]])) == 1  # ties count against the true text
-    assert evaluate.item_metrics("refcocog", T([[1.0, 0.2, 0.3]])) == dict(top1=True, top5=True, rank=0)
-    assert evaluate.pos_image_wins(T([[0.3], [0.2]])) and not evaluate.pos_image_wins(T([[0.2], [0.2]]))
-    assert evaluate.pos_text_wins(T([[0.3, 0.2]])) and not evaluate.pos_text_wins(T([[0.1, 0.2]]))
+    assert datasets.true_text_rank(s) == 5
+    assert not datasets.top_k(s, 1) and not datasets.top_k(s, 5) and datasets.top_k(s, 6)
+    assert datasets.true_text_rank(T([[0.5, 0.5, 0.1]])) == 1  # ties count against the true text
+    assert datasets.item_metrics("refcocog", T([[1.0, 0.2, 0.3]])) == dict(top1=True, top5=True, rank=0)
+    assert datasets.pos_image_wins(T([[0.3], [0.2]])) and not datasets.pos_image_wins(T([[0.2], [0.2]]))
+    assert datasets.pos_text_wins(T([[0.3, 0.2]])) and not datasets.pos_text_wins(T([[0.1, 0.2]]))
 
 
 def test_vqav2_paper_form_metrics_one_text_against_ten_images():
     s = torch.zeros(10, 1)
     s[0, 0] = 1.0
-    assert evaluate.item_metrics("vqav2", s) == dict(correct=True)       # its own image beats the 9 others
+    assert datasets.item_metrics("vqav2", s) == dict(correct=True)       # its own image beats the 9 others
     s[7, 0] = 1.0
-    assert evaluate.item_metrics("vqav2", s) == dict(correct=False)      # a tie is not a win
+    assert datasets.item_metrics("vqav2", s) == dict(correct=False)      # a tie is not a win
     s[7, 0] = 2.0
-    assert evaluate.item_metrics("vqav2", s) == dict(correct=False)
-    assert evaluate.item_metrics("vqav2", T([[0.9] + [0.1] * 9])) == dict(correct=True)     # Other: 1 image, 10 texts
-    assert evaluate.item_metrics("vqav2", T([[0.1, 0.9] + [0.0] * 8])) == dict(correct=False)
+    assert datasets.item_metrics("vqav2", s) == dict(correct=False)
+    assert datasets.item_metrics("vqav2", T([[0.9] + [0.1] * 9])) == dict(correct=True)     # Other: 1 image, 10 texts
+    assert datasets.item_metrics("vqav2", T([[0.1, 0.9] + [0.0] * 8])) == dict(correct=False)
     items = [Item("b1", ["i"] * 10, ["t"], "yes/no"), Item("b2", ["i"] * 10, ["t"], "yes/no"),
              Item("o1", ["i"], ["t"] * 10, "other")]
     mats = [T([[2.0]] + [[1.0]] * 9), T([[0.0]] + [[1.0]] * 9), T([[3.0] + [1.0] * 9])]
-    out = evaluate.summarize("vqav2", [(it, evaluate.item_metrics("vqav2", m)) for it, m in zip(items, mats)])
+    out = runner.summarize("vqav2", [(it, datasets.item_metrics("vqav2", m)) for it, m in zip(items, mats)])
     assert out["metrics"] == {"Binary": 50.0, "Other": 100.0, "All": pytest.approx(200 / 3)}
     assert out["counts"] == {"Binary": 2, "Other": 1, "All": 3}
 
@@ -84,11 +85,11 @@ def test_vqav2_paper_form_metrics_one_text_against_ten_images():
 def test_summarize_columns_and_counts():
     recs = [(Item("a", [], [], "subject"), dict(correct=True)), (Item("b", [], [], "subject"), dict(correct=False)),
             (Item("c", [], [], "verb"), dict(correct=True)), (Item("d", [], [], "verb"), dict(correct=True))]
-    out = evaluate.summarize("comvg", recs)
+    out = runner.summarize("comvg", recs)
     assert out["metrics"] == {"Subjects": 50.0, "Objects": None, "Predicate": 100.0, "Average": 75.0}
     assert out["counts"] == {"Subjects": 2, "Objects": 0, "Predicate": 2, "Average": 4}
     assert out["macro_average"] == 75.0
-    vqa = evaluate.summarize("vqav2", [(Item("a", [], [], "yes/no"), dict(correct=True)),
+    vqa = runner.summarize("vqav2", [(Item("a", [], [], "yes/no"), dict(correct=True)),
                                        (Item("b", [], [], "number"), dict(correct=False)),
                                        (Item("c", [], [], "other"), dict(correct=True))])
     assert vqa["metrics"] == {"Binary": 100.0, "Other": 50.0, "All": pytest.approx(200 / 3)}
@@ -96,12 +97,12 @@ def test_summarize_columns_and_counts():
 
 def test_groups_fill_batch_with_pairs():
     items = [Item(str(i), ["x", "y"], ["t"]) for i in range(5)]  # 2 pairs each
-    assert [len(g) for g in evaluate.pair_chunks(items, 4)] == [2, 2, 1]
-    assert [len(g) for g in evaluate.pair_chunks(items, 1)] == [1] * 5
+    assert [len(g) for g in runner.pair_chunks(items, 4)] == [2, 2, 1]
+    assert [len(g) for g in runner.pair_chunks(items, 1)] == [1] * 5
 
 
 def test_format_table_for_train_rows():
-    text = evaluate.format_table("comvg", {"zero_shot": {"Subjects": 50.0, "Average": 62.5}, "few_shot": {}})
+    text = runner.format_table("comvg", {"zero_shot": {"Subjects": 50.0, "Average": 62.5}, "few_shot": {}})
     assert "Subjects" in text and "Predicate" in text and "50.00" in text and "62.50" in text and "-" in text
 
 
@@ -286,13 +287,13 @@ def test_bad_model_path_exits_2(tmp_path, capsys):
 
 def test_bootstrap_interval_deterministic_contains_the_estimate_and_shrinks():
     hits = [1.0] * 60 + [0.0] * 40
-    low, high = evaluate.bootstrap_ci(hits, seed=3)
-    assert (low, high) == evaluate.bootstrap_ci(hits, seed=3) != evaluate.bootstrap_ci(hits, seed=4)
+    low, high = runner.bootstrap_ci(hits, seed=3)
+    assert (low, high) == runner.bootstrap_ci(hits, seed=3) != runner.bootstrap_ci(hits, seed=4)
     assert low < 0.6 < high
-    wide, narrow = evaluate.bootstrap_ci(hits[::10] * 1), evaluate.bootstrap_ci(hits * 10)
+    wide, narrow = runner.bootstrap_ci(hits[::10] * 1), runner.bootstrap_ci(hits * 10)
     assert narrow[1] - narrow[0] < (high - low) < wide[1] - wide[0]
     assert abs((high - low) - 2 * 1.96 * (0.6 * 0.4 / 100) ** 0.5) < 0.03     # the normal approximation's width
     a, b = [1.0, 0.0] * 50, [1.0, 1.0] * 50                                    # paired: the same resamples
-    d = evaluate.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
+    d = runner.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
     assert d[0] < -0.5 + 1e-9 and d[1] > -0.5 - 1e-9 and d[1] < 0
-    assert evaluate.bootstrap_ci([]) is None
+    assert runner.bootstrap_ci([]) is None

@@ -1,5 +1,5 @@
 """§5.6 and App. F, the ablation studies, one command: each sweep as the paper lays it out, every point with its
-95% bootstrap interval (`evaluate.bootstrap_ci`, over the test items).
+95% bootstrap interval (`runner.bootstrap_ci`, over the test items).
 
     fig3     accuracy vs the number of last cross-attention layers used (1, 2, 8 or half the model's, all)
     fig4     dynamic head weighting (learned head logits) vs the plain average over heads (logits reset to zero)
@@ -48,6 +48,8 @@ import train  # noqa: E402
 from common import (ArgumentParser, InputError, meta_value, positive_int, read_checkpoint, run_cli,  # noqa: E402
                     save_tensors, write_json)
 from datasets import DEFAULT_SPLIT, LOADERS, load_items, split_items  # noqa: E402
+import datasets
+from tools import runner
 
 SWEEPS = ("fig3", "fig4", "fig5", "fig6", "table7", "table11", "table5")
 TRAINED = ("fig4", "table11", "table5")      # meaningless without training: skipped (or refused) with --zero-shot
@@ -173,14 +175,14 @@ class Runner:
         t1, c1 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             desc = " ".join([f"{k}={v}" for k, v in options.items()] + [os.path.basename(checkpoint or "zero-shot")])
-            scored, unreadable = evaluate.score_dataset(model, self.items, args.eval_batch_size, desc=desc)
+            scored, unreadable = runner.score_dataset(model, self.items, args.eval_batch_size, desc=desc)
         seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
-        records = [(item, evaluate.item_metrics(self.name, s)) for item, s in scored]
-        out = evaluate.summarize(self.name, records)
+        records = [(item, datasets.item_metrics(self.name, s)) for item, s in scored]
+        out = runner.summarize(self.name, records)
         out["ci"] = {}
-        for col, flag, which in evaluate.COLUMNS[self.name]:
+        for col, flag, which in datasets.COLUMNS[self.name]:
             hits = [float(m[flag]) for item, m in records if which is None or which(item.category)]
-            ci = evaluate.bootstrap_ci(hits, self.args.resamples, self.args.seed)
+            ci = runner.bootstrap_ci(hits, self.args.resamples, self.args.seed)
             out["ci"][col] = None if ci is None else [100 * ci[0], 100 * ci[1]]
         col = HEADLINE[self.name]
         n = max(len(self.items), 1)
@@ -265,19 +267,19 @@ def interval_text(p):
 
 def table_text(title, name, points):
     """The paper's columns, one row per point, and the headline column's 95% interval."""
-    cols = [c for c, _, _ in evaluate.COLUMNS[name]]
-    rows = [(label, [evaluate._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]) for label, p in points]
+    cols = [c for c, _, _ in datasets.COLUMNS[name]]
+    rows = [(label, [runner._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]) for label, p in points]
     first = points[0][1]
     rows.append(("(items)", [first["counts"][c] for c in cols] + [""]))
-    return evaluate.render_table(title, [(evaluate.TITLES[name], cols), ("", [f"{HEADLINE[name]} 95% CI"])], rows)
+    return runner.render_table(title, [(datasets.TITLES[name], cols), ("", [f"{HEADLINE[name]} 95% CI"])], rows)
 
 
 def table5_text(title, name, points):
     """Table 5's layout: one row, a column group per setting."""
-    cols = [c for c, _, _ in evaluate.COLUMNS[name]]
+    cols = [c for c, _, _ in datasets.COLUMNS[name]]
     groups = [(label, cols + [f"{HEADLINE[name]} 95% CI"]) for label, _ in points]
-    cells = [v for _, p in points for v in [evaluate._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]]
-    return evaluate.render_table(title, groups, [("Discffusion", cells)])
+    cells = [v for _, p in points for v in [runner._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]]
+    return runner.render_table(title, groups, [("Discffusion", cells)])
 
 
 def errorbars(points):
@@ -433,7 +435,7 @@ def run(args):
     for name in args.sweeps:
         t0 = time.perf_counter()
         points = globals()[name](runner)
-        where = f"{evaluate.TITLES[args.dataset]}, {setting}, {split}, n={points[0][1]['n_items']}"
+        where = f"{datasets.TITLES[args.dataset]}, {setting}, {split}, n={points[0][1]['n_items']}"
         title = f"{TITLES[name]}\n({where})"
         data = dict(sweep=name, title=title, dataset=args.dataset, setting=setting, metric=HEADLINE[args.dataset],
                     chance=CHANCE.get(args.dataset), test_items=points[0][1]["n_items"],
