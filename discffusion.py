@@ -284,10 +284,10 @@ class Discffusion(nn.Module):
         - 1 as timestep_cond, as LatentConsistencyModelPipeline computes it; for SDXL added_cond_kwargs: the pooled
         text embeds and the 6 time ids (original size, crop top-left, target size) of StableDiffusionXLPipeline, here
         (R, R, 0, 0, R, R) for the resolution R every image is resized to."""
-        from diffusers import LatentConsistencyModelPipeline
         R, D = hidden.shape[0], self.unet.config.cross_attention_dim
         kw = dict(encoder_hidden_states=hidden[..., :D])                      # (R, L, D)
         if self.unet.config.time_cond_proj_dim:
+            from diffusers import LatentConsistencyModelPipeline  # only here: importing pipelines is slow and noisy
             w = torch.full((R,), self.guidance_scale - 1)
             emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(    # does not use its `self`
                 None, w, embedding_dim=self.unet.config.time_cond_proj_dim)
