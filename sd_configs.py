@@ -7,6 +7,7 @@ Not a paper section: the scaffolding that lets tests, `benchmark.py` and `shapes
   sd2-base - the real SD 2.1-base architecture (UNet 866M parameters, OpenCLIP-H sized text encoder), random weights.
   tiny-sd15, tiny-sd21-768, tiny-lcm, tiny-sdxl - the other model families (SD 1.5, SD 2.1 768 px, LCM, SDXL), each
              as tiny as `tiny` with what differs in its real architecture (tests/test_families.py).
+  sd15, sd21-768, lcm, sdxl - those families at their real sizes (the hub models' configs; benchmark.py on a GPU).
 `make_random_clip` does the same for the CLIP baselines.
 The tokenizer is a CLIP BPE tokenizer written from a hand-made word list (deterministic ids, no download), or SD 2.1's
 real one (`write_sd21_tokenizer`, committed as tests/fixtures/sd21_tokenizer).
@@ -81,6 +82,33 @@ PRESETS.update({
                                 projection_class_embeddings_input_dim=6 * 8 + 32),
                       vae=_VAE, text=dict(_TEXT, hidden_act="quick_gelu"), text_2=dict(_TEXT, projection_dim=32),
                       scheduler="EulerDiscreteScheduler", pipeline="StableDiffusionXLPipeline"),
+})
+
+# The same families at their real sizes (random weights; benchmark.py --preset, e.g. on a GPU), config for config.
+_SD_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+_SD_VAE = PRESETS["sd2-base"]["vae"]
+PRESETS.update({
+    "sd15": dict(unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768), vae=_SD_VAE, text=_CLIP_L,
+                 scheduler="PNDMScheduler"),
+    "sd21-768": dict(unet=dict(PRESETS["sd2-base"]["unet"], sample_size=96, upcast_attention=True),
+                     vae=dict(_SD_VAE, sample_size=768), text=PRESETS["sd2-base"]["text"], pad="!",
+                     scheduler="DDIMScheduler", scheduler_args=dict(prediction_type="v_prediction")),
+    "lcm": dict(unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768, time_cond_proj_dim=256),
+                vae=_SD_VAE, text=_CLIP_L, scheduler="LCMScheduler", pipeline="LatentConsistencyModelPipeline"),
+    "sdxl": dict(unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, norm_num_groups=32,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                           use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                           addition_time_embed_dim=256, projection_class_embeddings_input_dim=6 * 256 + 1280),
+                 vae=dict(_SD_VAE, sample_size=1024), text=_CLIP_L,
+                 text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                             max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280),
+                 scheduler="EulerDiscreteScheduler", pipeline="StableDiffusionXLPipeline"),
 })
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -81,6 +81,29 @@ def test_family_read_from_the_folder(folders, models):
     assert xl.scorer.layers == cross_attention_layers(xl.unet) and len(xl.scorer.layers) > len(sd15.scorer.layers)
 
 
+def test_real_size_presets_are_the_published_architectures():
+    """sd_configs' real-size presets (built on the meta device: no memory, no weights) have the published parameter
+    counts of the hub models' UNets and text encoders, and their cross-attention layer counts."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from attention_capture import cross_attention_layers
+    from sd_configs import PRESETS
+    published = {"sd15": (859_520_964, 16, 123_060_480), "sd2-base": (865_910_724, 16, 340_387_840),
+                 "sd21-768": (865_910_724, 16, 340_387_840), "lcm": (859_520_964 + 256 * 320, 16, 123_060_480),
+                 "sdxl": (2_567_463_684, 70, 123_060_480)}
+    for preset, (unet_params, n_cross, text_params) in published.items():
+        cfg = PRESETS[preset]
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
+            text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+        assert sum(p.numel() for p in unet.parameters()) == unet_params, preset
+        assert len(cross_attention_layers(unet)) == n_cross, preset
+        assert sum(p.numel() for p in text.parameters()) == text_params, preset
+    with torch.device("meta"):                                       # SDXL's OpenCLIP-bigG with its projection
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**PRESETS["sdxl"]["text_2"]))
+    assert sum(p.numel() for p in text_2.parameters()) == 694_659_840
+
+
 def test_capture_leaves_each_familys_unet_output_unchanged(folders, models):
     """With the family's conditioning (timestep_cond, added_cond_kwargs), the captured UNet equals the stock one."""
     from diffusers import UNet2DConditionModel
