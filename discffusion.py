@@ -93,7 +93,7 @@ def check_hub(model):
                          "diffusers folder") from None
     except HfHubHTTPError as e:
         raise InputError(f"model {model!r}: the hub answered {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary by version
+    except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary
         if try_to_load_from_cache(model, "model_index.json") is not None:
             warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {model!r} from the local cache")
             return False
@@ -156,10 +156,13 @@ def load_components(model, dtype, lora=None):
     local = dict(local_files_only=not online)
     try:
         sdxl = read_config(model, "unet", online).get("addition_embed_type") == "text_time"
+        # SDXL's VAE overflows in fp16: its pipelines run it in fp32 when its config says force_upcast
+        upcast = sdxl and dtype == torch.float16 and read_config(model, "vae", online).get("force_upcast", True)
         parts = dict(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **local),
             text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **local),
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **local),
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32 if upcast else dtype,
+                                              **local),
             unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **local),
             scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler", **local))
         if sdxl:

@@ -18,7 +18,8 @@ import os
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                          CLIPTokenizer)
 
 WORDS = ("a an the photo of is on in left right above below next to red green blue yellow white black "
          "circle square triangle cat dog man woman ball table holding riding eating").split()

