@@ -165,7 +165,9 @@ def load_components(model, dtype, lora=None):
                                               **local),
             unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **local),
             scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler", **local))
-        if sdxl:
+        if sdxl:  # its pipeline's unconditional embeddings are zeros unless model_index.json says otherwise
+            index = diffusers.DiffusionPipeline.load_config(model, **local)
+            parts.update(force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
             parts.update(tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **local),
                          text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
                              model, subfolder="text_encoder_2", dtype=dtype, **local))
@@ -193,11 +195,13 @@ def check_captions(items, mask):
 class Discffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
-                 tokenizer_2=None, text_encoder_2=None, guidance_scale=LCM_GUIDANCE, lora=None):
+                 tokenizer_2=None, text_encoder_2=None, guidance_scale=LCM_GUIDANCE, lora=None,
+                 force_zeros_for_empty_prompt=False):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
             tokenizer, text_encoder, vae, unet, scheduler)
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2          # SDXL's second encoder
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)      # SDXL: "" -> zero embeddings
         for m in (text_encoder, vae, unet, text_encoder_2):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -266,7 +270,9 @@ class Discffusion(nn.Module):
 
         SDXL (StableDiffusionXLPipeline.encode_prompt, clip_skip None): both encoders' penultimate hidden states
         concatenated, (M, L, 768 + 1280), followed on the feature axis by text_encoder_2's pooled projection repeated
-        over the tokens, (M, L, 1280): one tensor whose rows index like any other; `unet_kwargs` splits it."""
+        over the tokens, (M, L, 1280): one tensor whose rows index like any other; `unet_kwargs` splits it. The text ""
+        (DiffusionITM's unconditional prompt) is all zeros when model_index.json's force_zeros_for_empty_prompt is
+        true (the SDXL pipeline's default), as that pipeline's unconditional embeddings are."""
         tok = self.tokenize(self.tokenizer, texts)
         if not self._warned_truncation:
             full = self.tokenizer(list(texts), truncation=False, verbose=False).input_ids
@@ -286,7 +292,10 @@ class Discffusion(nn.Module):
         out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
         hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)   # (M, L, D1 + D2)
         pooled = out_2.text_embeds[:, None].expand(-1, hidden.shape[1], -1)             # (M, L, P)
-        return torch.cat([hidden, pooled.to(hidden.dtype)], dim=-1).to(self.dtype), mask.to(self.device)
+        hidden = torch.cat([hidden, pooled.to(hidden.dtype)], dim=-1)                   # (M, L, D1 + D2 + P)
+        if self.force_zeros_for_empty_prompt:  # the pipeline's unconditional input (DiffusionITM's "")
+            hidden[torch.tensor([t == "" for t in texts], device=hidden.device)] = 0
+        return hidden.to(self.dtype), mask.to(self.device)
 
     def unet_kwargs(self, hidden):
         """The UNet's conditioning for rows of text states hidden (R, L, D) (SDXL: (R, L, D + P), see encode_texts):

@@ -170,6 +170,13 @@ def test_sdxl_conditioning_is_the_sdxl_pipelines(folders, models):
     for key in ("text_embeds", "time_ids"):
         assert torch.allclose(got["added_cond_kwargs"][key], ours["added_cond_kwargs"][key], atol=1e-6), key
     assert ours["added_cond_kwargs"]["time_ids"][0].tolist() == [R, R, 0, 0, R, R]
+    # with guidance the pipeline's batch is [uncond, cond]: its unconditional half is DiffusionITM's "" row (zeros)
+    rec.calls.clear()
+    pipe(TEXTS[0], num_inference_steps=1, guidance_scale=5.0, height=R, width=R, output_type="latent")
+    got = rec.calls[0]
+    ours = m.unet_kwargs(m.encode_texts(["", TEXTS[0]])[0])
+    assert torch.allclose(got["encoder_hidden_states"], ours["encoder_hidden_states"], atol=1e-6)
+    assert torch.allclose(got["added_cond_kwargs"]["text_embeds"], ours["added_cond_kwargs"]["text_embeds"], atol=1e-6)
 
 
 def test_each_family_scores_without_batch_mixing(models):
