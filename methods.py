@@ -3,8 +3,8 @@
 
 An option's value is, in this order: the command line's; else the --score preset's (`PRESETS`: `official` sets every
 scoring choice of the public code at once); else the value recorded in the checkpoint being loaded (the lambda and
-pooling its deltas were learned under, its training --shots); else the data set's default (`DEFAULTS`, e.g. the
-embedded shapes world); else the generic default.
+pooling its deltas were learned under, its training --shots, the --lora and --guidance-scale of its model); else the
+data set's default (`DEFAULTS`, e.g. the embedded shapes world); else the generic default.
 
     model = methods.build("discffusion", args, checkpoint="runs/comvg/prompt_deltas.safetensors")
 """
@@ -70,8 +70,8 @@ def build(method, args, checkpoint=None):
     else:
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.eval_batch_size, lam=option(args, "lam", recorded),
-                    pooling=option(args, "pooling", recorded), lora=getattr(args, "lora", None),
-                    guidance_scale=getattr(args, "guidance_scale", None) or LCM_GUIDANCE)
+                    pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
+                    guidance_scale=option(args, "guidance_scale", recorded) or LCM_GUIDANCE)
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "score", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)

@@ -263,6 +263,11 @@ def test_train_and_evaluate_on_each_family(folders, lora_file, preset, tmp_path)
     ev = json.load(open(result))
     assert ev["datasets"]["shapes"]["n_items"] == 2
     assert ev["model"]["family"] == FAMILIES[preset] and ev["model"]["lora"] == (extra[1] if extra else None)
+    if extra:  # the checkpoint remembers the LoRA its deltas were learned on: evaluating it without --lora uses it
+        again = str(tmp_path / "again.json")
+        assert evaluate.main(base + ["--limit", "2", "--itm-timesteps", "2", "--output", again, "--methods",
+                                     "discffusion", "--checkpoint", os.path.join(out, "prompt_deltas.safetensors")]) == 0
+        assert json.load(open(again))["model"]["lora"] == extra[1]
 
 
 # ---- the hub: one request, a clear error; the cache offline ----------------------------------------------------------
