@@ -219,11 +219,25 @@ def lora_file(folders, tmp_path_factory):
     from peft.utils import get_peft_model_state_dict
     unet = UNet2DConditionModel.from_pretrained(folders["tiny-sd15"], subfolder="unet").eval()
     torch.manual_seed(3)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
+                                                                   "proj_out"], init_lora_weights=False))
     out = str(tmp_path_factory.mktemp("lora"))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet))
     return os.path.join(out, "pytorch_lora_weights.safetensors"), unet
+
+
+def test_lora_in_kohya_format_loads_the_same(folders, lora_file, tmp_path):
+    """The kohya-ss key format (lora_unet_..., as community LoRAs are shipped), written by diffusers' own conversion,
+    gives the same merged UNet as the diffusers-format file."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+    path, _ = lora_file
+    kohya = convert_state_dict_to_kohya(load_file(path))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya.safetensors"))
+    a = Discffusion.from_pretrained(folders["tiny-sd15"], device="cpu", lora=path).unet.state_dict()
+    b = Discffusion.from_pretrained(folders["tiny-sd15"], device="cpu", lora=str(tmp_path / "kohya.safetensors"))
+    assert all(torch.allclose(a[k], v, atol=1e-6) for k, v in b.unet.state_dict().items())
 
 
 def test_lora_is_merged_into_the_unet(folders, models, lora_file):
@@ -233,6 +247,7 @@ def test_lora_is_merged_into_the_unet(folders, models, lora_file):
     assert not any("lora" in n for n, _ in m.unet.named_parameters())        # merged: a stock UNet again
     z, t, hidden, mask = unet_inputs(m)
     m.scorer.begin(mask)
+    models["tiny-sd15"].scorer.begin(mask)
     with torch.no_grad():
         want = with_adapter(z, t, **m.unet_kwargs(hidden)).sample
         got = m.unet(z, t, **m.unet_kwargs(hidden)).sample
