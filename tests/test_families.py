@@ -95,7 +95,7 @@ def test_real_size_presets_are_the_published_architectures():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from attention_capture import cross_attention_layers
-    from sd_configs import PRESETS
+    from tools.sd_configs import PRESETS
     published = {"sd15": (859_520_964, 16, 123_060_480), "sd2-base": (865_910_724, 16, 340_387_840),
                  "sd21-768": (865_910_724, 16, 340_387_840), "lcm": (859_520_964 + 256 * 320, 16, 123_060_480),
                  "sdxl": (2_567_463_684, 70, 123_060_480)}
