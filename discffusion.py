@@ -162,6 +162,18 @@ class Discffusion(nn.Module):
         eps = eps.to(latents.device, latents.dtype).expand_as(latents)
         return self.scheduler.add_noise(latents, eps, ts), ts
 
+    def target(self, latents, eps, ts):
+        """What the UNet predicts for z_t = add_noise(latents, eps, ts): eps, or for a v-prediction model (SD 2.1-768)
+        the velocity sqrt(a_t) eps - sqrt(1 - a_t) z; (R, 4, h, w). Every denoising loss and error uses it."""
+        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
+        pred = self.scheduler.config.prediction_type
+        if pred == "v_prediction":
+            return self.scheduler.get_velocity(latents, eps, ts)
+        if pred != "epsilon":
+            raise InputError(f"scheduler prediction_type {pred!r}: a denoising target needs 'epsilon' or "
+                             "'v_prediction'")
+        return eps
+
     # ---- the score --------------------------------------------------------------------------------------------
     def attention_score(self, z_t, ts, hidden, mask):
         """UNet passes over R rows, pairs_per_call at a time -> attention score (R,), noise prediction (R, 4, h, w).
