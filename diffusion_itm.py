@@ -94,6 +94,10 @@ class DiffusionITM(nn.Module):
         return self.core.device
 
     @property
+    def dtype(self):
+        return self.core.dtype
+
+    @property
     def unet(self):
         return self.core.unet
 
