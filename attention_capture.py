@@ -6,8 +6,8 @@ r_y (B, L, D):
     A = softmax(Q K^T / sqrt(d))                                      (B, heads, N_img, L), explicit, per head
 A is diffusers' own `Attention.get_attention_scores` (the stock `AttnProcessor`'s: scale-then-matmul, Q and K in
 fp32 where the UNet sets `upcast_attention`), so the processor returns the layer's usual output A V (the UNet
-computes exactly what it computes with the stock processor) and hands A to `lse_pool.pool`, keeping only the pooled (B, heads) value. Full maps are kept only when
-asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
+computes exactly what it computes with the stock processor) and hands A (in fp32) to `lse_pool.pool`, keeping only
+the pooled (B, heads) value. Full maps are kept only when asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
 
 `AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
 weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's

@@ -16,9 +16,9 @@ overflow is skipped and the scale lowered, as GradScaler does: recorded in the h
 fp32's range and needs no scaler. A step's rows go through the UNet --eval-batch-size at a time, also in backward
 (gradient caching, `discffusion.CachedScores`): memory is bounded by that chunk, not by the candidates.
 
-Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, grad scaler, step, RNG) are written atomically every
-`--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
-(the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
+Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, grad scaler, step, RNG) are written atomically
+every `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted
+run (the data order and the noise of step s are functions of (seed, s)). At the end: OUTPUT_DIR/results.json (split
 sizes, zero-shot and few-shot metrics) and OUTPUT_DIR/prompt_deltas.safetensors. Ctrl-C ends the current step, writes
 the checkpoint and prints the command that resumes (exit 130); a failed write keeps the last good checkpoint (exit 2).
 

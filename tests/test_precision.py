@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from safetensors.torch import load_file
 
+import benchmark
 import train
 import triplet_loss
 from common import InputError
@@ -213,3 +214,16 @@ def test_chunked_training_step_equals_the_unchunked_one(sd2_layout, loss):
             assert (a - b).norm() <= 5e-3 * a.norm()
         flat = lambda g: torch.cat([x.flatten() for x in g])                      # noqa: E731
         assert (flat(full) - flat(got)).norm() <= 1e-4 * flat(full).norm()
+
+
+def test_benchmark_train_steps_side_by_side_and_fp16_check(tiny_sd, capsys):
+    args = benchmark.parse_args(["--device", "cpu", "--threads", "1", "--model", tiny_sd, "--train-texts", "2,5",
+                                 "--train-chunk", "2", "--no-gradient-checkpointing"])
+    mem = benchmark.run_memory_child(args)
+    assert [mem[k]["pairs"] for k in ("train_step", "train_step_5")] == [2, 5]
+    assert all(mem[k]["unet_batch"] == 2 and mem[k]["peak_bytes"] > 0 for k in ("train_step", "train_step_5"))
+    fc = benchmark.fp16_check(tiny_sd, args)
+    assert fc["moved_in_fp32"] > 0 and fc["fp16"]["left_at_zero"] < 0.01
+    assert fc["fp16"]["left_at_zero"] <= fc["fp16_unscaled"]["left_at_zero"]
+    with pytest.raises(InputError, match="at least 2"):
+        benchmark.parse_args(["--train-texts", "1,10"])
