@@ -227,8 +227,9 @@ class Discffusion(nn.Module):
         """f(y, x) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32.
 
         levels: the noise levels to average (default the ensemble); noise: eps per level (n_levels, 4, h, w),
-        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode: then the
-        trainable tensors get their gradients by `CachedScores`, pairs_per_call rows per UNet pass also in backward.
+        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode; with more
+        rows than pairs_per_call the trainable tensors get their gradients by `CachedScores`, pairs_per_call rows per
+        UNet pass also in backward (one chunk: one plain pass).
         """
         levels = self.levels if levels is None else tuple(levels)
         if noise is None:
@@ -239,7 +240,7 @@ class Discffusion(nn.Module):
         for level, eps in zip(levels, noise):
             z_t, ts = self.add_noise(latents, eps, self.timestep(level))
             rows = functools.partial(self.rows_score, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
-            if params:
+            if params and z_t.shape[0] > self.pairs_per_call:                         # more rows than one chunk
                 total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type, *params)
             else:
                 total = total + rows(0, z_t.shape[0])
