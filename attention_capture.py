@@ -7,13 +7,17 @@ r_y (B, L, D):
 A is diffusers' own `Attention.get_attention_scores` (the stock `AttnProcessor`'s: scale-then-matmul, Q and K in
 fp32 where the UNet sets `upcast_attention`), so the processor returns the layer's usual output A V (the UNet
 computes exactly what it computes with the stock processor) and hands A (in fp32) to `lse_pool.pool`, keeping only
-the pooled (B, heads) value. Full maps are kept only when asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
+the pooled (B, heads) value. Full maps are kept only when asked (`keep_maps=True`, for visualisation). Under
+torch.autocast (training) the upcast layers' logits stay fp32 (autocast would run their matmul in fp16 again).
+Self-attention (attn1) keeps the stock SDPA processor.
 
 `AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
 weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
 p^k, p^v (`prompt_delta.PromptDeltas`), and combines a forward pass's pooled values into one score per example: the
 weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training changes.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -108,14 +112,17 @@ class CaptureProcessor:
         q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)  # (B * heads, N, d)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[1], B)  # (B * heads, 1, L)
-        A = attn.get_attention_scores(q, k, attention_mask)                  # (B * heads, N_img, L), q's dtype
-        out = attn.batch_to_head_dim(torch.bmm(A, v))                         # (B, N_img, heads * d)
+        # upcast layers: no autocast around their logits, which would cast the fp32 matmul back to fp16
+        upcast = torch.autocast(q.device.type, enabled=False) if attn.upcast_attention else contextlib.nullcontext()
         logits = None
-        if self.scorer.pooling == "official":  # its pre-softmax logits, by the same rule (alpha = scale, upcast)
-            lq, lk = (q.float(), k.float()) if attn.upcast_attention else (q, k)
-            bias = torch.zeros((), dtype=lq.dtype, device=lq.device) if attention_mask is None else attention_mask
-            logits = torch.baddbmm(bias.expand(lq.shape[0], lq.shape[1], lk.shape[1]).to(lq.dtype), lq,
-                                   lk.transpose(-1, -2), alpha=attn.scale).float().unflatten(0, (B, attn.heads))
+        with upcast:
+            A = attn.get_attention_scores(q, k, attention_mask)              # (B * heads, N_img, L), q's dtype
+            if self.scorer.pooling == "official":  # its pre-softmax logits, by the same rule (alpha = scale, upcast)
+                lq, lk = (q.float(), k.float()) if attn.upcast_attention else (q, k)
+                bias = torch.zeros((), dtype=lq.dtype, device=lq.device) if attention_mask is None else attention_mask
+                logits = torch.baddbmm(bias.expand(lq.shape[0], lq.shape[1], lk.shape[1]).to(lq.dtype), lq,
+                                       lk.transpose(-1, -2), alpha=attn.scale).float().unflatten(0, (B, attn.heads))
+        out = attn.batch_to_head_dim(torch.bmm(A, v))                         # (B, N_img, heads * d)
         A = A.float().unflatten(0, (B, attn.heads))                           # (B, heads, N_img, L)
         self.scorer.record(self.name, A, logits, hidden_states, encoder_hidden_states)
         return out

@@ -148,8 +148,11 @@ def test_capture_equals_the_stock_processor_under_upcast(upcast_sd, precision, p
         got = m.unet(z, t, hid).sample
     assert max(logits.values()) > 65504                                  # beyond fp16: naive fp16 logits are inf
     assert torch.isfinite(want).all() and torch.equal(got, want), (got - want).abs().max()
-    scores = m.score([colour_image("red", 0)], ["a red circle", "a blue square"])
+    ims, txt = [colour_image("red", 0)], ["a red circle", "a blue square"]
+    scores = m.score(ims, txt)
     assert torch.isfinite(scores).all()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):      # as train.py runs the forward
+        assert torch.equal(m.score(ims, txt), scores)                             # the upcast survives autocast
 
 
 # ---- 3. v-prediction everywhere a target is used ---------------------------------------------------------------------
