@@ -47,9 +47,9 @@ def items(n_items=3, n_texts=5):
 
 
 # ---- 1. fp16 training learns from the gradients fp32 sees ------------------------------------------------------------
-def one_step(folder, root, out, precision):
+def one_step(folder, root, out, precision, *extra):
     run_train(folder, root, out, "--steps", "1", "--precision", precision, "--margin", "1.0", "--lr", "1e-3",
-              "--batch-size", "1", "--grad-accum", "6")          # a micro-batch's loss / 6: smaller gradients
+              "--batch-size", "1", "--grad-accum", "6", *extra)  # a micro-batch's loss / 6: smaller gradients
     return load_file(os.path.join(out, "prompt_deltas.safetensors"))
 
 
@@ -69,6 +69,11 @@ def test_fp16_step_moves_what_fp32_moves(sd2_layout, tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
     assert ck["scaler"]["scale"] == 2.0 ** 16 and ck["history"][0] == dict(ck["history"][0], skipped=False)
     assert torch.load(tmp_path / "fp32" / "checkpoint.pt", weights_only=True)["scaler"] == {}    # fp32: no scaler
+    # chunked (gradient caching: 1 UNet row per pass, under autocast, the scale in dL/dscore): the same step
+    chunked = one_step(sd2_layout, root, str(tmp_path / "fp16_chunked"), "fp16", "--eval-batch-size", "1")
+    assert stuck_share(d32, chunked)[0] < 0.01
+    flipped = sum(int(((chunked[k] - d16[k]).abs() > 1e-3).sum()) for k in d16)   # AdamW's first step: ~lr sign(g)
+    assert flipped < 0.01 * sum(v.numel() for v in d16.values())                  # fp16 noise (fp32 vs fp16: 0.1 %)
     # the same step without loss scaling (the scaler off) leaves more of them at zero
     real = torch.amp.GradScaler
     monkeypatch.setattr(train.torch.amp, "GradScaler", lambda *a, **k: real(*a, **dict(k, enabled=False)))
