@@ -4,15 +4,20 @@ For every selected cross-attention layer i of the UNet, with image tokens r_x (B
 r_y (B, L, D):
     Q = W^q r_x,  K = (W^k + p^k) r_y,  V = (W^v + p^v) r_y          (eq. 5: p^k = p^v = 0 unless prompts are learned)
     A = softmax(Q K^T / sqrt(d))                                      (B, heads, N_img, L), explicit, per head
-The processor returns the layer's usual output A V (so the UNet computes exactly what it computes with the stock
-processor) and hands A to `lse_pool.pool`, keeping only the pooled (B, heads) value. Full maps are kept only when
-asked (`keep_maps=True`, for visualisation). Self-attention (attn1) keeps the stock SDPA processor.
+A is diffusers' own `Attention.get_attention_scores` (the stock `AttnProcessor`'s: scale-then-matmul, Q and K in
+fp32 where the UNet sets `upcast_attention`), so the processor returns the layer's usual output A V (the UNet
+computes exactly what it computes with the stock processor) and hands A (in fp32) to `lse_pool.pool`, keeping only
+the pooled (B, heads) value. Full maps are kept only when asked (`keep_maps=True`, for visualisation). Under
+torch.autocast (training) the upcast layers' logits stay fp32 (autocast would run their matmul in fp16 again).
+Self-attention (attn1) keeps the stock SDPA processor.
 
 `AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
 weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
 p^k, p^v (`prompt_delta.PromptDeltas`), and combines a forward pass's pooled values into one score per example: the
 weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training changes.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -94,6 +99,8 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
     def attend(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        """A = attn.get_attention_scores(Q, K): diffusers' own scale-then-matmul with its upcast rule
+        (`attn.upcast_attention`: Q, K in fp32, as SD 2.1-768 needs in fp16; `attn.upcast_softmax`), then A V."""
         B = hidden_states.shape[0]
         q = attn.to_q(hidden_states)                                          # (B, N_img, inner)
         deltas = self.scorer.deltas
@@ -102,18 +109,23 @@ class CaptureProcessor:
         else:                                                                 # eq. 5
             k = deltas.project("k", self.name, attn.to_k, encoder_hidden_states)
             v = deltas.project("v", self.name, attn.to_v, encoder_hidden_states)
-        d = k.shape[-1] // attn.heads
-        q = q.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, N_img, d)
-        k = k.view(B, -1, attn.heads, d).transpose(1, 2)                      # (B, heads, L, d)
-        v = v.view(B, -1, attn.heads, d).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) * attn.scale                       # (B, heads, N_img, L)
+        q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)  # (B * heads, N, d)
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
-            logits = logits + mask.view(B, attn.heads, -1, mask.shape[-1])
-        A = logits.float().softmax(dim=-1)                                    # (B, heads, N_img, L)
-        out = A.to(v.dtype) @ v                                               # (B, heads, N_img, d)
+            attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[1], B)  # (B * heads, 1, L)
+        # upcast layers: no autocast around their logits, which would cast the fp32 matmul back to fp16
+        upcast = torch.autocast(q.device.type, enabled=False) if attn.upcast_attention else contextlib.nullcontext()
+        logits = None
+        with upcast:
+            A = attn.get_attention_scores(q, k, attention_mask)              # (B * heads, N_img, L), q's dtype
+            if self.scorer.pooling == "official":  # its pre-softmax logits, by the same rule (alpha = scale, upcast)
+                lq, lk = (q.float(), k.float()) if attn.upcast_attention else (q, k)
+                bias = torch.zeros((), dtype=lq.dtype, device=lq.device) if attention_mask is None else attention_mask
+                logits = torch.baddbmm(bias.expand(lq.shape[0], lq.shape[1], lk.shape[1]).to(lq.dtype), lq,
+                                       lk.transpose(-1, -2), alpha=attn.scale).float().unflatten(0, (B, attn.heads))
+        out = attn.batch_to_head_dim(torch.bmm(A, v))                         # (B, N_img, heads * d)
+        A = A.float().unflatten(0, (B, attn.heads))                           # (B, heads, N_img, L)
         self.scorer.record(self.name, A, logits, hidden_states, encoder_hidden_states)
-        return out.transpose(1, 2).reshape(B, -1, attn.heads * d)
+        return out
 
 
 class AttentionScorer(nn.Module):

@@ -3,8 +3,8 @@
 
 An option's value is, in this order: the command line's; else the --score preset's (`PRESETS`: `official` sets every
 scoring choice of the public code at once); else the value recorded in the checkpoint being loaded (the lambda and
-pooling its deltas were learned under, its training --shots); else the data set's default (`DEFAULTS`, e.g. the
-embedded shapes world); else the generic default.
+pooling its deltas were learned under, its training --shots, the --lora and --guidance-scale of its model); else the
+data set's default (`DEFAULTS`, e.g. the embedded shapes world); else the generic default.
 
     model = methods.build("discffusion", args, checkpoint="runs/comvg/prompt_deltas.safetensors")
 """
@@ -15,7 +15,7 @@ import prompt_delta
 from baselines.clip_baselines import ClipMatcher
 from baselines.diffusion_itm import DiffusionITM
 from common import DTYPES, MAX_SIZE, InputError, image_size, meta_value, number, positive, positive_int, read_checkpoint
-from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
+from discffusion import DEFAULT_MODEL, LCM_GUIDANCE, LEVELS, Discffusion
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -86,7 +86,8 @@ def build(method, args, checkpoint=None):
     else:
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.eval_batch_size, lam=option(args, "lam", recorded),
-                    pooling=option(args, "pooling", recorded))
+                    pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
+                    guidance_scale=option(args, "guidance_scale", recorded) or LCM_GUIDANCE)
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "score", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
@@ -144,12 +145,18 @@ def add_model_args(p):
     """The model and scorer options of train.py and evaluate.py."""
     p.add_argument("--model", help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}; for --dataset shapes "
                                    "the committed models/tiny-shapes-sd)")
+    p.add_argument("--lora", help="a LoRA merged into the UNet before scoring or training: a .safetensors file, a "
+                                  "folder or a hub id (e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5)")
+    p.add_argument("--guidance-scale", type=positive, help=f"LCM models (a UNet with time_cond_proj_dim): the "
+                   f"guidance scale w whose embedding conditions the UNet (default {LCM_GUIDANCE}, the LCM pipeline's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
-                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32")
+                   help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "
+                        "training: autocast, and fp16 scales the loss (GradScaler). bf16 on A100/H100, fp16 on V100")
     p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
     p.add_argument("--eval-batch-size", type=positive_int, default=16,
-                   help="image-text pairs per scoring call and per UNet call (scores do not depend on it)")
+                   help="image-text pairs per scoring call and per UNet call, in evaluation and in a training "
+                        "step's forward and backward (scores and gradients do not depend on it; memory does)")
     g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
     g.add_argument("--score", choices=tuple(PRESETS), default="paper",
                    help="paper (default): the paper's score with the options below; official: every scoring choice of "

@@ -9,9 +9,16 @@ The split is `datasets.split_items`: whole groups of items that share a sentence
 `--shots` items are reached, the rest is the held-out test split; data sets that ship a split (RefCOCOg) draw the
 shots from their train split and test on `--eval-split`. Defaults per data set: `methods.DEFAULTS`.
 
-Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, step, RNG) are written atomically every
-`--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted run
-(the data order and the noise of step s are functions of (seed, s)); the checkpoint is read with
+Mixed precision, the standard way: the frozen model runs in --precision (fp16 / bf16) under torch.autocast, the
+trained tensors (p^k, p^v, head logits; DiffusionITM's LoRA) stay fp32, and fp16 scales the loss with a
+torch.amp.GradScaler so that small gradients do not flush to zero (unscaled before clipping; a step whose gradients
+overflow is skipped and the scale lowered, as GradScaler does: recorded in the history, not an error). bf16 has
+fp32's range and needs no scaler. A step's rows go through the UNet --eval-batch-size at a time, also in backward
+(gradient caching, `discffusion.CachedScores`): memory is bounded by that chunk, not by the candidates.
+
+Checkpoints (OUTPUT_DIR/checkpoint.pt: deltas, head logits, optimizer, grad scaler, step, RNG) are written atomically
+every `--save-every` steps; `--resume` continues where a run stopped and ends with the same deltas as an uninterrupted
+run (the data order and the noise of step s are functions of (seed, s)); the checkpoint is read with
 torch.load(weights_only=True), so a crafted file is refused, never run. An option that defines the run (RESUME_FIXED)
 must match the checkpoint's; a changed --lr, --weight-decay, --grad-clip, --margin, --negatives, --loss, --steps or
 --epochs applies from the resumed step on and is recorded (args.changes). At the end: OUTPUT_DIR/results.json (split
@@ -137,7 +144,7 @@ def compute_loss(model, batch, args, generator):
 # (results.json's args and the trained file's training_args), with the step it took effect from.
 RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
                 "score", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
-                "ref_negatives", "mask_object", "vlc_max_per_file")
+                "ref_negatives", "mask_object", "vlc_max_per_file", "precision", "lora", "guidance_scale")
 RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "loss", "steps", "epochs")
 STATE_KEYS = ("step", "params", "optimizer", "rng", "history", "args")
 
@@ -179,6 +186,10 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     steps_per_epoch = math.ceil(len(train_items) / (args.batch_size * dist.num_processes * args.grad_accum))
     total = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    device_type, dtype = torch.device(model.device).type, model.dtype      # the frozen model's precision
+    autocast = dict(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and all(
+        p.dtype == torch.float32 for p in params))                          # fp16: loss scaling; bf16, fp32: none
     start, history = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ck = read_state(ckpt_path)
@@ -197,6 +208,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
                 for p, saved in zip(params, ck["params"]):
                     p.copy_(saved)
             opt.load_state_dict(ck["optimizer"])
+            if ck.get("scaler"):                                   # {} when no scaler ran (fp32, bf16)
+                scaler.load_state_dict(ck["scaler"])
             torch.set_rng_state(ck["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise InputError(f"--resume: {ckpt_path} does not fit this run ({type(e).__name__}: "
@@ -236,7 +249,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
                                  f"(first: {min(unreadable)})")
             used += len(loaded)
             if loaded:
-                loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
+                with torch.autocast(**autocast):
+                    loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
             else:  # the whole micro-batch unreadable: zero gradients, so every process still reduces the same tensors
                 loss, mats = sum(p.sum() for p in params) * 0.0, None
             mean_loss = reduce(loss.detach(), "mean")              # over the processes: the global micro-batch's
@@ -244,7 +258,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
                 good = f"last good checkpoint {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
                 raise FloatingPointError(f"non-finite loss ({mean_loss.item()}) at step {step}; {good}. "
                                          "Try a lower --lr or --precision fp32.")
-            (loss / args.grad_accum).backward()
+            scaler.scale(loss / args.grad_accum).backward()        # fp16: times the scale (no underflow)
             step_loss += mean_loss.item() / args.grad_accum
             if mats is not None:
                 hits += sum(triplet_loss.correct(S.detach()) for S in mats)
@@ -253,11 +267,16 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         grads = [p for p in params if p.grad is not None]          # the same tensors in every process
         for p, g in zip(grads, reduce([p.grad for p in grads], "mean")):
             p.grad = g
+        scaler.unscale_(opt)                                       # the true gradients, before clipping
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        scale = scaler.get_scale()
+        scaler.step(opt)                                           # fp16: skipped if a gradient is inf / nan
+        scaler.update()
         history.append({"step": step + 1, "loss": step_loss, "train_acc": hits / seen if seen else None, "items": used}
                        | ({"unreadable": sorted(set(skipped))} if skipped else {}))
+        if scaler.is_enabled():
+            history[-1].update(loss_scale=scale, skipped=scaler.get_scale() < scale)   # an overflow lowers it
         rate = (step + 1 - start) * args.batch_size * dist.num_processes * args.grad_accum / max(time.time() - t0,
                                                                                                  1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
@@ -265,7 +284,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         stopping = stop is not None and bool(reduce(torch.tensor(float(stop.is_set())), "sum") > 0) and done < total
         if (done % args.save_every == 0 or done == total or stopping) and dist.is_main_process:
             state = {"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
-                     "rng": torch.get_rng_state(), "history": history, "args": vars(args)}
+                     "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
+                     "args": vars(args)}
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if stopping:
             bar.close()

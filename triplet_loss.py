@@ -8,7 +8,7 @@ With several negatives the hardest one is used (default) or the hinge is average
 is the mean over items (eq. 6 sums; a mean keeps the learning rate independent of the batch size).
 
 Table 11's alternatives: `ce`, cross-entropy of the true pair against its candidates (softmax over the row or
-column of the item's score matrix), and `diffusion`, the plain noise-prediction MSE on the true pairs.
+column of the item's score matrix), and `diffusion`, the plain denoising MSE on the true pairs.
 """
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ def ce_loss(matrices, temperature=1.0):
 
 
 def diffusion_loss(model, items, generator):
-    """Table 11's 'diffusion loss': E ||eps - eps_theta(z_t, t, y)||^2 on the true pairs, t uniform in [0, T)."""
+    """Table 11's 'diffusion loss': E ||target - eps_theta(z_t, t, y)||^2 on the true pairs, t uniform in [0, T);
+    the target is eps, or the velocity for a v-prediction model (`model.target`)."""
     latents = model.encode_images([ims[0] for ims, _ in items])
     hidden, mask = model.encode_texts([ts[0] for _, ts in items])
     T = model.scheduler.config.num_train_timesteps
@@ -48,7 +49,7 @@ def diffusion_loss(model, items, generator):
     eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     z_t, ts = model.add_noise(latents, eps, t)
     _, eps_pred = model.attention_score(z_t, ts, hidden, mask)
-    return F.mse_loss(eps_pred.float(), eps.float())
+    return F.mse_loss(eps_pred.float(), model.target(latents, eps, ts).float())
 
 
 def correct(S):

@@ -87,6 +87,10 @@ class ClipMatcher(nn.Module):
         return self.clip.device
 
     @property
+    def dtype(self):
+        return self.clip.dtype
+
+    @property
     def config(self):
         size = self.image_processor.crop_size
         return dict(model=self.name, method=self.method, n_ctx=self.n_ctx, score="cosine",

