@@ -12,23 +12,27 @@ Algorithm 1 and the evaluation protocol, and what a reader of the paper can skip
 - which runs and data sets evaluate.py evaluates (`default_runs`, `dataset_roots`, `load_data`), outputs that never
   replace an input (`check_output`), and the text tables (`render_table`, `format_table`, `summary_line`).
 """
+import contextlib
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
 import shlex
 import shutil
+import signal
 import sys
+import threading
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, reduce
 from tqdm import tqdm
 
 import methods
-from common import (MAX_LISTED, SIGNAL_NAMES, InputError, check_apart, check_writable, default_device, file_hash,
-                    name_fits, resolve_dtype, write_json)
+from common import (MAX_LISTED, SIGNAL_NAMES, InputError, Interrupted, atomic_write, check_apart, check_writable,
+                    default_device, file_hash, name_fits, number, positive_int, resolve_dtype, write_json)
 from datasets import (COLUMNS, DEFAULT_SPLIT, TITLES, WINOGROUND_TAGS, ImageCache, _is, default_root, find_datasets,
                       data_inputs, has_table_data, item_metrics, load_items, loader_options, split_items, tied)
 
@@ -526,3 +530,303 @@ def interrupted_line(args, argv, signum):
         return (f"interrupted ({SIGNAL_NAMES[signum]}): the items scored so far are kept in {items}/; resume with: "
                 f"{command} --resume")
     return f"interrupted ({SIGNAL_NAMES[signum]}) before any item was scored; rerun with: {command}"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; schedulers, containers and `timeout`
+
+
+@contextlib.contextmanager
+def stops(argv=None):
+    """Within: the first Ctrl-C (SIGINT) or SIGTERM sets the yielded Event and its `signum` (train.py's loop ends its
+    step, checkpoints and raises Interrupted, given here the command that resumes); a second one acts at once (the
+    previous handlers are back: KeyboardInterrupt, or under run_cli Terminated for SIGTERM). The previous handlers are
+    back afterwards. Off the main thread, where no handler can be set, the Event is never set."""
+    stop = threading.Event()
+    stop.signum = signal.SIGINT
+    previous = {}
+
+    def handler(signum, frame):
+        stop.signum = signum
+        stop.set()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        again = "press again" if signum == signal.SIGINT else "send it again"
+        print(f"\n{SIGNAL_NAMES[signum]}: stopping after this step ({again} to abort at once)", file=sys.stderr)
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            previous[s] = signal.signal(s, handler) or signal.SIG_DFL
+    try:
+        yield stop
+    except Interrupted as e:
+        raise Interrupted(f"{e}; resume with: {resume_command(argv)}", e.signum) from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else ["--resume"]))
+
+
+def stop_requested(stop, done, total):
+    """Did any process get a stop signal (and is there a step left to resume)? Every process asks at every step."""
+    return stop is not None and bool(reduce(torch.tensor(float(stop.is_set())), "sum") > 0) and done < total
+
+
+# ---- train.py: options, data, mixed precision, gradients across processes ---------------------------------------
+
+def add_run_args(p):
+    """train.py's options around the loop: what it evaluates, where it writes, how it resumes."""
+    p.add_argument("--eval-split", default="val", help="test split for data sets that ship splits (default val)")
+    p.add_argument("--eval-dataset", help="test on another data set instead of a held-out split (Table 8: train on "
+                                          "coco, test on winoground or vlchecklist)")
+    p.add_argument("--eval-data-root", help="the --eval-dataset's folder (default data/<name>)")
+    p.add_argument("--compare", help="comma-separated methods evaluated zero-shot on the same test split, one table "
+                                     "row each (e.g. diffusion_itm,clip_ft; shapes default: diffusion_itm)")
+    p.add_argument("--output-dir", help="default runs/<dataset>")
+    p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    p.add_argument("--eval-every", type=number(int, low=0), default=0,
+                   help="evaluate the test split every N steps (0 = only at the end)")
+    p.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate at most N test items")
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation before training")
+
+
+def finish_args(p, args):
+    """The options after parsing: each resolved by methods.option (command line, checkpoint, data set, generic), the
+    --compare list checked, the output folder's default."""
+    for key in ("model", "shots", "lr", "compare", "lam", "pooling", "itm_timesteps", "steps"):
+        setattr(args, key, methods.option(args, key))
+    names = [m for m in args.compare.split(",") if m]
+    bad = [m for m in names if m not in methods.METHODS]
+    if bad:
+        p.error(f"--compare: unknown method(s) {bad}; choose from {','.join(methods.METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        p.error(f"--compare: {', '.join(twice)} named twice (each method is one row)")
+    args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
+    args.changes = []  # options changed at a --resume (RESUME_APPLIED)
+    return args
+
+
+def trained_file(args):
+    name = "prompt_deltas" if args.method == "discffusion" else f"trained_{args.method}"
+    return os.path.join(args.output_dir, f"{name}.safetensors")
+
+
+def train_outputs(args):
+    return [(os.path.join(args.output_dir, f), "file") for f in ("checkpoint.pt", "results.json")] + [
+        (trained_file(args), "file")]
+
+
+def train_data(args):
+    """(train items, test items, the test data set's name, the training data's report): the few-shot split of
+    datasets.split_items (or --eval-dataset's items, Table 8), --eval-limit applied; the outputs checked against
+    every file the data sets read (before any model)."""
+    check_writable(args.output_dir, folder=True)                   # before any data, model or step
+    check_apart(train_outputs(args), methods.model_folders(args) + [(args.annotations, "annotations", "file")])
+    state = PartialState()
+    with state.main_process_first():                               # the shapes world is written on first use
+        items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
+                                   **loader_options(args, args.dataset))
+    train_items, test_items = split_items(items, args.shots, args.seed, args.eval_split, not args.eval_dataset)
+    name = args.eval_dataset or args.dataset                      # the data set the test split (and metrics) come from
+    inputs = data_inputs(items, report)
+    if args.eval_dataset:                                          # zero-shot transfer (Table 8): train on one, test on another
+        test_items, test_report = load_items(name, args.eval_data_root, seed=args.seed, split=DEFAULT_SPLIT.get(name),
+                                             **loader_options(args, name))
+        inputs += data_inputs(test_items, test_report)
+    check_apart(train_outputs(args), inputs)                       # nor a file the data sets read
+    if args.eval_limit:
+        test_items = test_items[:args.eval_limit]
+    if state.is_main_process:
+        print(f"{args.dataset}: {len(train_items)} training items; {name}: {len(test_items)} test items "
+              f"(split by seed {args.seed}, no shared sentence-image pair)")
+    return train_items, test_items, name, report
+
+
+def total_steps(args, n_items):
+    """--steps, else --epochs passes over the training split at the global batch (batch x processes x accumulation)."""
+    per_epoch = math.ceil(n_items / (args.batch_size * PartialState().num_processes * args.grad_accum))
+    return args.steps if args.steps is not None else max(1, math.ceil(args.epochs * per_epoch))
+
+
+def mixed_precision(model, params):
+    """(torch.autocast arguments, GradScaler): autocast in the frozen model's precision; fp16 scales the loss (the
+    trained tensors are fp32), bf16 and fp32 need no scaler."""
+    device_type, dtype = torch.device(model.device).type, model.dtype
+    autocast = dict(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and all(
+        p.dtype == torch.float32 for p in params))
+    return autocast, scaler
+
+
+def load_batch(cache, batch, unreadable, n_items):
+    """[(images, texts)] of the micro-batch's readable items, and the "id: error" of those skipped (as in evaluation:
+    an unreadable image skips its item, warned about once; `unreadable` collects them over the run)."""
+    loaded, skipped = [], []
+    for it in batch:
+        try:
+            loaded.append((cache.load(it.images), it.texts))
+        except Exception as e:  # noqa: BLE001 - corrupt / truncated / not an image: PIL raises many types
+            skipped.append(f"{it.id}: {type(e).__name__}: {e}")
+            if skipped[-1] not in unreadable and PartialState().is_main_process:
+                print(f"warning: training item {skipped[-1]}; skipped (counted in results.json)", file=sys.stderr)
+            unreadable.add(skipped[-1])
+    if len(unreadable) == n_items:
+        raise InputError(f"no training item can be read: the images of all {n_items} are unreadable "
+                         f"(first: {min(unreadable)})")
+    return loaded, skipped
+
+
+def checked_loss(loss, step, args):
+    """The loss averaged over the processes (a float); a non-finite one stops the run (FloatingPointError, exit 1)."""
+    mean = reduce(loss.detach(), "mean")                           # over the processes: the global micro-batch's
+    if not torch.isfinite(mean):
+        path = os.path.join(args.output_dir, "checkpoint.pt")
+        good = f"last good checkpoint {path}" if os.path.exists(path) else "no checkpoint yet"
+        raise FloatingPointError(f"non-finite loss ({mean.item()}) at step {step}; {good}. "
+                                 "Try a lower --lr or --precision fp32.")
+    return mean.item()
+
+
+def average_gradients(params):
+    """Every process's gradients of the trained tensors replaced by their mean over the processes (accelerate's
+    reduce), so that every process takes the same optimizer step."""
+    grads = [p for p in params if p.grad is not None]              # the same tensors in every process
+    for p, g in zip(grads, reduce([p.grad for p in grads], "mean")):
+        p.grad = g
+
+
+def step_record(step, loss, hits, seen, used, skipped, scaler, scale):
+    """One step of the history: its loss, training accuracy, items trained on (and skipped), fp16's loss scale."""
+    hits, seen, used = map(int, reduce(torch.tensor([hits, seen, used]), "sum"))
+    out = {"step": step + 1, "loss": loss, "train_acc": hits / seen if seen else None, "items": used} | (
+        {"unreadable": sorted(set(skipped))} if skipped else {})
+    if scaler.is_enabled():
+        out.update(loss_scale=scale, skipped=scaler.get_scale() < scale)   # an overflow lowers the scale
+    return out
+
+
+def save_training(model, results, history, seconds, args):
+    """After the loop: the history and the unreadable items into `results`; the trained tensors saved (main
+    process) with the training options as metadata."""
+    unreadable = sorted({u for h in history for u in h.get("unreadable", [])})
+    results["train"] = {"steps": len(history), "seconds": round(seconds, 1),
+                        "final_loss": history[-1]["loss"] if history else None,
+                        "unreadable": len(unreadable), "unreadable_items": unreadable[:MAX_LISTED], "history": history}
+    if PartialState().is_main_process:
+        if unreadable:
+            print(f"training: {len(unreadable)} items with unreadable images skipped (listed in results.json)")
+        model.save_trained(trained_file(args), vars(args))
+
+
+def finish_training(args, results, name, test_items):
+    """The --compare methods evaluated zero-shot on the same test items, results.json written and the table printed
+    (one row per run; main process)."""
+    results["compare"] = {}
+    for method in [m for m in args.compare.split(",") if m]:
+        other = methods.build(method, args)
+        with torch.no_grad():
+            results["compare"][method] = evaluate_items(other, name, test_items, args.eval_batch_size,
+                                                        desc=f"{method} zero-shot")
+        del other
+    if not PartialState().is_main_process:
+        return results
+    write_json(os.path.join(args.output_dir, "results.json"), results)
+    runs = {f"{args.method} {k.replace('_', '-')}": results[k] for k in ("zero_shot", "few_shot") if k in results}
+    runs.update({f"{m} zero-shot": r for m, r in results["compare"].items()})
+    print(format_table(name, {k: r["metrics"] for k, r in runs.items()}, {k: r["ci"] for k, r in runs.items()}))
+    print(f"wrote {args.output_dir}/results.json and {trained_file(args)}")
+    return results
+
+
+# ---- train.py's checkpoint (--resume) ----------------------------------------------------------------------------
+# --resume and the options: those that define the trained tensors, the data order or the score are refused when they
+# differ from the checkpoint's; the optimisation settings below apply from the resumed step on (the restored
+# optimizer state takes the command line's --lr and --weight-decay), and each change is recorded in args.changes
+# (results.json's args and the trained file's training_args), with the step it took effect from.
+RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
+                "score", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
+                "ref_negatives", "mask_object", "vlc_max_per_file", "precision", "lora", "guidance_scale")
+
+RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "loss", "steps", "epochs")
+
+STATE_KEYS = ("step", "params", "optimizer", "rng", "history", "args")
+
+def read_state(path):
+    """checkpoint.pt -> its state dict, loaded with torch.load(weights_only=True): tensors and plain data only, so a
+    crafted pickle is refused and never runs. An unreadable file or one that lacks the state's parts is an
+    InputError naming it."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated, empty or foreign file
+        text = str(e).strip()
+        why = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote: " + (
+            f"it names {why.group(1)}, which only a crafted file does (refused, not run)" if why else
+            f"{type(e).__name__}{': ' + text.splitlines()[0][:120] if text else ''}")) from None
+    lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
+    if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
+    return ck
+
+def check_params(path, saved, params):
+    """The checkpoint's trained tensors fit this model's, in number and shape (zip would silently cut them short)."""
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in saved]
+    if shapes != [tuple(p.shape) for p in params]:
+        raise InputError(f"--resume: {path} holds {len(shapes)} trained tensors that do not fit this model's "
+                         f"{len(params)} (first shapes {shapes[:2]} there, {[tuple(p.shape) for p in params[:2]]} "
+                         f"here): written with other --layers or --model? rerun without --resume to start over")
+
+
+def restore(args, params, opt, scaler, log=print):
+    """(first step, history): (0, []) unless --resume finds OUTPUT_DIR/checkpoint.pt, whose trained tensors,
+    optimizer, grad scaler and RNG state are then restored; an option that defines the run must be the checkpoint's
+    (RESUME_FIXED), a changed optimisation setting (RESUME_APPLIED) applies from here on and is recorded."""
+    dist = PartialState()
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if not (args.resume and os.path.exists(ckpt_path)):
+        return 0, []
+    ck = read_state(ckpt_path)
+    was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
+    for key in RESUME_FIXED:
+        now, what = getattr(args, key, None), f"--{key.replace('_', '-')}"
+        if key == "batch_size":
+            now, what = now * dist.num_processes, "the global batch (--batch-size x processes)"
+        if key in was and was[key] != now:
+            shown = ["the default" if v is None else v for v in (was[key], now)]
+            raise InputError(f"--resume: {ckpt_path} was written with {what} {shown[0]}, this run has "
+                             f"{shown[1]}; rerun without --resume to start over")
+    check_params(ckpt_path, ck["params"], params)
+    try:
+        with torch.no_grad():
+            for p, saved in zip(params, ck["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):                                       # {} when no scaler ran (fp32, bf16)
+            scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"--resume: {ckpt_path} does not fit this run ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    for group in opt.param_groups:                                 # the command line's, not the restored ones
+        group.update(lr=args.lr, weight_decay=args.weight_decay)
+    start, history = ck["step"], ck["history"]
+    changed = [dict(option=f"--{k.replace('_', '-')}", was=was.get(k), now=getattr(args, k), from_step=start + 1)
+               for k in RESUME_APPLIED if k in was and was[k] != getattr(args, k)]
+    args.changes = list(was.get("changes") or []) + changed
+    if dist.is_main_process:
+        log(f"resumed from {ckpt_path} at step {start}" + "".join(
+            f"; {c['option']} {c['was']} -> {c['now']} from step {c['from_step']}" for c in changed))
+    return start, history
+
+
+def save_state(args, done, params, opt, scaler, history):
+    """OUTPUT_DIR/checkpoint.pt, written atomically by the main process: tensors and plain data only (read back with
+    torch.load(weights_only=True))."""
+    if PartialState().is_main_process:
+        state = {"step": done, "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history, "args": vars(args)}
+        atomic_write(os.path.join(args.output_dir, "checkpoint.pt"), lambda tmp: torch.save(state, tmp))
