@@ -167,6 +167,12 @@ def test_discffusion_embedding_is_the_direct_computation(tiny_sd, deltas_file):
     hidden = parts["text_encoder"](tok.input_ids).last_hidden_state
     eos = hidden[torch.arange(3), (tok.input_ids == parts["tokenizer"].eos_token_id).int().argmax(1)]
     torch.testing.assert_close(got_txt, torch.nn.functional.normalize(eos, dim=-1))
+    emb.model.tokenizer.padding_side = "left"                                  # pad = EOS on the left: still its own EOS
+    left = emb.model.tokenizer(texts, padding="max_length", max_length=parts["tokenizer"].model_max_length,
+                               return_tensors="pt").input_ids
+    h = parts["text_encoder"](left).last_hidden_state[:, -1]
+    torch.testing.assert_close(emb.text_embeddings(texts), torch.nn.functional.normalize(h, dim=-1))
+    emb.model.tokenizer.padding_side = "right"
     s = emb.score_items([(images[:2], texts), (images[2:], texts[:1])])
     torch.testing.assert_close(s[0], got_img[:2] @ got_txt.T)
     torch.testing.assert_close(s[1], got_img[2:] @ got_txt[:1].T)               # no batch mixing

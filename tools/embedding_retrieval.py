@@ -1,13 +1,15 @@
-"""App. E, Table 4: retrieval by the models' embeddings alone ("Discffusion-embedding" vs "CLIP-embedding").
+r"""App. E, Table 4: retrieval by the models' embeddings alone ("Discffusion-embedding" vs "CLIP-embedding").
 
 No attention map and no attention score: each image and each text becomes one vector, and a pair's score is their
 cosine similarity, on the same items, splits and table as evaluate.py.
 
 Discffusion-embedding (the paper: "after fine-tuning Discffusion ... we use the latent space features after the VAE
 to do the retrieval ... cosine similarity to match these features with corresponding text embeddings"):
-    text   t(y) = the text encoder's pooled embedding: CLIPTextModel's pooler_output, the final-layer-normed hidden
-                  state at EOS (D = cross_attention_dim). SD's text encoder is a plain CLIPTextModel: no
-                  text_projection exists, none is applied.
+    text   t(y) = the text encoder's pooled embedding: the final-layer-normed hidden state at the caption's own EOS
+                  (its last real token; D = cross_attention_dim), what CLIPTextModel's pooler_output means. Read from
+                  the attention mask, not from pooler_output's first-EOS search, which picks a padding token when the
+                  pad token is EOS and padding is on the left (the committed tiny model's tokenizer). SD's text
+                  encoder is a plain CLIPTextModel: no text_projection exists, none is applied.
     image  e(x) = mean over noise levels l and cross-attention layers i of  normalize( mean_n q_n^i (W_i^k + p_i^k) )
                   q^i = W_i^q r_x (B, N_img, inner): the layer's query features of the image tokens, from one UNet pass
                   on z_t = add_noise(E(x), eps_l, t_l) conditioned on the empty prompt (so e(x) depends on the image
@@ -70,7 +72,7 @@ class DiscffusionEmbedding:
     def config(self):
         return dict(self.model.config, score="embedding cosine", image_embedding="mean over levels and layers of "
                     "normalize(mean over image tokens of W^q r_x (W^k + p^k)), empty-prompt UNet pass",
-                    text_embedding="text encoder pooler_output (EOS), no projection")
+                    text_embedding="text encoder final hidden state at the caption's EOS, no projection")
 
     @torch.no_grad()
     def text_embeddings(self, texts):
@@ -78,7 +80,10 @@ class DiscffusionEmbedding:
         m = self.model
         tok = m.tokenizer(list(texts), padding="max_length", max_length=m.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt")
-        pooled = m.text_encoder(tok.input_ids.to(m.device)).pooler_output   # (M, D) EOS, final layer norm
+        hidden = m.text_encoder(tok.input_ids.to(m.device)).last_hidden_state  # (M, L, D) after final layer norm
+        L = tok.attention_mask.shape[1]
+        eos = L - 1 - tok.attention_mask.flip(1).argmax(1)                     # (M,) the caption's last real token
+        pooled = hidden[torch.arange(len(eos)), eos.to(hidden.device)]       # (M, D)
         return F.normalize(pooled.float(), dim=-1)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""App. I, Fig. 11: failure cases, the items Discffusion gets most wrong, with their per-word attention maps.
+r"""App. I, Fig. 11: failure cases, the items Discffusion gets most wrong, with their per-word attention maps.
 
 From evaluate.py's per-item results (its JSON: methods[<row>].datasets[<data set>].items, each {id, category, scores,
 ...}; ComVG / shapes scores are (2 images, 1 sentence)), the margin of an item is s(positive image, sentence) -
