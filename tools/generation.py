@@ -331,8 +331,9 @@ def table12(args, pipe, deltas, checkpoint, guidance, size, tiny):
     print("\n".join(text))
     grid_png = os.path.join(args.out, "table12_samples.png")
     k = min(6, len(captions))
-    draw_fig9(captions[:k], [0], [[im] for im in fake["Stable Diffusion"][:k]], [[im] for im in fake["Discffusion"][:k]],
-              grid_png, "Table 12's first samples: base (left), with the deltas (right), one seed per caption")
+    draw_fig9(captions[:k], [f"{seeds[0]}+k"], [[im] for im in fake["Stable Diffusion"][:k]],
+              [[im] for im in fake["Discffusion"][:k]], grid_png,
+              "Table 12's first samples: base (left), with the deltas (right), seed 10000+k for caption k")
     return dict(dataset=args.dataset, n_captions=len(captions), features=args.features, seeds=f"{seeds[0]}..",
                 rows=rows, text="\n".join(text), samples=grid_png, seconds=round(time.time() - t0, 1))
 
