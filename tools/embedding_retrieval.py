@@ -156,7 +156,6 @@ def run(args):
     t0 = time.time()
     evaluate.processes(args.device)
     runs = rows_to_run(args)
-    args.methods = None
     name = args.dataset
     data = evaluate.load_data(args, [(name, args.data_root or default_root(name))],
                               [r for r in runs if r[1] == "discffusion"])
