@@ -252,10 +252,11 @@ def caption_set(args):
 
 # ---- the command ----------------------------------------------------------------------------------------------------------
 
-def default_prompts(args):
+def default_prompts(args, tiny):
+    """--prompt, else six held-out shapes captions for the tiny model, else the paper's six."""
     if args.prompt:
         return list(args.prompt)
-    if args.model == methods.TINY_MODEL:
+    if tiny:
         _, test = figures.shapes_split(args.seed)
         return [it.texts[0] for it in test[::len(test) // 6]][:6]
     return list(PAPER_PROMPTS)
@@ -274,7 +275,7 @@ def run(args):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     record = dict(figure="Fig. 9 and Table 12", model=args.model, checkpoint=checkpoint, steps=args.steps,
                   guidance=guidance, scheduler="DDIMScheduler", size=size, torch_threads=torch.get_num_threads())
-    prompts, seeds = default_prompts(args), list(range(args.seed, args.seed + args.n_seeds))
+    prompts, seeds = default_prompts(args, tiny), list(range(args.seed, args.seed + args.n_seeds))
     stages = {"base": contextlib.nullcontext(), "tuned": deltas_applied(pipe.unet, deltas, checkpoint)}
     if seeds:
         grid = {}
