@@ -11,6 +11,7 @@ from PIL import Image
 
 import evaluate
 import shapes
+from datasets import load_items, split_items
 from discffusion import Discffusion, load_components
 from sd_configs import make_random_clip
 from tools import embedding_retrieval, failures, generation
@@ -193,6 +194,8 @@ def test_embedding_cli_prints_table4_for_clip_and_discffusion(tiny_sd, deltas_fi
                                  "Discffusion-embedding"]
     assert rec["n_items"] == 6 and "Table 4" in capsys.readouterr().out
     items = rec["results"]["Discffusion-embedding"]["items"]
+    test = split_items(load_items("shapes", str(tmp_path / "shapes"))[0], "60", 0)[1]   # train.py's held-out split
+    assert [it["id"] for it in items] == [it.id for it in test[:6]]
     hits = [it["scores"][0][0] > it["scores"][1][0] for it in items]
     assert rec["rows"]["Discffusion-embedding"]["Average"] == pytest.approx(100 * np.mean(hits))
     assert all(-1 <= v <= 1 for it in items for row in it["scores"] for v in row)   # cosines

@@ -1,7 +1,7 @@
 r"""App. E, Table 4: retrieval by the models' embeddings alone ("Discffusion-embedding" vs "CLIP-embedding").
 
 No attention map and no attention score: each image and each text becomes one vector, and a pair's score is their
-cosine similarity, on the same items, splits and table as evaluate.py.
+cosine similarity, on the held-out items of train.py and in the table layout of evaluate.py.
 
 Discffusion-embedding (the paper: "after fine-tuning Discffusion ... we use the latent space features after the VAE
 to do the retrieval ... cosine similarity to match these features with corresponding text embeddings"):
@@ -20,6 +20,9 @@ So fine-tuning enters through p^k (the only way "after fine-tuning" can change a
 frozen), and e(x) . t(y) is, up to the per-layer normalisation, the mean over image tokens of the pre-softmax
 attention logit against the pooled text token, summed over heads: an embedding match, not the pooled attention
 probabilities of eq. 3-4. Noise levels and eps are the scorer's own (Discffusion.levels / level_noise).
+
+Items: the held-out test split of `train.py` (datasets.split_items with the checkpoint's --shots and --seed), for
+every data set.
 
 CLIP-embedding: clip_baselines.ClipMatcher's cosine of its projected image and text embeddings (with --clip-checkpoint,
 the fine-tuned projections of `train.py --method clip_ft`: the paper's CLIP-embedding row equals its CLIP
@@ -41,7 +44,7 @@ import evaluate
 import methods
 from common import ArgumentParser, InputError, check_writable, layer_key, pair_index, positive_int, run_cli, \
     split_scores, write_json
-from datasets import LOADERS, add_data_args, default_root
+from datasets import LOADERS, add_data_args, default_root, load_items, loader_options, split_items
 
 DEFAULT_DELTAS = os.path.join(evaluate.SHAPES_RUN, "prompt_deltas.safetensors")
 DEFAULT_OUTPUT = os.path.join("docs", "table4_embedding.json")
@@ -129,6 +132,17 @@ def rows_to_run(args):
     return runs
 
 
+def held_out(args, checkpoint):
+    """(root, items, report): train.py's held-out test split (datasets.split_items with the checkpoint's --shots and
+    the seed), the first --limit of them."""
+    root = args.data_root or default_root(args.dataset)
+    items, report = load_items(args.dataset, root, args.annotations, seed=args.seed,
+                               **loader_options(args, args.dataset))
+    shots = methods.option(args, "shots", methods.recorded_options(checkpoint))
+    test = split_items(items, shots, args.seed, args.eval_split)[1]
+    return root, test[:args.limit] if args.limit else test, report
+
+
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m tools.embedding_retrieval")
@@ -136,9 +150,10 @@ def build_parser():
                    help="data set (default shapes: the embedded world's held-out split)")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")
     p.add_argument("--annotations", help="the annotation file, instead of looking in the folder")
-    p.add_argument("--split", help="RefCOCOg / VQAv2 split (default val); 'all' for every split")
-    p.add_argument("--shots", help="shapes world: the training shots whose held-out split is used (default the "
-                                   "checkpoint's, else 60)")
+    p.add_argument("--eval-split", default="val", help="data sets that ship splits (RefCOCOg): the test split "
+                                                         "(default val), as train.py's")
+    p.add_argument("--shots", help="the training shots whose held-out split is used, as train.py's --shots (default "
+                                   "the checkpoint's, else the data set's: 0.05, shapes 60)")
     p.add_argument("--checkpoint", help=f"Discffusion's learned p^k, p^v (train.py); shapes default {DEFAULT_DELTAS} "
                                         "when present. A zero-shot row is always added")
     p.add_argument("--clip-checkpoint", help="train.py --method clip_ft's projections for the CLIP-embedding row "
@@ -157,9 +172,8 @@ def run(args):
     evaluate.processes(args.device)
     runs = rows_to_run(args)
     name = args.dataset
-    data = evaluate.load_data(args, [(name, args.data_root or default_root(name))],
-                              [r for r in runs if r[1] == "discffusion"])
-    root, split, items, report = data[name]
+    root, items, report = held_out(args, next((c for _, m, c in runs if m == "discffusion" and c), None))
+    split = f"held out ({args.eval_split if any(it.split for it in items) else 'split_items'})"
     results, rows, cis = {}, {}, {}
     skipped = {}
     for label, method, checkpoint in runs:
