@@ -19,22 +19,8 @@ from discffusion import Discffusion
 from test_datasets import (image, write_coco, write_comvg, write_refcocog, write_vlchecklist, write_vqa_paper,
                            write_vqav2, write_winoground)
 from test_evaluate import FakeModel
+from test_reliability import error_line, no_model  # noqa: F401 - no_model is a fixture
 from test_train import write_comvg as write_train_comvg
-
-
-def error_line(capsys):
-    """The one `error: ...` line on stderr (asserting there is exactly one and no traceback)."""
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def build(*a, **k):
-        raise AssertionError("a model was built before the error")
-    monkeypatch.setattr(methods, "build", build)
 
 
 def train_argv(tiny_sd, root, out, *extra):
