@@ -337,7 +337,7 @@ def resume_command(argv):
 
 def build(args):
     model = methods.build(args.method, args)
-    params = model.trainable_parameters()
+    params = model.add_trainable()
     if args.gradient_checkpointing:
         if not hasattr(model, "unet"):
             raise InputError(f"--gradient-checkpointing applies to the diffusion methods, not {args.method}")
