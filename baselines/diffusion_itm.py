@@ -120,7 +120,7 @@ class DiffusionITM(nn.Module):
 
     def errors(self, latents, hidden, mask, t, eps):
         """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)
-        -> attention score (R,), e = ||target - eps_theta||_2 (R,), float32."""
+        -> attention term (R,), e = ||target - eps_theta||_2 (R,), float32."""
         z_t, ts = self.core.add_noise(latents, eps, t)
         att, pred = self.core.unet_pass(z_t, ts, hidden, mask)
         err = (self.target(latents, eps, ts).float() - pred.float()).flatten(1).norm(dim=1)

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 import triplet_loss
-from attention_capture import CallRecord, CaptureProcessor
+from attention_capture import ATTN_LOGGER, CallRecord, CaptureProcessor
 from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from tools.sd_configs import PRESETS, make_random_sd
@@ -327,6 +327,9 @@ def bench_capture_overhead(model, images, texts, iters, device):
 
 def bench_compile(model, images, texts, repeats, device):
     """`score` with the UNet compiled in place (torch.compile); compile time is the first call's extra."""
+    # the attn1 layers' line about the capture's `record` argument (see attention_capture) would break the graph at
+    # every call: compiled code skips that logger's warnings
+    torch._dynamo.config.ignore_logging_functions.add(ATTN_LOGGER.warning)
     try:
         model.unet.compile()
         first = timed(lambda: model.score(images, texts), device)[0]
