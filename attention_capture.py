@@ -153,12 +153,6 @@ class CaptureProcessor:
         return out
 
 
-def _not_ours(log):
-    """A logging filter: drops diffusers' "cross_attention_kwargs ['record'] are not expected by ..." line, which
-    Attention.forward logs on every call of a processor without a `record` argument (attn1, the stock ones)."""
-    return not log.getMessage().startswith("cross_attention_kwargs ['record'] are not expected")
-
-
 class AttentionCapture(nn.Module):
     """The capture of §4.3 and its trainable tensors, a context manager in the manner of DAAM's `trace`.
 
@@ -169,7 +163,7 @@ class AttentionCapture(nn.Module):
 
     Re-entrant: a `with` inside an active capture does nothing, so the scoring methods enter it themselves and a
     caller can hold it open across forward and backward (gradient checkpointing re-runs the processors in backward).
-    While active, diffusers' warning about the `record` argument (`_not_ours`) is dropped."""
+    While active, diffusers' warning about the `record` argument is dropped (`quiet`)."""
 
     def __init__(self, unet, layers, pooling, lam, keep_maps=False):
         super().__init__()
@@ -191,7 +185,7 @@ class AttentionCapture(nn.Module):
             self.originals = self.unet.attn_processors                       # every layer's, by name
             # a new dict: set_attn_processor pops the entries of the dict it is given, and needs every layer named
             self.unet.set_attn_processor({**self.originals, **self.processors})
-            ATTN_LOGGER.addFilter(_not_ours)
+            ATTN_LOGGER.addFilter(self.quiet)                               # this capture's own filter
         self.depth += 1
         return self
 
@@ -199,8 +193,13 @@ class AttentionCapture(nn.Module):
         self.depth -= 1
         if self.depth == 0:
             self.unet.set_attn_processor(dict(self.originals))
-            ATTN_LOGGER.removeFilter(_not_ours)
+            ATTN_LOGGER.removeFilter(self.quiet)
             self.originals = None
+
+    def quiet(self, log):
+        """A logging filter: drops the "cross_attention_kwargs ['record'] are not expected by ..." line that
+        Attention.forward logs at every call of a processor without a `record` argument (attn1's stock one)."""
+        return not log.getMessage().startswith("cross_attention_kwargs ['record'] are not expected")
 
     def check_held(self):
         """With gradients and gradient checkpointing, the caller must hold the capture: the backward re-runs the

@@ -83,6 +83,10 @@ def test_no_warning_about_the_record_argument(model, tiny_sd):
         model.score([red_image()], ["a red circle", "a blue square"])
         itm = DiffusionITM(Discffusion.from_pretrained(tiny_sd, device="cpu"), variant="combined", n_timesteps=1)
         itm.score([red_image()], ["a red circle"])
+        with model.capture:
+            with itm.capture:                                                # another model's capture, nested
+                pass
+            model.score([red_image()], ["a red circle"])                     # still quiet after its exit
         assert lines.lines == []
         # the same call without the capture active warns (the filter is on only inside the capture)
         latents = model.encode_images([red_image()])
