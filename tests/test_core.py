@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attention_capture import cross_attention_layers
+from attention_capture import CallRecord, cross_attention_layers
 from common import InputError
 from discffusion import Discffusion, preprocess
 from lse_pool import lse_pool, pool
@@ -62,12 +62,13 @@ def test_capture_leaves_unet_output_unchanged(tiny_sd, model):
     torch.manual_seed(0)
     z, hid = torch.randn(3, 4, 8, 8), torch.randn(3, 16, 32)
     t = torch.tensor([100, 500, 900])
-    model.scorer.begin(torch.ones(3, 16, dtype=torch.bool))
-    with torch.no_grad():
-        diff = (stock(z, t, hid).sample - model.unet(z, t, hid).sample).abs().max().item()
+    record = CallRecord(torch.ones(3, 16, dtype=torch.bool))
+    with torch.no_grad(), model.capture:
+        diff = (stock(z, t, hid).sample - model.unet(z, t, hid, cross_attention_kwargs={"record": record}).sample
+                ).abs().max().item()
+        # only attn2 layers carry the capture processor; self-attention keeps the stock one
+        kinds = {k: type(p).__name__ for k, p in model.unet.attn_processors.items()}
     assert diff < 1e-5
-    # only attn2 layers carry the capture processor; self-attention keeps the stock one
-    kinds = {k: type(p).__name__ for k, p in model.unet.attn_processors.items()}
     assert all(v == "CaptureProcessor" for k, v in kinds.items() if "attn2" in k)
     assert all(v == "AttnProcessor2_0" for k, v in kinds.items() if "attn1" in k)
 
@@ -82,11 +83,12 @@ def test_score_equals_direct_computation_from_the_maps(tiny_sd):
     with torch.no_grad():
         for level, eps in zip(m.levels, noise):
             z_t, ts = m.add_noise(latents, eps, m.timestep(level))
-            m.attention_score(z_t, ts, hidden, mask)
+            maps = {}
+            m.unet_pass(z_t, ts, hidden, mask, maps)
             real = mask[0].nonzero().flatten().tolist()
             per_layer = []
-            for name in m.scorer.layers:
-                A = m.scorer.maps[name][0]                              # (heads, N_img, L)
+            for name in m.capture.layers:
+                A = maps[name][0]                              # (heads, N_img, L)
                 assert torch.allclose(A.sum(-1), torch.ones(A.shape[:2]), atol=1e-5)
                 S = torch.logsumexp(2.0 * A[:, :, real], dim=1) / 2.0     # (heads, n_real)
                 per_layer.append(S.mean(1).mean(0))

@@ -101,10 +101,9 @@ def test_v_prediction_target_is_the_velocity(tiny_sd):
     z, (hid, mask) = m.core.encode_images(ims), m.core.encode_texts(txt)
     eps = torch.randn((1, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
     ts = torch.tensor([500])
-    with torch.no_grad():
+    with torch.no_grad(), m.core.capture:
         z_t = m.core.scheduler.add_noise(z, eps, ts)
         v = m.core.scheduler.get_velocity(z, eps, ts)
-        m.core.scorer.begin(mask)
         want = -(v - m.core.unet(z_t, ts, hid).sample).norm().item()
     assert not torch.allclose(v, eps)
     assert m.score(ims, txt)[0, 0].item() == pytest.approx(want, rel=1e-5)
@@ -182,9 +181,8 @@ def test_hardneg_loss_by_hand(tiny_sd):
         z = m.core.encode_images(ims)
         eps = torch.randn((1, *z.shape[1:]), generator=g)
         hid, mask = m.core.encode_texts(texts)
-        with torch.no_grad():
+        with torch.no_grad(), m.core.capture:
             z_t = m.core.scheduler.add_noise(z, eps, torch.tensor([t]))
-            m.core.scorer.begin(mask)
             pred = m.core.unet(z_t.expand(2, -1, -1, -1), torch.tensor([t, t]), hid).sample
         pos, neg = ((pred - eps) ** 2).mean((1, 2, 3)).tolist()
         assert loss.item() == pytest.approx(pos - min(neg, pos), abs=1e-7)
@@ -282,8 +280,8 @@ def test_score_official_preset_equals_the_official_formula(tiny_sd):
     args = evaluate_parser().parse_args(["--score", "official", "--model", tiny_sd, "--device", "cpu"])
     m = methods.build("discffusion", args)
     assert isinstance(m, DiffusionITM) and m.variant == "combined" and m.uncond_attention
-    assert m.timesteps == [989 - 33 * k for k in range(30)][::-1] and m.core.scorer.pooling == "official"
-    assert m.core.scorer.layers == ["down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    assert m.timesteps == [989 - 33 * k for k in range(30)][::-1] and m.core.capture.pooling == "official"
+    assert m.core.capture.layers == ["down_blocks.1.attentions.0.transformer_blocks.0.attn2",
                                     "mid_block.attentions.0.transformer_blocks.0.attn2",
                                     "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                                     "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]
@@ -294,7 +292,7 @@ def test_score_official_preset_equals_the_official_formula(tiny_sd):
     args = evaluate_parser().parse_args(["--score", "official", "--model", tiny_sd, "--device", "cpu",
                                          "--itm-timesteps", "2", "--layers", "all"])
     m2 = methods.build("diffusion_itm", args)
-    assert len(m2.timesteps) == 2 and len(m2.core.scorer.layers) == 7 and m2.variant == "combined"
+    assert len(m2.timesteps) == 2 and len(m2.core.capture.layers) == 7 and m2.variant == "combined"
     m.uncond_attention = False
     assert (m.score(ims, txt) - got).abs().max() > 1e-4
 

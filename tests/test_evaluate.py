@@ -248,7 +248,7 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
     from discffusion import Discffusion
     trained = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=8.0, pooling="max")
     with torch.no_grad():
-        for i, p in enumerate(trained.trainable_parameters()):
+        for i, p in enumerate(trained.add_trainable()):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     ckpt = str(tmp_path / "deltas.safetensors")
     trained.save_trained(ckpt, {"shots": "30"})                # the file records the scorer's own lambda and pooling

@@ -16,6 +16,7 @@ from PIL import Image
 
 import evaluate
 import train
+from attention_capture import CallRecord
 from common import InputError, run_cli
 from baselines.diffusion_itm import DiffusionITM
 from discffusion import Discffusion
@@ -73,12 +74,12 @@ def test_family_read_from_the_folder(folders, models):
     assert sd15.tokenizer.pad_token_id == sd15.tokenizer.eos_token_id                    # SD 1.5: pad = EOS
     assert v768.tokenizer.pad_token == "!"                                                # SD 2.x: pad "!"
     assert v768.scheduler.config.prediction_type == "v_prediction"
-    assert all(v768.unet.get_submodule(n).upcast_attention for n in v768.scorer.layers)
+    assert all(v768.unet.get_submodule(n).upcast_attention for n in v768.capture.layers)
     assert lcm.unet.config.time_cond_proj_dim == 16 and lcm.config["guidance_scale"] == 8.5
     assert type(xl.text_encoder_2).__name__ == "CLIPTextModelWithProjection" and xl.tokenizer_2.pad_token == "!"
     # SDXL: every transformer block of its deeper blocks has an attn2 (transformer_layers_per_block); all are captured
     from attention_capture import cross_attention_layers
-    assert xl.scorer.layers == cross_attention_layers(xl.unet) and len(xl.scorer.layers) > len(sd15.scorer.layers)
+    assert xl.capture.layers == cross_attention_layers(xl.unet) and len(xl.capture.layers) > len(sd15.capture.layers)
 
 
 def test_sdxl_vae_runs_in_fp32_under_fp16_as_its_pipelines_do(folders):
@@ -119,9 +120,9 @@ def test_capture_leaves_each_familys_unet_output_unchanged(folders, models):
         stock = UNet2DConditionModel.from_pretrained(folders[preset], subfolder="unet").eval()
         z, t, hidden, mask = unet_inputs(m)
         kw = m.unet_kwargs(hidden)
-        m.scorer.begin(mask)
-        with torch.no_grad():
-            diff = (stock(z, t, **kw).sample - m.unet(z, t, **kw).sample).abs().max().item()
+        with torch.no_grad(), m.capture:
+            got = m.unet(z, t, **kw, cross_attention_kwargs={"record": CallRecord(mask)}).sample
+            diff = (stock(z, t, **kw).sample - got).abs().max().item()
         assert diff < 1e-5, preset
 
 
@@ -140,8 +141,7 @@ def test_lcm_guidance_embedding_is_the_lcm_pipelines_timestep_cond(folders, mode
     assert torch.allclose(got["encoder_hidden_states"], ours["encoder_hidden_states"], atol=1e-6)
     z, t, hidden, mask = unet_inputs(m)
     kw = m.unet_kwargs(hidden)
-    m.scorer.begin(mask)
-    with torch.no_grad():
+    with torch.no_grad(), m.capture:
         with_w = m.unet(z, t, **kw).sample
         kw.pop("timestep_cond")
         without = m.unet(z, t, **kw).sample
@@ -246,9 +246,7 @@ def test_lora_is_merged_into_the_unet(folders, models, lora_file):
     assert m.config["lora"] == path
     assert not any("lora" in n for n, _ in m.unet.named_parameters())        # merged: a stock UNet again
     z, t, hidden, mask = unet_inputs(m)
-    m.scorer.begin(mask)
-    models["tiny-sd15"].scorer.begin(mask)
-    with torch.no_grad():
+    with torch.no_grad(), m.capture, models["tiny-sd15"].capture:
         want = with_adapter(z, t, **m.unet_kwargs(hidden)).sample
         got = m.unet(z, t, **m.unet_kwargs(hidden)).sample
         base = models["tiny-sd15"].unet(z, t, **m.unet_kwargs(hidden)).sample

@@ -31,7 +31,7 @@ def deltas_file(tiny_sd, tmp_path_factory):
     model = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=4.0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in model.trainable_parameters():
+        for p in model.add_trainable():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     path = tmp_path_factory.mktemp("run") / "prompt_deltas.safetensors"
     model.save_trained(str(path), {"lam": 4.0})

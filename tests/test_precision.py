@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import train
 import triplet_loss
+from attention_capture import CallRecord
 from baselines.diffusion_itm import DiffusionITM, hardneg_loss
 from common import InputError
 from discffusion import Discffusion, load_components
@@ -145,12 +146,12 @@ def test_capture_equals_the_stock_processor_under_upcast(upcast_sd, precision, p
         return hook
     handles = [mod.register_forward_pre_hook(peek(n), with_kwargs=True) for n, mod in stock.named_modules()
                if n.endswith("attn2")]
-    m.scorer.begin(torch.ones(2, hid.shape[1], dtype=torch.bool))
-    with torch.no_grad():
+    record = CallRecord(torch.ones(2, hid.shape[1], dtype=torch.bool))
+    with torch.no_grad(), m.capture:
         want = stock(z, t, hid).sample
         for h in handles:
             h.remove()
-        got = m.unet(z, t, hid).sample
+        got = m.unet(z, t, hid, cross_attention_kwargs={"record": record}).sample
     assert max(logits.values()) > 65504                                  # beyond fp16: naive fp16 logits are inf
     assert torch.isfinite(want).all() and torch.equal(got, want), (got - want).abs().max()
     ims, txt = [colour_image("red", 0)], ["a red circle", "a blue square"]
@@ -173,7 +174,6 @@ def test_v_prediction_target_in_diffusion_loss_and_hardneg(tiny_sd):
     eps = torch.randn(z.shape, generator=g)
     ts = torch.tensor([t])
     with torch.no_grad():
-        m.scorer.begin(mask)
         pred = m.unet(m.scheduler.add_noise(z, eps, ts), ts, hid).sample
         want = ((pred - m.scheduler.get_velocity(z, eps, ts)) ** 2).mean()
         got = triplet_loss.diffusion_loss(m, its, torch.Generator().manual_seed(0))
@@ -193,7 +193,7 @@ def test_v_prediction_target_in_diffusion_loss_and_hardneg(tiny_sd):
 # ---- 4. a training step's memory is bounded by the chunk, not by the candidates --------------------------------------
 def step_grads(folder, chunk, loss, checkpointing=False):
     m = Discffusion.from_pretrained(folder, device="cpu", pairs_per_call=chunk)
-    params = m.trainable_parameters()
+    params = m.add_trainable()
     with torch.no_grad():
         for i, p in enumerate(params):
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
@@ -201,9 +201,10 @@ def step_grads(folder, chunk, loss, checkpointing=False):
         m.unet.enable_gradient_checkpointing()
     rows = []
     hook = m.unet.register_forward_pre_hook(lambda mod, a, kw: rows.append(a[0].shape[0]), with_kwargs=True)
-    mats = m.score_items(items(), train=True, generator=torch.Generator().manual_seed(0))
-    value = triplet_loss.margin_loss(mats, 1.0) if loss == "margin" else triplet_loss.ce_loss(mats)
-    value.backward()
+    with m.capture:                                        # as train.py: held across the forward and the backward
+        mats = m.score_items(items(), train=True, generator=torch.Generator().manual_seed(0))
+        value = triplet_loss.margin_loss(mats, 1.0) if loss == "margin" else triplet_loss.ce_loss(mats)
+        value.backward()
     hook.remove()
     return value.item(), [torch.zeros_like(p) if p.grad is None else p.grad for p in params], rows
 

@@ -88,7 +88,7 @@ def test_killed_evaluation_resumes_to_the_identical_json_and_refuses_other_optio
     for seed in (0, 1):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=4.0)
         with torch.no_grad():
-            for i, p in enumerate(m.trainable_parameters()):
+            for i, p in enumerate(m.add_trainable()):
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(10 * seed + i))
         ckpts.append(str(tmp_path / f"deltas{seed}.safetensors"))
         m.save_trained(ckpts[-1])

@@ -265,11 +265,11 @@ def truncated_model(tmp_path, part):
 def nan_deltas(tmp_path):
     """A prompt-delta file for the tiny shapes model whose p^k of one layer is NaN."""
     model = Discffusion.from_pretrained(TINY_SHAPES, device="cpu")
-    model.trainable_parameters()
+    model.add_trainable()
     path = str(tmp_path / "nan.safetensors")
-    state = prompt_delta.state(model.scorer)
+    state = prompt_delta.state(model.capture)
     next(t for k, t in state.items() if k.startswith("delta_k")).data.fill_(float("nan"))
-    prompt_delta.save(path, model.scorer, TINY_SHAPES)
+    prompt_delta.save(path, model.capture, TINY_SHAPES)
     return path
 
 
@@ -329,8 +329,8 @@ def test_file_system_problems_are_one_error_line(case, tmp_path, monkeypatch, ca
         model, weights = truncated_model(tmp_path, "unet")
         deltas = str(tmp_path / "d.safetensors")
         m = Discffusion.from_pretrained(TINY_SHAPES, device="cpu")
-        m.trainable_parameters()
-        prompt_delta.save(deltas, m.scorer, TINY_SHAPES)
+        m.add_trainable()
+        prompt_delta.save(deltas, m.capture, TINY_SHAPES)
         code, says = run_cli(figures.main, ["deltas", deltas, "--model", model, "--out", str(tmp_path / "f")]), \
             f"base model weights {weights} are not a readable safetensors file (SafetensorError"
     elif case == "figures: NaN deltas":

@@ -54,18 +54,18 @@ def test_zero_deltas_are_the_pretrained_model_and_only_deltas_train(tiny_sd):
     m = Discffusion.from_pretrained(tiny_sd, device="cpu")
     items = items_for(2)
     before = m.score_items(items)
-    params = m.trainable_parameters()
+    params = m.add_trainable()
     after = m.score_items(items)
     assert all(torch.equal(a, b) for a, b in zip(before, after))          # bit for bit
-    for name in m.scorer.layers:
+    for name in m.capture.layers:
         attn = m.unet.get_submodule(name)
         key = name.replace(".", "_")
-        assert m.scorer.deltas.k[key].shape == attn.to_k.weight.shape and m.scorer.deltas.v[key].shape == attn.to_v.weight.shape
+        assert m.capture.deltas.k[key].shape == attn.to_k.weight.shape and m.capture.deltas.v[key].shape == attn.to_v.weight.shape
     mats = m.score_items(items, train=True, generator=torch.Generator().manual_seed(0))
     triplet_loss.margin_loss(mats, margin=1.0).backward()
     assert {id(p) for p in params} == {id(p) for p in m.parameters() if p.requires_grad}
-    last_v = m.scorer.deltas.v[m.scorer.layers[-1].replace(".", "_")]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.scorer.deltas.parameters() if p is not last_v)
+    last_v = m.capture.deltas.v[m.capture.layers[-1].replace(".", "_")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.capture.deltas.parameters() if p is not last_v)
     assert last_v.grad is None or last_v.grad.abs().sum() == 0  # the last layer's values only reach eps, never a later score
     frozen = [p for mod in (m.unet, m.vae, m.text_encoder) for p in mod.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
@@ -75,15 +75,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
     grads = []
     for ckpt in (False, True):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu")
-        params = m.trainable_parameters()
+        params = m.add_trainable()
         with torch.no_grad():
             for p in params:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(3))
         if ckpt:
             m.unet.enable_gradient_checkpointing()
-        mats = m.score_items(items_for(2), train=True, generator=torch.Generator().manual_seed(0))
-        loss = triplet_loss.margin_loss(mats, margin=1.0)
-        loss.backward()
+        with m.capture:                                  # train.py's: held across the forward and the backward
+            mats = m.score_items(items_for(2), train=True, generator=torch.Generator().manual_seed(0))
+            loss = triplet_loss.margin_loss(mats, margin=1.0)
+            loss.backward()
         grads.append((loss.item(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for a, b in zip(grads[0][1], grads[1][1]):
@@ -93,7 +94,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
 def test_save_load_round_trip_and_mismatch(tiny_sd, tmp_path):
     m = Discffusion.from_pretrained(tiny_sd, device="cpu")
     with torch.no_grad():
-        for i, p in enumerate(m.trainable_parameters()):
+        for i, p in enumerate(m.add_trainable()):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     path = tmp_path / "deltas.safetensors"
     m.save_trained(path, {"lr": 0.1})
@@ -201,7 +202,7 @@ def test_prompt_learning_learns_a_matching_task(tiny_sd):
             return sum(triplet_loss.correct(S) for S in m.score_items(items)) / len(items)
     zero_shot = accuracy()
     # lr 0.03: at 0.1 the 60-step trajectory is chaotic (a 1e-7 change in the forward decides whether it learns)
-    opt = torch.optim.AdamW(m.trainable_parameters(), lr=0.03)
+    opt = torch.optim.AdamW(m.add_trainable(), lr=0.03)
     losses = []
     for step in range(60):
         loss = triplet_loss.margin_loss(m.score_items(items, train=True, generator=torch.Generator().manual_seed(step)))

@@ -31,7 +31,7 @@ def train_argv(tiny_sd, root, out, *extra):
 def deltas_file(tiny_sd, path, **model_options):
     m = Discffusion.from_pretrained(tiny_sd, device="cpu", **model_options)
     with torch.no_grad():
-        for i, p in enumerate(m.trainable_parameters()):
+        for i, p in enumerate(m.add_trainable()):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     m.save_trained(str(path))
     return str(path)

@@ -122,7 +122,8 @@ class Runner:
         print(f"training {folder}: {len(train_items)} items, loss {loss}")
         t0, c0 = time.perf_counter(), time.process_time()
         model, params = train.build(targs)
-        history = train.train(targs, model, params, train_items, test_items)
+        with model.capture:                                   # held through backward, as train.py does
+            history = train.train(targs, model, params, train_items, test_items)
         model.save_trained(path, dict(vars(targs), ablations_argv=argv))
         self.runs[path] = {"steps": len(history), "train_items": len(train_items), "loss": loss,
                            "seconds": round(time.perf_counter() - t0, 1),

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 import triplet_loss
-from attention_capture import CaptureProcessor
+from attention_capture import ATTN_LOGGER, CallRecord, CaptureProcessor
 from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from tools.sd_configs import PRESETS, make_random_sd
@@ -201,7 +201,7 @@ class OfficialAttnProcessor(CaptureProcessor):
     def __init__(self):
         super().__init__("attn1", None)
 
-    def attend(self, attn, hidden_states, context, attention_mask):
+    def attend(self, attn, hidden_states, context, attention_mask, record=None):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))                 # (B * heads, N, d)
         k = attn.head_to_batch_dim(attn.to_k(context))                       # (B * heads, L, d)
         v = attn.head_to_batch_dim(attn.to_v(context))
@@ -239,7 +239,7 @@ def official_scores(model, images, texts):
     n = len(model.levels)
     attention = torch.zeros(len(images), len(texts), device=model.device)  # stays on the device: no sync per pair
     itm, evaluations = torch.zeros_like(attention), 0
-    with torch.inference_mode(), official_attention(model.unet):
+    with torch.inference_mode(), model.capture, official_attention(model.unet):
         for i, image in enumerate(images):
             for j, text in enumerate(texts):
                 hidden, mask = model.encode_texts(["", text])              # (2, L, D): [uncond, cond]
@@ -247,7 +247,7 @@ def official_scores(model, images, texts):
                 for level, eps in zip(model.levels, noise):
                     z = model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor   # (1, 4, h, w)
                     z_t, ts = model.add_noise(z.to(model.dtype).expand(2, -1, -1, -1), eps, model.timestep(level))
-                    att, eps_pred = model.attention_score(z_t, ts, hidden, mask)   # (2,), (2, 4, h, w)
+                    att, eps_pred = model.unet_pass(z_t, ts, hidden, mask)        # (2,), (2, 4, h, w)
                     e = eps.to(eps_pred.device, torch.float32)
                     attention[i, j] += att[1].float() / n
                     itm[i, j] += ((e - eps_pred[0].float()).norm() - (e - eps_pred[1].float()).norm()) / n
@@ -297,26 +297,27 @@ def bench_capture_overhead(model, images, texts, iters, device):
     B = hidden.shape[0]
     z_t, ts = model.add_noise(latents.expand(B, -1, -1, -1), model.level_noise(latents.shape[1:])[0],
                               model.timestep(model.levels[0]))
-    capture = dict(model.unet.attn_processors)
-    variants = {"stock": stock_processors(model.unet), "capture": capture,
-                "official_attention": {k: OfficialAttnProcessor() if k.endswith("attn1.processor") else p
-                                       for k, p in capture.items()}}
+    with model.capture:                                                   # the originals come back on exit
+        capture = dict(model.unet.attn_processors)
+        variants = {"stock": stock_processors(model.unet), "capture": capture,
+                    "official_attention": {k: OfficialAttnProcessor() if k.endswith("attn1.processor") else p
+                                           for k, p in capture.items()}}
 
-    def forward(procs):
-        model.unet.set_attn_processor(dict(procs))
-        model.scorer.begin(mask)
-        with torch.inference_mode():
-            return timed(lambda: model.unet(z_t, ts, **model.unet_kwargs(hidden)).sample, device)[:2]
-    times = {k: [] for k in variants}
-    try:
-        for _ in range(2):                                                 # warm-up
-            for procs in variants.values():
-                forward(procs)
-        for _ in range(iters):                                             # interleaved: same machine load
-            for k, procs in variants.items():
-                times[k].append(forward(procs))
-    finally:
-        model.unet.set_attn_processor(dict(capture))
+        def forward(key):
+            model.unet.set_attn_processor(dict(variants[key]))
+            kw = {} if key == "stock" else dict(cross_attention_kwargs={"record": CallRecord(mask)})
+            with torch.inference_mode():
+                return timed(lambda: model.unet(z_t, ts, **model.unet_kwargs(hidden), **kw).sample, device)[:2]
+        times = {k: [] for k in variants}
+        try:
+            for _ in range(2):                                             # warm-up
+                for key in variants:
+                    forward(key)
+            for _ in range(iters):                                         # interleaved: same machine load
+                for key in variants:
+                    times[key].append(forward(key))
+        finally:
+            model.unet.set_attn_processor(dict(capture))
     res = {"batch": B, "iters": iters, **{k: summary(v) for k, v in times.items()}}
     for k in ("capture", "official_attention"):
         res[f"{k}_overhead"] = res[k]["seconds"] / res["stock"]["seconds"] - 1
@@ -326,6 +327,9 @@ def bench_capture_overhead(model, images, texts, iters, device):
 
 def bench_compile(model, images, texts, repeats, device):
     """`score` with the UNet compiled in place (torch.compile); compile time is the first call's extra."""
+    # the attn1 layers' line about the capture's `record` argument (see attention_capture) would break the graph at
+    # every call: compiled code skips that logger's warnings
+    torch._dynamo.config.ignore_logging_functions.add(ATTN_LOGGER.warning)
     try:
         model.unet.compile()
         first = timed(lambda: model.score(images, texts), device)[0]
@@ -378,14 +382,15 @@ def _status_kb(key):
 def train_step(model, images, texts, generator, margin=0.1, loss_scaling=True):
     """One optimizer step of the few-shot training as train.py takes it: margin loss (eq. 6) on p^k/p^v (eq. 5) and
     head logits, the frozen model under autocast, fp16 with a GradScaler (loss_scaling=False: without)."""
-    params = model.trainable_parameters()
+    params = model.add_trainable()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     device_type = model.device.type
     scaler = torch.amp.GradScaler(device_type, enabled=loss_scaling and model.dtype == torch.float16)
-    with torch.autocast(device_type, dtype=model.dtype, enabled=model.dtype != torch.float32):
-        mats = model.score_items([(images, texts)], train=True, generator=generator)
-        loss = triplet_loss.margin_loss(mats, margin=margin)
-    scaler.scale(loss).backward()
+    with model.capture:                                                   # forward and backward (checkpointing)
+        with torch.autocast(device_type, dtype=model.dtype, enabled=model.dtype != torch.float32):
+            mats = model.score_items([(images, texts)], train=True, generator=generator)
+            loss = triplet_loss.margin_loss(mats, margin=margin)
+        scaler.scale(loss).backward()
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     scaler.step(opt)
@@ -402,7 +407,7 @@ def fp16_check(path, args):
         images, texts = workload(1, 3, model.resolution, args.seed)
         loss = train_step(model, images, texts, torch.Generator().manual_seed(args.seed), margin=1.0,
                           loss_scaling=scaling)
-        deltas[key] = ([p.detach().cpu() for p in model.scorer.deltas.parameters()], loss)
+        deltas[key] = ([p.detach().cpu() for p in model.capture.deltas.parameters()], loss)
     ref = deltas["fp32"][0]
     moved = sum(int((a != 0).sum()) for a in ref)
     out = {"moved_in_fp32": moved, "entries": sum(a.numel() for a in ref), "workload": "1 image x 3 texts, margin 1",
@@ -448,7 +453,7 @@ def run_memory_child(args):
     model.pairs_per_call = pairs_per_call                                  # the official pair: [uncond, cond] at once
     out["official_pair"] = measure(lambda: official_scores(model, images, texts[:1]), args.device, pairs=1,
                                    unet_batch=2)
-    model.trainable_parameters()                                           # p^k, p^v exist before the peak resets
+    model.add_trainable()                                                  # p^k, p^v exist before the peak resets
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.pairs_per_call = args.train_chunk                                 # train.py's --eval-batch-size
@@ -599,7 +604,7 @@ def main(argv=None):
                       "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
                       "torch": torch.__version__, "seed": args.seed, "resolution": model.resolution,
                       "unet_params": sum(p.numel() for p in model.unet.parameters()),
-                      "n_layers": len(model.scorer.layers), "pairs_per_call": model.pairs_per_call,
+                      "n_layers": len(model.capture.layers), "pairs_per_call": model.pairs_per_call,
                       "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                       "sd2_architecture": is_sd2(model)},
            "workload": {"images": args.images, "texts": args.texts, "pairs": args.images * args.texts,

@@ -91,7 +91,7 @@ def layer_maps(model, jobs):
     """jobs [(PIL image, [texts])]: per-layer maps averaged over heads and noise levels, and the pair scores.
 
     -> ({layer: (P, N_img, L)}, scores (P,), mask (P, L)), one row per (image, text) pair, jobs in order. Each image's
-    texts see the scorer's own eps and t per level, and a pair's score does not depend on its batch-mates, so the mean
+    texts see the model's own eps and t per level, and a pair's score does not depend on its batch-mates, so the mean
     of the per-level scores is model.score([image], texts)."""
     texts = [t for _, ts in jobs for t in ts]
     latents = model.encode_images([im for im, _ in jobs])                       # (n_images, 4, h, w)
@@ -106,9 +106,10 @@ def layer_maps(model, jobs):
     for level, eps in zip(model.levels, noise):
         for s in range(0, P, step):
             z_t, ts = model.add_noise(latents[img_idx[s:s + step]], eps, model.timestep(level))
-            sc, _ = model.attention_score(z_t, ts, hidden[s:s + step], mask[s:s + step])   # (b,)
+            maps = {}
+            sc, _ = model.unet_pass(z_t, ts, hidden[s:s + step], mask[s:s + step], maps)   # (b,)
             score[s:s + step] += sc.float().cpu()
-            for name, A in model.scorer.maps.items():                            # (b, heads, N_img, L)
+            for name, A in maps.items():                                         # (b, heads, N_img, L)
                 if name not in sums:
                     sums[name] = torch.zeros(P, *A.shape[2:])                    # (P, N_img, L)
                 sums[name][s:s + step] += A.float().mean(1).cpu()
@@ -137,10 +138,26 @@ def word_maps(model, jobs):
 
 
 def layer_sides(model):
-    """{group: sorted distinct grid sides} of the model's cross-attention layers (from the last capture)."""
+    """{group: sorted distinct grid sides} of the model's cross-attention layers, from the UNet's structure: the
+    latent side, halved (rounding up: a stride-2 convolution with padding 1) by each downsampler before the layer on
+    the down path and the mid block; each upsampler before it on the up path goes back one of those sizes."""
+    unet = model.unet
+    sides = [model.resolution // model.vae_scale]                               # the down path's grid sides
+    for block in unet.down_blocks[:-1]:
+        sides.append((sides[-1] + 1) // 2 if getattr(block, "downsamplers", None) else sides[-1])
+
+    def side(name):
+        part = name.split(".")[0]
+        if part == "mid_block":
+            return sides[-1]
+        k = int(name.split(".")[1])                                             # the block's index on its path
+        if part == "down_blocks":
+            return sides[k]
+        ups = sum(bool(getattr(b, "upsamplers", None)) for b in unet.up_blocks[:k])
+        return sides[len(sides) - 1 - ups]
     out = {}
-    for name, A in model.scorer.maps.items():
-        out.setdefault(name.split(".")[0], set()).add(int(round(A.shape[2] ** 0.5)))
+    for name in model.capture.layers:
+        out.setdefault(name.split(".")[0], set()).add(side(name))
     return {g: sorted(s, reverse=True) for g, s in out.items()}
 
 
@@ -343,8 +360,8 @@ def attention_figures(args):
 
 def main_title(model, checkpoint, summary):
     what = "before and after the learned deltas" if checkpoint else "without learned deltas"
-    title = (f"Fig. 10: cross-attention per caption token, mean over heads, {len(model.scorer.layers)} layers and noise "
-             f"levels {list(model.levels)}, {what}; f = score (eq. 3-4, lambda {model.scorer.lam:g}).")
+    title = (f"Fig. 10: cross-attention per caption token, mean over heads, {len(model.capture.layers)} layers and noise "
+             f"levels {list(model.levels)}, {what}; f = score (eq. 3-4, lambda {model.capture.lam:g}).")
     if summary and "after" in summary:
         b, a = summary["before"], summary["after"]
         title += (f" Over {b['items']} held-out items: f(true) > f(swapped) on the positive image "
@@ -376,7 +393,7 @@ def group_figure(args, model, jobs, meta, res):
     draw_blocks(blocks, os.path.join(args.out, "fig10_groups.png"),
                 "Fig. 10 by layer group (down / mid / up blocks of the UNet; their token grids in brackets), mean over "
                 "heads, the group's layers and noise levels; one colour scale per block")
-    return dict(figure="Fig. 10 by layer group", grid_sides=sides, groups={g: [n for n in model.scorer.layers
+    return dict(figure="Fig. 10 by layer group", grid_sides=sides, groups={g: [n for n in model.capture.layers
                                                                             if n.startswith(g)] for g in sides},
                 maps="[stage][group]: (n_words, G, G) attention probability per caption token", pairs=pairs)
 
@@ -411,9 +428,9 @@ def attention_record(args, model, checkpoint, meta, res, summary):
                               words=e["words"], stages={s: dict(score=res[s][j][i]["score"],
                                                                 maps=rounded(res[s][j][i]["maps"]["all"]))
                                                         for s in res}))
-    return dict(figure="Fig. 10", model=args.model, checkpoint=checkpoint, lam=model.scorer.lam,
-                pooling=model.scorer.pooling, levels=list(model.levels), seed=args.seed,
-                layers=list(model.scorer.layers), grid_sides=layer_sides(model),
+    return dict(figure="Fig. 10", model=args.model, checkpoint=checkpoint, lam=model.capture.lam,
+                pooling=model.capture.pooling, levels=list(model.levels), seed=args.seed,
+                layers=list(model.capture.layers), grid_sides=layer_sides(model),
                 maps="(n_words, G, G): attention probability per caption token, mean over heads, noise levels and "
                      "every cross-attention layer, on the finest layer's grid", held_out=summary, pairs=pairs)
 
