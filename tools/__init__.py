@@ -5,6 +5,7 @@ speed and memory against the official code's per-pair loop (App. B, §5.5; docs/
 tools.figures` draws Fig. 7, 8 and 10 into docs/ (docs/figures.md); `python -m tools.ablations` runs the ablation
 sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes world in the ComVG
 format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it (models/tiny-shapes-sd);
+`python -m tools.distill_lcm` distils that into a latent consistency model (models/tiny-shapes-lcm, Table 3);
 sd_configs.py (no command) builds Stable Diffusion and CLIP architectures from configs with random weights, for the
 tests and the benchmark.
 """
