@@ -4,7 +4,8 @@ fetches a data set of §5.1 into the layout datasets.py reads (docs/data.md); `p
 speed and memory against the official code's per-pair loop (App. B, §5.5; docs/benchmark.md); `python -m
 tools.figures` draws Fig. 7, 8 and 10 into docs/ (docs/figures.md); `python -m tools.ablations` runs the ablation
 sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes world in the ComVG
-format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it (models/tiny-shapes-sd);
+format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it (models/tiny-shapes-sd),
+`python -m tools.distill_lcm` distils that into a latent consistency model (models/tiny-shapes-lcm, Table 3);
 the paper results with no file of their own (docs/paper_results.md): `python -m tools.embedding_retrieval` (Table 4),
 `python -m tools.generation` (App. G: Fig. 9, Table 12), `python -m tools.failures` (Fig. 11). runner.py (no command)
 is the run machinery of train.py and evaluate.py; sd_configs.py (no command) builds Stable Diffusion and CLIP
