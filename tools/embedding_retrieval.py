@@ -56,7 +56,7 @@ class DiscffusionEmbedding:
     def __init__(self, model):
         self.model = model
         self.feats = {}
-        for name in model.scorer.layers:
+        for name in model.capture.layers:
             model.unet.get_submodule(name).to_q.register_forward_hook(self._hook(name))
 
     def _hook(self, name):
@@ -68,7 +68,7 @@ class DiscffusionEmbedding:
     def key_weight(self, name):
         """W^k + p^k of one layer (eq. 5; W^k alone before the deltas are loaded), (inner, D)."""
         W = self.model.unet.get_submodule(name).to_k.weight.float()          # (inner, D)
-        deltas = self.model.scorer.deltas
+        deltas = self.model.capture.deltas
         return W if deltas is None else W + deltas.k[layer_key(name)].float()
 
     @property
@@ -101,10 +101,10 @@ class DiscffusionEmbedding:
             b, total = chunk.shape[0], 0.0
             for level, eps in zip(m.levels, noise):
                 z_t, ts = m.add_noise(chunk, eps, m.timestep(level))
-                m.scorer.begin(torch.ones(b, empty.shape[1], dtype=torch.bool, device=m.device))  # unused here
                 self.feats = {}
-                m.unet(z_t, ts, encoder_hidden_states=empty.expand(b, -1, -1))
-                total = total + torch.stack([self.feats[n] for n in m.scorer.layers]).mean(0)   # (b, D)
+                with m.capture:                                               # eq. 5's deltas in every attn2
+                    m.unet(z_t, ts, encoder_hidden_states=empty.expand(b, -1, -1))
+                total = total + torch.stack([self.feats[n] for n in m.capture.layers]).mean(0)  # (b, D)
             out.append(F.normalize(total / len(m.levels), dim=-1).cpu())
         return torch.cat(out)                                                 # (N, D)
 
