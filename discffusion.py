@@ -116,6 +116,13 @@ def _first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def guidance_embedding(w, dim):
+    """w (B,) -> (B, dim): LatentConsistencyModelPipeline's own embedding of the guidance scale (the LCM UNet's
+    timestep_cond; the method does not use its `self`)."""
+    from diffusers import LatentConsistencyModelPipeline  # only here: importing the pipelines is slow and noisy
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
 def read_config(model, subfolder, online):
     """A component's config.json (hub id or local folder) as a dict."""
     from diffusers import UNet2DConditionModel
@@ -352,10 +359,7 @@ class Discffusion(nn.Module):
         R, D = hidden.shape[0], self.unet.config.cross_attention_dim
         kw = dict(encoder_hidden_states=hidden[..., :D])                      # (R, L, D)
         if self.unet.config.time_cond_proj_dim:
-            from diffusers import LatentConsistencyModelPipeline  # only here: importing pipelines is slow and noisy
-            w = torch.full((R,), self.guidance_scale - 1)
-            emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(    # does not use its `self`
-                None, w, embedding_dim=self.unet.config.time_cond_proj_dim)
+            emb = guidance_embedding(torch.full((R,), self.guidance_scale - 1), self.unet.config.time_cond_proj_dim)
             kw["timestep_cond"] = emb.to(hidden.device, hidden.dtype)          # (R, time_cond_proj_dim)
         if self.family == "sdxl":
             size = (self.resolution, self.resolution)

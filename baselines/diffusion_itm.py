@@ -110,8 +110,8 @@ class DiffusionITM(nn.Module):
     def config(self):
         core = {k: v for k, v in self.core.config.items() if k != "levels"}
         return dict(core, method="diffusion_itm", variant=self.variant, n_timesteps=len(self.timesteps),
-                    timesteps=list(self.timesteps), uncond_attention=self.uncond_attention, prediction_type=self.core.scheduler.config.prediction_type,
-                    lora=self.lora)
+                    timesteps=list(self.timesteps), uncond_attention=self.uncond_attention,
+                    prediction_type=self.core.scheduler.config.prediction_type, lora=self.lora)
 
     # ---- the denoising error ---------------------------------------------------------------------------------
     def target(self, latents, eps, ts):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
 from common import ArgumentParser, InputError, number, positive_int, run_cli
-from discffusion import load_components
+from discffusion import guidance_embedding, load_components
 from tools import shapes
 from tools.pretrain_shapes import draw_grid, encode, to_tensor, tokenize
 from tools.sd_configs import save_sd
@@ -44,11 +44,6 @@ GRID_CAPTIONS = ("a red circle left of a blue square", "a blue square left of a 
 
 def log(msg, t0=[time.time()]):
     print(f"[{time.time() - t0[0]:7.1f}s] {msg}", flush=True)
-
-
-def guidance_embedding(w, dim):
-    """w (B,) -> (B, dim): the LCM pipeline's own embedding of the guidance scale (it does not use its `self`)."""
-    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 
 
 def predicted_x0(out, z, t, alphas_cumprod, prediction_type):

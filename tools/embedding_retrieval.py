@@ -81,8 +81,7 @@ class DiscffusionEmbedding:
     def text_embeddings(self, texts):
         """texts -> (M, D) L2-normalised pooled text embeddings."""
         m = self.model
-        tok = m.tokenizer(list(texts), padding="max_length", max_length=m.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt")
+        tok = m.tokenize(m.tokenizer, texts)                                  # the scorer's own tokenization
         hidden = m.text_encoder(tok.input_ids.to(m.device)).last_hidden_state  # (M, L, D) after final layer norm
         L = tok.attention_mask.shape[1]
         eos = L - 1 - tok.attention_mask.flip(1).argmax(1)                     # (M,) the caption's last real token

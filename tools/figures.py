@@ -77,10 +77,8 @@ def to_grid(amap, size):
 
 def token_words(model, texts, mask):
     """The real tokens of each text as words (tokenizer pieces, `</w>` stripped), in mask order."""
-    tok = model.tokenizer(list(texts), padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True).input_ids
     out = []
-    for ids, m in zip(tok, mask.cpu().tolist()):
+    for ids, m in zip(model.tokenize(model.tokenizer, texts).input_ids.tolist(), mask.cpu().tolist()):
         pieces = model.tokenizer.convert_ids_to_tokens([i for i, keep in zip(ids, m) if keep])
         out.append([p.replace("</w>", "") for p in pieces])
     return out
@@ -581,15 +579,9 @@ def draw_deltas(rec, edges, counts, png, run):
 
 def read_history(path):
     """results.json of train.py -> (results, history [{step, loss, train_acc}])."""
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except FileNotFoundError:
-        raise common.InputError(f"results file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise common.InputError(f"results file {path} is not JSON ({e})") from None
-    except RecursionError:
-        raise common.InputError(f"results file {path} is nested too deeply to be train.py's results") from None
+    if not os.path.isfile(path):
+        raise common.InputError(f"results file {path} does not exist")
+    res = datasets.read_json(path, "results file")                 # not UTF-8, not JSON, nested too deeply: one line
     hist = (res.get("train") or {}).get("history") if isinstance(res, dict) else None
     if not hist or not all(isinstance(h, dict) and "step" in h and "loss" in h for h in hist):
         raise common.InputError(f"{path} has no training history (expected train.history = [{{step, loss, "

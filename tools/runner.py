@@ -524,7 +524,7 @@ def summary_line(name, res, report):
 
 def interrupted_line(args, argv, signum):
     """What an interruption says: where the scores made so far are kept and the command that resumes."""
-    items = os.path.splitext(args.output)[0] + ".items" if args.output else None
+    items = partial_root(args.output) if args.output else None
     command = shlex.join(["python", "evaluate.py", *[a for a in argv if a != "--resume"]])
     if items and os.path.isdir(items):
         return (f"interrupted ({SIGNAL_NAMES[signum]}): the items scored so far are kept in {items}/; resume with: "
