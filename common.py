@@ -1,27 +1,24 @@
-"""What every file shares: the bad-input error and its CLI wrapper, precisions, checkpoint files, item flattening.
+"""What the paper's files share: the bad-input error, precisions and devices, files written atomically, the trained
+tensors' safetensors files, and items flattened into (image, text) pairs and back.
 
 Not a paper section. The lowest module of the project: it imports nothing of ours, and every other file may import
 it. Imports run one way (tests/test_layout.py checks it); each file imports only files above it here:
 
-    common, lse_pool, triplet_loss, tools/sd_configs     (no project imports but common)
-    prompt_delta -> attention_capture -> discffusion     (eq. 5 -> §4.3 capture and eq. 3-4 -> §4.2 the model)
-    baselines/diffusion_itm, clip_baselines -> methods   (the baselines; every method built from CLI options)
-    tools/shapes, tools/download -> datasets             (the embedded world, fetching; every data set, the split)
-    evaluate -> train                                    (metrics and tables; training)
-    tools/benchmark, pretrain_shapes, figures, ablations (the tooling: import any file above, nothing imports them)
+    common, lse_pool, triplet_loss                           (no project imports but common)
+    benchmarks/* -> datasets                                 (one file per data set; the registry, judges, the split)
+    prompt_delta -> attention_capture -> families -> discffusion   (eq. 5 -> §4.3 -> each model family -> §4.2)
+    baselines/* -> methods                                   (the baselines; every method built from CLI options)
+    tools/cli, intervals, tables, resume, processes          (the command lines' machinery)
+    evaluate, train                                          (the protocol and Alg. 1; neither imports the other)
+    tools/benchmark, download, figures, ablations, ...       (the tooling: import any file above, nothing imports them)
+The command lines' own helpers (argparse types, exit codes, signals, output checks) are in tools/cli.py.
 """
-import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
-import pathlib
 import shutil
-import signal
-import sys
 import tempfile
-import threading
 
 import torch
 
@@ -31,104 +28,6 @@ MAX_LISTED = 20  # names listed in a report or message (all are counted)
 
 class InputError(Exception):
     """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, handled: the work stopped cleanly; the message (one line) says where and how to resume.
-    Exit 128 + the signal: 130 (Ctrl-C, SIGINT) or 143 (SIGTERM)."""
-
-    def __init__(self, message, signum=signal.SIGINT):
-        super().__init__(message)
-        self.signum = int(signum)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, containers, `timeout`) raised as an exception, where Ctrl-C raises KeyboardInterrupt."""
-    signum = signal.SIGTERM
-
-
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """Within: SIGTERM raises Terminated (handled like Ctrl-C's KeyboardInterrupt), the previous handler back
-    afterwards. Off the main thread, where no handler can be set, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def run_cli(main, argv=None):
-    """Run main(argv) -> exit code: main's own if it returns an int (tools/download.py: 1 when a file failed), else 0; 2
-    after an InputError printed as one `error: ...` line on stderr; 128 + the signal after an Interrupted (its one
-    line) or an unhandled Ctrl-C / SIGTERM (`interrupted`): 130 for Ctrl-C, 143 for SIGTERM."""
-    try:
-        with sigterm_raises():
-            code = main(argv)
-        return code if isinstance(code, int) and not isinstance(code, bool) else 0
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
-        return 128 + signum
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Every CLI's parser: a usage error is an InputError (one `error: ...` line, exit 2 under run_cli) with a
-    --help hint, not argparse's usage block."""
-
-    def error(self, message):
-        raise InputError(f"{message} (see --help)")
-
-
-def number(kind=float, low=None, high=None, above=None):
-    """An argparse type: a finite `kind` (int or float) with x > above, low <= x <= high (each bound optional); a bad
-    value is a usage error giving the rule, e.g. `argument --lam: must be finite and > 0, got nan`."""
-    rule = " and ".join((["finite"] if kind is float else []) +
-                        [f"{op} {v}" for op, v in ((">", above), (">=", low), ("<=", high)) if v is not None])
-
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not (math.isfinite(x) and (above is None or x > above) and (low is None or x >= low)
-                and (high is None or x <= high)):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return x
-    return parse
-
-
-positive_int, positive = number(int, low=1), number(above=0)  # the two most common rules
-MAX_SIZE = 2048  # pixels: the largest image side any option accepts (refused before anything is allocated)
-
-
-def image_size(multiple=1, high=MAX_SIZE):
-    """An argparse type: an image side in pixels, a multiple of `multiple` from `multiple` to `high`, e.g.
-    `argument --resolution: must be a multiple of 8 from 8 to 2048, got 100000`."""
-    rule = f"a multiple of {multiple} from {multiple} to {high}" if multiple > 1 else f"from 1 to {high}"
-
-    def parse(text):
-        x = number(int)(text)
-        if not (multiple <= x <= high and x % multiple == 0):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return x
-    return parse
 
 
 def resolve_dtype(dtype, device):
@@ -219,41 +118,6 @@ def _existing_parent(path):
     return where
 
 
-def _inside(path, folder):
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_apart(outputs, inputs):
-    """Before any work: an InputError unless every output stays clear of every input, paths compared with symlinks
-    resolved. outputs [(path, kind)]: kind "file" (written, also as path.tmp) or "folder" (created and removed
-    again, e.g. evaluate.py's OUTPUT.items). inputs [(path, what, kind)]: kind "file" (a checkpoint, an annotation
-    file, an image: never written) or "tree" (a --model folder: nothing is written anywhere under it). A folder
-    output may not hold any input. Thousands of image inputs are cheap: folders are resolved once each."""
-    folders = {}
-
-    def real(p):  # the folder's symlinks resolved (once per folder), then the name's own
-        p = os.path.abspath(str(p))
-        head, name = os.path.split(p)
-        if head not in folders:
-            folders[head] = os.path.realpath(head)
-        return os.path.join(folders[head], name)
-    outs = [(path, kind, os.path.realpath(path)) for out, kind in outputs
-            for path in ([out, f"{out}.tmp"] if kind == "file" else [out])]
-    names = {os.path.basename(o) for _, _, o in outs} | {os.path.basename(str(p)) for p, _, _ in outs}
-    for inp, what, ikind in (i for i in inputs if i[0]):
-        i = None
-        for path, kind, o in outs:
-            if ikind == "file" and kind == "file" and os.path.basename(str(inp)) not in names \
-                    and not os.path.islink(inp):
-                continue  # another name, not a link: not the same file
-            i = i or (os.path.realpath(inp) if os.path.islink(inp) else real(inp))
-            inside_out = kind == "folder" and _inside(i, o)
-            if o == i or (ikind == "tree" and _inside(o, i)) or inside_out:
-                how = "is" if o == i else "holds" if inside_out else "lies inside"
-                raise InputError(f"cannot write {path}: it {how} the {what} {inp}; an output never replaces an "
-                                 "input: choose another output")
-
-
 def _cause(e, path):
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower()
@@ -270,10 +134,6 @@ def file_hash(path, algorithm="sha256"):
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
 def save_tensors(path, tensors, meta):

@@ -15,7 +15,7 @@ sub-folder per data set (comvg/, refcocog/, vqav2/, winoground/, vlchecklist/, c
 layout (docs/data.md; fetched by python -m tools.download NAME). RefCOCOg and VQAv2 are evaluated on "val" unless
 --split names another (or "all"). No --dataset and no data set under data/: the embedded shapes world.
 
-The run machinery is tools/runner.py: `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU
+The run machinery is in tools/ (processes.py, resume.py, runs.py, intervals.py, tables.py, cli.py): `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU
 processes) shares the items out and writes what one process writes; scores are appended to OUTPUT's partial files
 (results.json -> results.items/) and `--resume` keeps them (an item whose texts or image bytes changed is scored
 again); --output never replaces an input; Ctrl-C or SIGTERM stops with one line naming the kept files and the command
@@ -23,40 +23,170 @@ that resumes (exit 130 / 143). Bad input: "error: <one line>" on stderr, exit 2;
 counted in the summary; a non-finite score is an error naming the item.
 """
 import argparse
+import json
+import os
+import shlex
 import shutil
 import signal
 import sys
 
 import torch
+from accelerate import PartialState
+from tqdm import tqdm
 
 import methods
-from common import ArgumentParser, Interrupted, positive_int, run_cli, write_json
-from datasets import COLUMNS, LOADERS, TITLES, WINOGROUND_TAGS, add_data_args
-from tools import runner
+from common import MAX_LISTED, InputError
+from datasets import REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, tied
+from tools import runs
+from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, write_json
+from tools.intervals import intervals
+from tools.processes import gather, my_share, processes
+from tools.resume import item_digest, partial_root, partial_store
+from tools.tables import fmt_ci, render_table, show_differences, summary_line
+
+
+# ---- scoring a data set's items: the numbers of the tables ------------------------------------------------------
+
+
+def pair_chunks(items, pairs):
+    """Consecutive items whose (n_images * n_texts) pairs add up to about `pairs` (one score_items call each)."""
+    group, n = [], 0
+    for item in items:
+        group.append(item)
+        n += len(item.images) * len(item.texts)
+        if n >= pairs:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def score_groups(model, groups, desc=None, on_group=None):
+    """[(item, score matrix)] for every item of `groups` whose images open, and [(item id, error)] for those that do
+    not; one score_items call per group. on_group(scored, [(item, error)]) runs after each group (the partial file)."""
+    scored, unreadable, cache = [], [], ImageCache()
+    with tqdm(total=sum(map(len, groups)), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
+              disable=not PartialState().is_main_process) as bar:
+        for group in groups:
+            loaded, bad = [], []
+            for item in group:
+                try:
+                    loaded.append((item, cache.load(item.images)))
+                except Exception as e:  # corrupt / truncated / not an image: skip this item only
+                    bad.append((item, f"{type(e).__name__}: {e}"))
+            done = []
+            if loaded:
+                try:
+                    mats = model.score_items([(ims, item.texts) for item, ims in loaded])
+                except InputError as e:  # e.g. an empty caption, named by its place in the call: name the items
+                    ids = ", ".join(str(item.id) for item, _ in loaded)
+                    raise InputError(f"{e} (the call's items in order: {ids})") from None
+                done = [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
+            scored += done
+            unreadable += [(item.id, e) for item, e in bad]
+            if on_group:
+                on_group(done, bad)
+            bar.update(len(group))
+    return scored, unreadable
+
+
+def finite(item, s):
+    """s unchanged; a NaN or infinite score is an InputError naming the item, never a silent 0%."""
+    if not torch.isfinite(s).all():
+        raise InputError(f"item {item.id} ({', '.join(map(str, item.images))}) got non-finite scores {s.tolist()}: "
+                         "check --lam, --precision (fp16 can overflow) and the checkpoint")
+    return s
+
+
+def score_all(model, items, pairs, desc, store=None):
+    """[(position in items, record)] for every item, in order; a record is {"id", "scores": (n_img, n_txt) tensor} or
+    {"id", "error"}. The items are cut into the groups one process would score (pair_chunks), the groups not already
+    in `store` are dealt out to the processes in turn, and the records are gathered, so every score comes from the
+    same scoring call as in one process and is bit-identical to it."""
+    done, out = store or ({}, None)
+    hashes, mine = {}, []
+    where = {id(item): k for k, item in enumerate(items)}
+    groups = [g for g in pair_chunks(items, pairs) if not all(where[id(item)] in done for item in g)]
+
+    def record(scored, unreadable):
+        new = [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, scores=s)
+               for item, s in scored]
+        new += [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, error=e)
+                for item, e in unreadable]
+        mine.extend(new)
+        if out:
+            out.write("".join(json.dumps({**r, "scores": r["scores"].tolist()} if "scores" in r else r) + "\n"
+                              for r in new))
+            out.flush()                                            # a kill loses at most the group in flight
+
+    score_groups(model, my_share(groups), desc, on_group=record)
+    if out:
+        out.close()
+    records = dict(done) | {r["k"]: r for r in gather(mine)}
+    return [(k, records[k]) for k in range(len(items))]
+
+
+def evaluate_items(model, name, items, pairs=16, desc=None, store=None):
+    """Score `items` of data set `name`, about `pairs` image-text pairs per scoring call -> {"metrics": {column:
+    percent}, "counts", "ci" (95% bootstrap intervals), n_items, unreadable, "items" (id, category, score matrix and
+    flags of each scored item), ...}. Under `accelerate launch` the items are shared out among the processes
+    (`score_all`); every process returns the same results. store: a partial file (`open_partial`)."""
+    records = score_all(model, items, pairs, desc or name, store)
+    scored = [(items[k], torch.as_tensor(r["scores"])) for k, r in records if "scores" in r]    # kept: lists
+    unreadable = [(r["id"], r["error"]) for _, r in records if "error" in r]
+    records = [(item, item_metrics(name, s)) for item, s in scored]
+    out = summarize(name, records)
+    ties = [item.id for item, s in scored if tied(name, s)]
+    out.update(n_items=len(records), unreadable=len(unreadable),
+               unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
+               ties=len(ties), tied_items=ties[:MAX_LISTED], **intervals(name, records))
+    out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m)
+                    for (item, s), (_, m) in zip(scored, records)]
+    return out
+
+
+def summarize(name, records):
+    """The data set's columns (the mean of each flag over the column's items) with their counts; the mean of the
+    category columns (macro), the per-group breakdown (Winoground per tag, VL-CheckList per file) and set-level
+    metrics where its registry row has them."""
+    row = REGISTRY[name]
+    out = dict(metrics={}, counts={})
+    for col, flag, which in row.columns:
+        out["metrics"][col], out["counts"][col] = accuracy(records, flag, which)
+    parts = [out["metrics"][c] for c, _, which in row.columns if which and out["metrics"][c] is not None]
+    if row.macro and parts:
+        out["macro_average"] = sum(parts) / len(parts)
+    if row.breakdown:
+        out[f"per_{row.breakdown.name}"] = {
+            g: {col: accuracy(recs, flag)[0] for col, flag, which in row.columns if which is None} | {"n": len(recs)}
+            for g, recs in groups_of(name, records).items()}
+    if row.metrics:
+        out.update(row.metrics(records))
+    return out
 
 
 # ---- the paper's tables ------------------------------------------------------------------------------------------
 
+TABLES = {"table1": "Table 1: accuracy (%)", "table8": "Table 8: accuracy (%)",
+          "coco": "MS-COCO captions: accuracy (%)"}   # each registry row's `table`, in print order
+
 
 def tables(results):
-    """{table: (title, [(group, [(column, percent, count)])])} for the data sets evaluated, in the paper's layout."""
-    def cols(name):
-        r = results[name]
-        return [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in COLUMNS[name]]
+    """{table: (title, [(group, [(column, percent, count)])])} for the data sets evaluated, in the paper's layout: each
+    data set in its row's table, and a breakdown with a table of its own (Winoground's Table 10) after them."""
     out = {}
-    t1 = [(TITLES[n], cols(n)) for n in ("shapes", "comvg", "refcocog", "vqav2") if n in results]
-    if t1:
-        out["table1"] = ("Table 1: accuracy (%)", t1)
-    t8 = [(TITLES[n], cols(n)) for n in ("winoground", "vlchecklist") if n in results]
-    if t8:
-        out["table8"] = ("Table 8: accuracy (%)", t8)
-    if "winoground" in results:
-        per_tag = results["winoground"]["per_tag"]
-        out["table10"] = ("Table 10: Winoground per collapsed_tag, accuracy (%)",
-                          [(t, [(f, per_tag.get(t, {}).get(f), per_tag.get(t, {}).get("n", 0))
-                                for f in ("Text", "Image", "Group")]) for t in WINOGROUND_TAGS])
-    if "coco" in results:
-        out["coco"] = ("MS-COCO captions: accuracy (%)", [(TITLES["coco"], cols("coco"))])
+    for key, title in TABLES.items():
+        groups = [(REGISTRY[n].title, [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in REGISTRY[n].columns])
+                  for n, r in results.items() if REGISTRY[n].table == key]
+        if groups:
+            out[key] = (title, groups)
+    for n, r in results.items():
+        b = REGISTRY[n].breakdown
+        if b and b.table:
+            per = r[f"per_{b.name}"]
+            cols = [c for c, _, which in REGISTRY[n].columns if which is None]
+            out[b.table[0]] = (b.table[1], [(g, [(c, per.get(g, {}).get(c), per.get(g, {}).get("n", 0)) for c in cols])
+                                            for g in (b.order or tuple(per))])
     return out
 
 
@@ -64,21 +194,33 @@ def show_table(title, column_groups, rows, cis=None):
     """A paper table: one accuracy row per method ({method: column_groups}) and the item counts behind each cell;
     cis {method: {(group, column): [low, high]}}: each cell's interval, printed beside it."""
     cells, cis = [c for _, cols in column_groups for c in cols], cis or {}
-    body = [(m, [runner.fmt_ci(v, cis.get(m, {}).get((t, c))) for t, cols in g for c, v, _ in cols])
+    body = [(m, [fmt_ci(v, cis.get(m, {}).get((t, c))) for t, cols in g for c, v, _ in cols])
             for m, g in rows.items()]
-    return runner.render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in column_groups],
+    return render_table(title, [(g, [c for c, _, _ in cols]) for g, cols in column_groups],
                         body + [("(items)", [n for _, _, n in cells])])
 
 
 def cell_ci(results, key, group, column):
     """The interval of one cell of `tables(results)`: table `key`, column group `group` (a data set's title, or a
-    Winoground tag in Table 10)."""
-    if key == "table10":
-        return results["winoground"]["per_tag_ci"].get(group, {}).get(column)
-    return results[next(n for n, t in TITLES.items() if t == group and n in results)]["ci"][column]
+    breakdown's group, e.g. a Winoground tag in Table 10)."""
+    for n, r in results.items():
+        b = REGISTRY[n].breakdown
+        if b and b.table and b.table[0] == key:
+            return r[f"per_{b.name}_ci"].get(group, {}).get(column)
+    return results[next(n for n in results if REGISTRY[n].title == group)]["ci"][column]
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
+
+
+def interrupted_line(args, argv, signum):
+    """What an interruption says: where the scores made so far are kept and the command that resumes."""
+    items = partial_root(args.output) if args.output else None
+    command = shlex.join(["python", "evaluate.py", *[a for a in argv if a != "--resume"]])
+    if items and os.path.isdir(items):
+        return (f"interrupted ({SIGNAL_NAMES[signum]}): the items scored so far are kept in {items}/; resume with: "
+                f"{command} --resume")
+    return f"interrupted ({SIGNAL_NAMES[signum]}) before any item was scored; rerun with: {command}"
 
 
 def _methods(text):
@@ -96,7 +238,7 @@ def _methods(text):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(LOADERS), help="one data set (default: all found under --data-root)")
+    p.add_argument("--dataset", choices=sorted(REGISTRY), help="one data set (default: all found under --data-root)")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
     p.add_argument("--split", help="RefCOCOg / VQAv2 split (default val), COCO (default train); 'all' for every split")
@@ -107,7 +249,7 @@ def build_parser():
     p.add_argument("--methods", type=_methods,
                    help=f"comma-separated methods, one table row each: {','.join(methods.METHODS)} (default "
                         "discffusion; for --dataset shapes: discffusion and diffusion_itm zero-shot, and discffusion "
-                        f"few-shot with {runner.SHAPES_RUN}/prompt_deltas.safetensors if train.py wrote it)")
+                        f"few-shot with {runs.SHAPES_RUN}/prompt_deltas.safetensors if train.py wrote it)")
     p.add_argument("--checkpoint", action="append", metavar="[METHOD=]FILE",
                    help="learned tensors from train.py (prompt_deltas.safetensors, ...); FILE applies to the first "
                         "method, METHOD=FILE to that method; repeatable")
@@ -124,20 +266,20 @@ def build_parser():
 
 def run(args, argv=()):
     """Load every data set, score each method on each, print the paper's tables and write OUTPUT."""
-    state = runner.processes(args.device)  # one process, or one of `accelerate launch`'s: each scores its share
-    roots = runner.dataset_roots(args)                             # [(data set, folder)]
-    runs = runner.default_runs(args, [name for name, _ in roots])  # [(row label, method, checkpoint)]
-    runner.check_output(args, runs)                                # before any data or model
+    state = processes(args.device)  # one process, or one of `accelerate launch`'s: each scores its share
+    roots = runs.dataset_roots(args)                             # [(data set, folder)]
+    rows = runs.default_runs(args, [name for name, _ in roots])  # [(row label, method, checkpoint)]
+    runs.check_output(args, rows)                                # before any data or model
     with state.main_process_first():                               # the shapes world is written on first use
-        data = runner.load_data(args, roots, runs)                 # {name: (root, split, items, report)}
-    runner.check_output(args, runs, data)                          # nor a file the data sets read
+        data = runs.load_data(args, roots, rows)                 # {name: (root, split, items, report)}
+    runs.check_output(args, rows, data)                          # nor a file the data sets read
     per_method = {}
-    for label, method, checkpoint in runs:
+    for label, method, checkpoint in rows:
         model = methods.build(method, args, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
-            store = runner.partial_store(args, label, method, checkpoint, model, name, root, split, items)
-            results[name] = runner.evaluate_items(model, name, items, args.eval_batch_size, f"{label} {name}", store)
+            store = partial_store(args, label, method, checkpoint, model, name, root, split, items)
+            results[name] = evaluate_items(model, name, items, args.eval_batch_size, f"{label} {name}", store)
             results[name].update(root=root, split=split, report=report)
         per_method[label] = dict(method=method, checkpoint=checkpoint, model=getattr(model, "config", {}),
                                  datasets=results)
@@ -151,7 +293,7 @@ def write_results(args, argv, per_method):
     labels = list(per_method)
     first = per_method[labels[0]]["datasets"]
     shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
-    differences, diff_text = runner.show_differences({m: r["datasets"] for m, r in per_method.items()}, labels)
+    differences, diff_text = show_differences({m: r["datasets"] for m, r in per_method.items()}, labels)
     print()
     for key, (title, column_groups) in shown[labels[0]].items():
         cis = {m: {(g, c): cell_ci(per_method[m]["datasets"], key, g, c) for g, cols in shown[m][key][1]
@@ -161,7 +303,7 @@ def write_results(args, argv, per_method):
     if len(labels) > 1:
         print(diff_text + "\n")
     for name, res in first.items():
-        print(runner.summary_line(name, res, res["report"]))
+        print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
     flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in cg} for k, (_, cg) in t.items()}  # noqa
@@ -171,7 +313,7 @@ def write_results(args, argv, per_method):
                methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()}, differences=differences)
     if args.output:
         write_json(args.output, out)
-        shutil.rmtree(runner.partial_root(args.output), ignore_errors=True)
+        shutil.rmtree(partial_root(args.output), ignore_errors=True)
         print(f"results written to {args.output}")
     return out
 
@@ -182,7 +324,7 @@ def evaluate_cli(argv):
         with torch.no_grad():
             run(args, argv)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, under run_cli): one line, the partial files kept
-        raise Interrupted(runner.interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),
+        raise Interrupted(interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),
                           getattr(e, "signum", signal.SIGINT)) from None
 
 

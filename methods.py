@@ -14,7 +14,8 @@ import os
 import prompt_delta
 from baselines.clip_baselines import ClipMatcher
 from baselines.diffusion_itm import DiffusionITM
-from common import DTYPES, MAX_SIZE, InputError, image_size, meta_value, number, positive, positive_int, read_checkpoint
+from common import DTYPES, InputError, meta_value, read_checkpoint
+from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
 from discffusion import DEFAULT_MODEL, LCM_GUIDANCE, LEVELS, Discffusion
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")

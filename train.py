@@ -9,9 +9,9 @@ one eps per micro-batch, shared by a positive and its negatives), margin loss, b
 Only p^k, p^v and the head-weight logits train. Mixed precision the standard way: autocast in --precision, trained
 tensors in fp32, fp16's loss scaled by torch.amp.GradScaler. Defaults per data set: `methods.DEFAULTS`.
 
-The run machinery is tools/runner.py: checkpoints and --resume (the deltas of an uninterrupted run: the data order
-and the noise of step s are functions of (seed, s)), Ctrl-C / SIGTERM (checkpoint, the resume command, exit 130 /
-143), unreadable images skipped and counted, `accelerate launch --multi_gpu --num_processes N` (gradients averaged
+The run machinery is in tools/ (training.py, resume.py, processes.py, cli.py): checkpoints and --resume (the deltas
+of an uninterrupted run: the data order and the noise of step s are functions of (seed, s)), Ctrl-C / SIGTERM
+(checkpoint, the resume command, exit 130 / 143), unreadable images skipped and counted, `accelerate launch --multi_gpu --num_processes N` (gradients averaged
 over the processes; --device cpu for CPU processes), results.json and OUTPUT_DIR/prompt_deltas.safetensors.
 """
 import argparse
@@ -26,9 +26,11 @@ from tqdm import tqdm
 import methods
 import triplet_loss
 from baselines.diffusion_itm import hardneg_loss
-from common import ArgumentParser, InputError, Interrupted, number, positive, positive_int, run_cli
+from common import InputError
 from datasets import ImageCache, add_data_args
-from tools import runner
+from evaluate import evaluate_items
+from tools import cli, processes, resume, training
+from tools.cli import ArgumentParser, Interrupted, number, positive, positive_int, run_cli
 
 
 def parse_args(argv=None):
@@ -51,10 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=number(low=0), default=0.1, help="M of eq. 6")
     p.add_argument("--negatives", default="hardest", choices=("hardest", "mean"))
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory in the UNet")
-    runner.add_run_args(p)                    # --output-dir, --resume, --save-every, --eval-*, --compare
+    training.add_run_args(p)                    # --output-dir, --resume, --save-every, --eval-*, --compare
     methods.add_model_args(p)                 # --model, --precision, --seed, the scorer's options
     add_data_args(p)
-    return runner.finish_args(p, p.parse_args(argv))
+    return training.finish_args(p, p.parse_args(argv))
 
 
 def batch_indices(step, micro, args, n, rank=0, world=1):
@@ -89,12 +91,12 @@ def compute_loss(model, batch, args, generator):
 
 
 def train(args, model, params, train_items, test_items, log=print, stop=None):
-    """Alg. 1's loop; `stop` (runner.stops) set in any process: end this step, checkpoint, Interrupted."""
+    """Alg. 1's loop; `stop` (cli.stops) set in any process: end this step, checkpoint, Interrupted."""
     dist = PartialState()
-    total = runner.total_steps(args, len(train_items))
+    total = training.total_steps(args, len(train_items))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    autocast, scaler = runner.mixed_precision(model, params)
-    start, history = runner.restore(args, params, opt, scaler, log)   # --resume, else (0, [])
+    autocast, scaler = training.mixed_precision(model, params)
+    start, history = resume.restore(args, params, opt, scaler, log)   # --resume, else (0, [])
     images, unreadable = ImageCache(), {u for h in history for u in h.get("unreadable", [])}
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
@@ -105,38 +107,38 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         for micro in range(args.grad_accum):
             batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items), dist.process_index,
                                                             dist.num_processes)]
-            loaded, bad = runner.load_batch(images, batch, unreadable, len(train_items))
+            loaded, bad = training.load_batch(images, batch, unreadable, len(train_items))
             used, skipped = used + len(loaded), skipped + bad
             if loaded:
                 with torch.autocast(**autocast):                   # the frozen model's precision
                     loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
             else:  # the whole micro-batch unreadable: zero gradients, so every process still reduces the same tensors
                 loss, mats = sum(p.sum() for p in params) * 0.0, None
-            step_loss += runner.checked_loss(loss, step, args) / args.grad_accum
+            step_loss += training.checked_loss(loss, step, args) / args.grad_accum
             scaler.scale(loss / args.grad_accum).backward()        # fp16: times the scale (no underflow)
             if mats is not None:
                 hits += sum(triplet_loss.correct(S.detach()) for S in mats)
                 seen += len(mats)
-        runner.average_gradients(params)                           # over the processes
+        processes.average_gradients(params)                           # over the processes
         scaler.unscale_(opt)                                       # the true gradients, before clipping
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         scale = scaler.get_scale()
         scaler.step(opt)                                           # fp16: skipped if a gradient is inf / nan
         scaler.update()
-        history.append(runner.step_record(step, step_loss, hits, seen, used, skipped, scaler, scale))
+        history.append(training.step_record(step, step_loss, hits, seen, used, skipped, scaler, scale))
         done = step + 1
         rate = (done - start) * args.batch_size * dist.num_processes * args.grad_accum / max(time.time() - t0, 1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", items_per_s=f"{rate:.2f}")
-        stopping = runner.stop_requested(stop, done, total)
+        stopping = cli.stop_requested(stop, done, total)
         if done % args.save_every == 0 or done == total or stopping:
-            runner.save_state(args, done, params, opt, scaler, history)
+            resume.save_state(args, done, params, opt, scaler, history)
         if stopping:
             bar.close()
             raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {args.output_dir}/checkpoint.pt)",
                               stop.signum)
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            res = runner.evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
+            res = evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
                                         desc=f"eval@{done}")
             if dist.is_main_process:
                 log(f"step {done}: " + json.dumps(res["metrics"]))
@@ -156,26 +158,26 @@ def build(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.processes = runner.processes(args.device).num_processes   # one, or `accelerate launch`'s N
+    args.processes = processes.processes(args.device).num_processes   # one, or `accelerate launch`'s N
     torch.manual_seed(args.seed)
-    train_items, test_items, name, report = runner.train_data(args)
+    train_items, test_items, name, report = training.train_data(args)
     model, params = build(args)
     results = {"dataset": args.dataset, "eval_dataset": name, "model": model.config, "args": vars(args),
                "data_report": report, "split": {"train": len(train_items), "test": len(test_items), "seed": args.seed,
                                                 "shots": args.shots}}
     if not args.no_zero_shot:
         with torch.no_grad():
-            results["zero_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size,
+            results["zero_shot"] = evaluate_items(model, name, test_items, args.eval_batch_size,
                                                          desc="zero-shot")
     t = time.time()
     # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes; the capture held through every backward
     # (gradient checkpointing re-runs its processors there)
-    with runner.stops(argv) as stop, model.capture:
+    with cli.stops(argv) as stop, model.capture:
         history = train(args, model, params, train_items, test_items, stop=stop)
-    runner.save_training(model, results, history, time.time() - t, args)   # the trained tensors, the history
-    results["few_shot"] = runner.evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
+    training.save_training(model, results, history, time.time() - t, args)   # the trained tensors, the history
+    results["few_shot"] = evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
     del model
-    return runner.finish_training(args, results, name, test_items)         # --compare rows, results.json, table
+    return training.finish_training(args, results, name, test_items)         # --compare rows, results.json, table
 
 
 if __name__ == "__main__":

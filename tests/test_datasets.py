@@ -9,8 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import LOADERS, InputError, load_coco, load_comvg, load_refcocog, load_vlchecklist, load_vqav2, \
-    load_winoground
+import inspect
+
+from benchmarks.coco import load as load_coco
+from benchmarks.comvg import load as load_comvg
+from benchmarks.refcocog import load as load_refcocog
+from benchmarks.shapes import load as load_shapes
+from benchmarks.vlchecklist import load as load_vlchecklist
+from benchmarks.vqav2 import load as load_vqav2
+from benchmarks.winoground import load as load_winoground
+from datasets import REGISTRY, InputError
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 
@@ -313,18 +321,23 @@ def test_coco_negatives_from_other_images(tmp_path):
 
 
 def test_every_loader_has_the_same_signature(tmp_path):
-    for name, loader in LOADERS.items():
+    for name, row in REGISTRY.items():
+        params = list(inspect.signature(row.source.load).parameters.values())
+        assert [p.name for p in params[:4]] == ["root", "annotations", "split", "seed"], name
+        assert [p.default for p in params[1:4]] == [None, None, 0], name
+        assert all(p.default is not inspect.Parameter.empty for p in params[1:]), name  # options are keywords
+        assert set(row.options.values()) <= {p.name for p in params}, name               # its CLI options exist
         if name == "shapes":                       # the embedded world is written on first use instead
             continue
         with pytest.raises(InputError):
-            loader(str(tmp_path / "missing"), annotations=None, split=None, seed=0)
+            row.source.load(str(tmp_path / "missing"), annotations=None, split=None, seed=0)
 
 
 def test_shapes_world_is_written_on_first_use_and_read_as_comvg(tmp_path):
-    items, report = LOADERS["shapes"](str(tmp_path / "shapes"), n=4)
+    items, report = load_shapes(str(tmp_path / "shapes"), n=4)
     assert len(items) == 12 and report["malformed"] == report["missing_images"] == 0
     assert {it.category for it in items} == {"subject", "object", "verb"}
-    again, _ = LOADERS["shapes"](str(tmp_path / "shapes"), n=4)            # read back, not rewritten
+    again, _ = load_shapes(str(tmp_path / "shapes"), n=4)            # read back, not rewritten
     assert [(i.texts, i.images) for i in again] == [(i.texts, i.images) for i in items]
 
 

@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from benchmarks import comvg, fetching, vlchecklist, vqav2, winoground
+from benchmarks.comvg import load as load_comvg
 from tools import download
-from common import run_cli
+from tools.cli import run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -126,7 +128,7 @@ def closed_port_url():
 
 
 def fetch_comvg(root, server, **kw):
-    return download.fetch_comvg(str(root), server.url, jobs=2, csv_sha256=sha256(COMVG_CSV), csv_size=len(COMVG_CSV),
+    return comvg.fetch(str(root), server.url, jobs=2, csv_sha256=sha256(COMVG_CSV), csv_size=len(COMVG_CSV),
                                 **kw)
 
 
@@ -147,8 +149,7 @@ def test_comvg_fetches_csv_and_only_its_images_with_vg2_fallback(tmp_path, serve
     assert (f"{VG}/VG_100K/{ONLY_IN_VG2}.jpg", None) in server.requests  # tried first, 404, then VG_100K_2
     assert not leftovers(root)
 
-    from datasets import LOADERS  # the loader finds every image where the downloader put it
-    items, report = LOADERS["comvg"](str(root))
+    items, report = load_comvg(str(root))  # the loader finds every image where the downloader put it
     assert len(items) == COMVG_CSV.count(b"\n") and report["missing_images"] == 0
 
     before = len(server.requests)  # a rerun: everything present, nothing requested
@@ -232,15 +233,15 @@ def test_corrupted_files_on_disk_are_fetched_again(tmp_path, server):
 
 def test_checksum_mismatch_is_refused_with_a_clear_message(tmp_path, server, capsys):
     path = tmp_path / "x.csv"
-    with pytest.raises(download.FetchError, match="sha256 mismatch: got .* expected 0{64}; refused and removed"):
-        download.fetch(server.url + CSV_PATH, str(path), len(COMVG_CSV), sha256="0" * 64, bar=False)
+    with pytest.raises(fetching.FetchError, match="sha256 mismatch: got .* expected 0{64}; refused and removed"):
+        fetching.fetch(server.url + CSV_PATH, str(path), len(COMVG_CSV), sha256="0" * 64, bar=False)
     assert not path.exists() and not leftovers(tmp_path)
 
     # the CLI with the real checksum: the fixture is not the published CSV, so it is refused and nothing else runs
     assert run_cli(download.main, ["comvg", "--data-root", str(tmp_path), "--mirror", server.url]) == 1
     out = capsys.readouterr().out
     assert "0 fetched, 0 already present, 1 failed" in out
-    assert f"expected {download.COMVG_CSV_SIZE:,}; refused and removed" in out and "by hand:" in out
+    assert f"expected {comvg.COMVG_CSV_SIZE:,}; refused and removed" in out and "by hand:" in out
     assert not (tmp_path / "comvg" / "compositional_visual_genome.csv").exists()
     assert server.count(f"{VG}/") == 0
 
@@ -252,10 +253,12 @@ def test_server_down_is_a_counted_failure_with_a_clear_line(tmp_path, capsys):
     assert run_cli(download.main, ["comvg", "--data-root", str(tmp_path), "--mirror", dead]) == 1
     out = capsys.readouterr().out
     assert "1 failed" in out and "Connection refused" in out and "offline?" in out
+    assert not (tmp_path / "comvg").exists()  # a failed first fetch leaves no empty folder behind (not a data set)
 
     root = tmp_path / "comvg"  # the CSV there, the image server down: every image counted failed, none kept
+    root.mkdir()
     (root / "compositional_visual_genome.csv").write_bytes(COMVG_CSV)
-    tally = download.fetch_comvg(str(root), dead, jobs=1, csv_sha256=sha256(COMVG_CSV), csv_size=len(COMVG_CSV))
+    tally = comvg.fetch(str(root), dead, jobs=1, csv_sha256=sha256(COMVG_CSV), csv_size=len(COMVG_CSV))
     assert tally["present"] == 1 and len(tally["failed"]) == len(COMVG_IDS)
     assert all("cannot reach" in why or "unreachable" in why for _, why in tally["failed"])
 
@@ -273,7 +276,7 @@ def test_winoground_gated_message_says_what_to_do():
 
     from huggingface_hub.errors import GatedRepoError
     response = SimpleNamespace(status_code=401, headers={}, request=None)
-    line = download.hub_error(GatedRepoError("Access to dataset facebook/winoground is restricted.", response=response),
+    line = fetching.hub_error(GatedRepoError("Access to dataset facebook/winoground is restricted.", response=response),
                               "facebook/winoground")
     assert "hf auth login" in line and "https://huggingface.co/datasets/facebook/winoground" in line
 
@@ -297,19 +300,19 @@ def test_winoground_unpacks_into_the_loader_layout(tmp_path, monkeypatch, in_fol
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     root = tmp_path / "winoground"
-    assert download.fetch_winoground(str(root)) == dict(fetched=2, present=0, failed=[])
+    assert winoground.fetch(str(root)) == dict(fetched=2, present=0, failed=[])
     assert calls == [("facebook/winoground", "dataset", "data/examples.jsonl"),
                      ("facebook/winoground", "dataset", "data/images.zip")]
     assert (root / "examples.jsonl").read_bytes() == examples
     assert sorted(os.listdir(root / "images")) == ["ex_0_img_0.png", "ex_0_img_1.png"]
     assert not (root / ".hf").exists()
-    assert download.fetch_winoground(str(root)) == dict(fetched=0, present=2, failed=[]) and len(calls) == 2
+    assert winoground.fetch(str(root)) == dict(fetched=0, present=2, failed=[]) and len(calls) == 2
 
 
 def test_mirrored_keeps_host_and_path():
-    assert download.mirrored("https://cs.stanford.edu/people/rak248/VG_100K", "http://127.0.0.1:8/") == \
+    assert fetching.mirrored("https://cs.stanford.edu/people/rak248/VG_100K", "http://127.0.0.1:8/") == \
         "http://127.0.0.1:8/cs.stanford.edu/people/rak248/VG_100K"
-    assert download.mirrored(download.COMVG_CSV_URL, None) == download.COMVG_CSV_URL
+    assert fetching.mirrored(comvg.COMVG_CSV_URL, None) == comvg.COMVG_CSV_URL
 
 
 # ---- the other data sets: archives and referenced images ---------------------------------------------------------
@@ -335,7 +338,7 @@ def test_vlchecklist_unpacks_only_data_and_corpus(tmp_path, capsys):
         assert not (root / "README.md").exists() and not (root / "VL-CheckList-main.zip").exists()
         out = capsys.readouterr().out
         assert "1 fetched" in out and "DATASETS.md" in out
-        assert download.fetch_vlchecklist(str(root), s.url)["present"] == 1 and s.count() == 1
+        assert vlchecklist.fetch(str(root), s.url)["present"] == 1 and s.count() == 1
     finally:
         s.close()
 
@@ -346,14 +349,14 @@ def test_damaged_archive_is_removed_and_counted_failed(tmp_path):
     bad[good.index(b"xxxx")] ^= 0xFF  # one flipped byte in the stored data: the CRC check fails
     s = Server({"/a/refcocog.zip": bytes(bad)})
     try:
-        tally = download.new_tally()
-        ok = download.fetch_archive([s.url + "/a/refcocog.zip"], str(tmp_path / "refcocog.zip"), str(tmp_path), tally,
+        tally = fetching.new_tally()
+        ok = fetching.fetch_archive([s.url + "/a/refcocog.zip"], str(tmp_path / "refcocog.zip"), str(tmp_path), tally,
                                     rename=lambda n: n.split("/", 1)[1])
         assert not ok and "damaged" in tally["failed"][0][1]
         assert not (tmp_path / "refcocog.zip").exists() and not leftovers(tmp_path)
         s.files["/a/refcocog.zip"] = good
-        assert download.fetch_archive([s.url + "/a/refcocog.zip"], str(tmp_path / "refcocog.zip"), str(tmp_path),
-                                      download.new_tally(), rename=lambda n: n.split("/", 1)[1])
+        assert fetching.fetch_archive([s.url + "/a/refcocog.zip"], str(tmp_path / "refcocog.zip"), str(tmp_path),
+                                      fetching.new_tally(), rename=lambda n: n.split("/", 1)[1])
         assert (tmp_path / "refs(google).p").read_bytes() == b"x" * 1000
     finally:
         s.close()
@@ -369,7 +372,7 @@ def test_vqav2_files_and_only_the_images_they_use(tmp_path):
     s = Server(served)
     try:
         root = tmp_path / "vqav2"
-        tally = download.fetch_vqav2(str(root), s.url, with_images=True, jobs=2, files=files)
+        tally = vqav2.fetch(str(root), s.url, with_images=True, jobs=2, files=files)
         assert tally == dict(fetched=2 + len(names), present=0, failed=[])
         assert sorted(os.listdir(root / "val2014")) == sorted(names)
     finally:
@@ -390,7 +393,7 @@ def test_unknown_data_set_is_one_error_line_and_exit_2(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown data set 'imagenet': choose from comvg, winoground, vlchecklist, vqav2, refcocog, coco"]
+        "error: unknown data set 'imagenet': choose from comvg, refcocog, vqav2, winoground, vlchecklist, coco"]
 
 
 def test_bad_option_and_hints(capsys):
@@ -398,6 +401,6 @@ def test_bad_option_and_hints(capsys):
     assert run_cli(download.main, ["comvg", "--no-such-option"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
-    assert set(download.HINTS) == set(download.DATASETS)
+    assert all(s.HINT and s.FETCHES and s.manual_route("r") for s in download.FETCHABLE.values())
     assert download.hint("comvg").startswith("fetch it with: python -m tools.download comvg")
     assert download.hint("shapes") == ""

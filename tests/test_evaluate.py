@@ -12,7 +12,7 @@ import evaluate
 import methods
 from datasets import Item
 from test_datasets import COLORS, write_comvg, write_refcocog, write_vlchecklist, write_vqav2, write_winoground
-from tools import runner
+from tools import intervals, tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = torch.tensor
@@ -45,13 +45,13 @@ def fake(monkeypatch):
 # ---- metrics on hand-made matrices ---------------------------------------------------------------------------------
 
 def test_winoground_text_image_group():
-    assert datasets.winoground_scores(T([[2., 1.], [0., 3.]])) == (True, True, True)
+    assert datasets.winoground_hits(T([[2., 1.], [0., 3.]])) == (True, True, True)
     # each image prefers its caption (text), but caption 1 prefers image 0 (s[0,1]=2.5 > s[1,1]=2): image fails
-    assert datasets.winoground_scores(T([[3., 2.5], [1., 2.]])) == (True, False, False)
+    assert datasets.winoground_hits(T([[3., 2.5], [1., 2.]])) == (True, False, False)
     # each caption prefers its image (image), but image 1 prefers caption 0 (s[1,0]=2 > s[1,1]=1.5): text fails
-    assert datasets.winoground_scores(T([[3., 1.], [2., 1.5]])) == (False, True, False)
-    assert datasets.winoground_scores(T([[0., 1.], [1., 0.]])) == (False, False, False)
-    assert datasets.winoground_scores(T([[1., 1.], [0., 2.]])) == (False, True, False)  # a tie is not a win
+    assert datasets.winoground_hits(T([[3., 1.], [2., 1.5]])) == (False, True, False)
+    assert datasets.winoground_hits(T([[0., 1.], [1., 0.]])) == (False, False, False)
+    assert datasets.winoground_hits(T([[1., 1.], [0., 2.]])) == (False, True, False)  # a tie is not a win
 
 
 def test_rank_top_k_and_pairs():
@@ -77,7 +77,7 @@ def test_vqav2_paper_form_metrics_one_text_against_ten_images():
     items = [Item("b1", ["i"] * 10, ["t"], "yes/no"), Item("b2", ["i"] * 10, ["t"], "yes/no"),
              Item("o1", ["i"], ["t"] * 10, "other")]
     mats = [T([[2.0]] + [[1.0]] * 9), T([[0.0]] + [[1.0]] * 9), T([[3.0] + [1.0] * 9])]
-    out = runner.summarize("vqav2", [(it, datasets.item_metrics("vqav2", m)) for it, m in zip(items, mats)])
+    out = evaluate.summarize("vqav2", [(it, datasets.item_metrics("vqav2", m)) for it, m in zip(items, mats)])
     assert out["metrics"] == {"Binary": 50.0, "Other": 100.0, "All": pytest.approx(200 / 3)}
     assert out["counts"] == {"Binary": 2, "Other": 1, "All": 3}
 
@@ -85,11 +85,11 @@ def test_vqav2_paper_form_metrics_one_text_against_ten_images():
 def test_summarize_columns_and_counts():
     recs = [(Item("a", [], [], "subject"), dict(correct=True)), (Item("b", [], [], "subject"), dict(correct=False)),
             (Item("c", [], [], "verb"), dict(correct=True)), (Item("d", [], [], "verb"), dict(correct=True))]
-    out = runner.summarize("comvg", recs)
+    out = evaluate.summarize("comvg", recs)
     assert out["metrics"] == {"Subjects": 50.0, "Objects": None, "Predicate": 100.0, "Average": 75.0}
     assert out["counts"] == {"Subjects": 2, "Objects": 0, "Predicate": 2, "Average": 4}
     assert out["macro_average"] == 75.0
-    vqa = runner.summarize("vqav2", [(Item("a", [], [], "yes/no"), dict(correct=True)),
+    vqa = evaluate.summarize("vqav2", [(Item("a", [], [], "yes/no"), dict(correct=True)),
                                        (Item("b", [], [], "number"), dict(correct=False)),
                                        (Item("c", [], [], "other"), dict(correct=True))])
     assert vqa["metrics"] == {"Binary": 100.0, "Other": 50.0, "All": pytest.approx(200 / 3)}
@@ -97,12 +97,12 @@ def test_summarize_columns_and_counts():
 
 def test_groups_fill_batch_with_pairs():
     items = [Item(str(i), ["x", "y"], ["t"]) for i in range(5)]  # 2 pairs each
-    assert [len(g) for g in runner.pair_chunks(items, 4)] == [2, 2, 1]
-    assert [len(g) for g in runner.pair_chunks(items, 1)] == [1] * 5
+    assert [len(g) for g in evaluate.pair_chunks(items, 4)] == [2, 2, 1]
+    assert [len(g) for g in evaluate.pair_chunks(items, 1)] == [1] * 5
 
 
 def test_format_table_for_train_rows():
-    text = runner.format_table("comvg", {"zero_shot": {"Subjects": 50.0, "Average": 62.5}, "few_shot": {}})
+    text = tables.format_table("comvg", {"zero_shot": {"Subjects": 50.0, "Average": 62.5}, "few_shot": {}})
     assert "Subjects" in text and "Predicate" in text and "50.00" in text and "62.50" in text and "-" in text
 
 
@@ -190,7 +190,7 @@ def test_missing_root_exits_2_without_traceback(tmp_path):
 
 def test_missing_data_set_from_train_says_how_to_fetch_it(tmp_path, capsys):
     import train
-    from common import run_cli
+    from tools.cli import run_cli
     out = ["--output-dir", str(tmp_path / "run")]                      # tests write only under their tmp dirs
     assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none"), *out]) == 2
     err = capsys.readouterr().err
@@ -287,13 +287,13 @@ def test_bad_model_path_exits_2(tmp_path, capsys):
 
 def test_bootstrap_interval_deterministic_contains_the_estimate_and_shrinks():
     hits = [1.0] * 60 + [0.0] * 40
-    low, high = runner.bootstrap_ci(hits, seed=3)
-    assert (low, high) == runner.bootstrap_ci(hits, seed=3) != runner.bootstrap_ci(hits, seed=4)
+    low, high = intervals.bootstrap_ci(hits, seed=3)
+    assert (low, high) == intervals.bootstrap_ci(hits, seed=3) != intervals.bootstrap_ci(hits, seed=4)
     assert low < 0.6 < high
-    wide, narrow = runner.bootstrap_ci(hits[::10] * 1), runner.bootstrap_ci(hits * 10)
+    wide, narrow = intervals.bootstrap_ci(hits[::10] * 1), intervals.bootstrap_ci(hits * 10)
     assert narrow[1] - narrow[0] < (high - low) < wide[1] - wide[0]
     assert abs((high - low) - 2 * 1.96 * (0.6 * 0.4 / 100) ** 0.5) < 0.03     # the normal approximation's width
     a, b = [1.0, 0.0] * 50, [1.0, 1.0] * 50                                    # paired: the same resamples
-    d = runner.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
+    d = intervals.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
     assert d[0] < -0.5 + 1e-9 and d[1] > -0.5 - 1e-9 and d[1] < 0
-    assert runner.bootstrap_ci([]) is None
+    assert intervals.bootstrap_ci([]) is None

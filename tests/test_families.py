@@ -17,7 +17,8 @@ from PIL import Image
 import evaluate
 import train
 from attention_capture import CallRecord
-from common import InputError, run_cli
+from common import InputError
+from tools.cli import run_cli
 from baselines.diffusion_itm import DiffusionITM
 from discffusion import Discffusion
 from tools.sd_configs import make_random_sd

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import common
-from tools import figures, shapes
+from benchmarks import shapes
+from tools import cli, figures
 
 CAPTION = "a red circle left of a blue square"
 
@@ -66,7 +67,7 @@ def test_attention_figure_on_a_tiny_random_model(tiny_sd, deltas_file, image_fil
     texts = ["a red circle", "a dog"]
     argv = ["attention", "--model", tiny_sd, "--checkpoint", deltas_file, "--image", image_file, "--out",
             str(tmp_path)] + [a for t in texts for a in ("--text", t)]
-    assert common.run_cli(figures.main, argv) == 0
+    assert cli.run_cli(figures.main, argv) == 0
     rec = json.loads((tmp_path / "fig10_attention.json").read_text())
     assert rec["lam"] == 4.0                                      # the scorer lambda the deltas were saved with
     assert [p["words"] for p in rec["pairs"]] == [["a", "red", "circle"], ["a", "dog"]]
@@ -124,7 +125,7 @@ def test_curves_figure_losses_are_the_results(tmp_path):
         paths.append(str(path))
     out = tmp_path / "out"
     out.mkdir()
-    assert common.run_cli(figures.main, ["curves", *paths, "--out", str(out)]) == 0
+    assert cli.run_cli(figures.main, ["curves", *paths, "--out", str(out)]) == 0
     rec = json.loads((out / "fig7_curves.json").read_text())
     for run, path in zip(rec["runs"], paths):
         hist = json.loads(open(path).read())["train"]["history"]
@@ -159,7 +160,7 @@ def test_named_shape_share_of_a_map_on_the_subject():
 ])
 def test_bad_input_is_one_error_line(argv, says, image_file, tmp_path, capsys):
     argv = [image_file if a == "IMG" else a for a in argv] + ["--out", str(tmp_path)]
-    assert common.run_cli(figures.main, argv) == 2
+    assert cli.run_cli(figures.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0]
 
@@ -167,5 +168,5 @@ def test_bad_input_is_one_error_line(argv, says, image_file, tmp_path, capsys):
 def test_curves_without_history_is_an_error(tmp_path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"few_shot": {}}))
-    assert common.run_cli(figures.main, ["curves", str(path), "--out", str(tmp_path)]) == 2
+    assert cli.run_cli(figures.main, ["curves", str(path), "--out", str(tmp_path)]) == 2
     assert "no training history" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("tools", "baselines")
+PACKAGES = ("tools", "baselines", "benchmarks")
 TOP = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 MODULES = TOP + list(PACKAGES) + sorted(f"{d}.{f[:-3]}" for d in PACKAGES for f in os.listdir(os.path.join(ROOT, d))
                                        if f.endswith(".py") and f != "__init__.py")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from PIL import Image
 
 import evaluate
-from tools import shapes
+from benchmarks import shapes
 from datasets import load_items, split_items
 from discffusion import Discffusion, load_components
 from tools.sd_configs import make_random_clip

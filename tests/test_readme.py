@@ -79,7 +79,7 @@ def check(command):
         parse(args)
     except InputError as e:
         raise AssertionError(f"{name} refuses {shlex.join(args)}: {e}") from None
-    except SystemExit as e:  # --help, or a parser that is not common.ArgumentParser
+    except SystemExit as e:  # --help, or a parser that is not cli.ArgumentParser
         raise AssertionError(f"{name} exited {e.code} on {shlex.join(args)}") from None
 
 

@@ -20,8 +20,8 @@ import datasets
 import evaluate
 import methods
 import train
-from common import run_cli
-from tools import benchmark, download, pretrain_shapes, runner, shapes
+from tools.cli import run_cli
+from tools import benchmark, download, pretrain_shapes, resume, shapes
 from test_datasets import write_comvg, write_vlchecklist, write_winoground
 from test_evaluate import FakeModel, color_of
 from test_train import write_comvg as write_train_comvg
@@ -258,7 +258,7 @@ def test_real_full_disk_on_a_small_tmpfs(tiny_sd, tmp_path, monkeypatch, capsys)
         pytest.skip(why)
     try:
         root = write_train_comvg(str(tmp_path / "comvg"))
-        real, calls = runner.atomic_write, []
+        real, calls = resume.atomic_write, []
 
         def fill_then_write(path, write):
             calls.append(path)
@@ -272,7 +272,7 @@ def test_real_full_disk_on_a_small_tmpfs(tiny_sd, tmp_path, monkeypatch, capsys)
                         assert e.errno == errno.ENOSPC
                 os.close(fd)
             return real(path, write)
-        monkeypatch.setattr(runner, "atomic_write", fill_then_write)
+        monkeypatch.setattr(resume, "atomic_write", fill_then_write)
         assert cli(train, train_argv(tiny_sd, root, mnt / "run", "--steps", "3", "--save-every", "1")) == 2
         assert_stopped_at_step_1(mnt / "run", capsys)
     finally:

@@ -22,7 +22,7 @@ from datasets import Item
 from discffusion import Discffusion
 from test_train import write_comvg
 import datasets
-from tools import runner
+from tools import intervals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -155,14 +155,14 @@ def test_two_process_training_matches_one_and_resumes_under_the_launcher(tmp_pat
 
 def test_intervals_and_paired_differences_on_hand_made_records():
     recs = [(Item(str(k), [], [], ("subject", "object")[k % 2]), dict(correct=k % 3 != 0)) for k in range(30)]
-    ci = runner.intervals("comvg", recs)["ci"]
-    assert ci == runner.intervals("comvg", recs)["ci"] and ci["Predicate"] is None
+    ci = intervals.intervals("comvg", recs)["ci"]
+    assert ci == intervals.intervals("comvg", recs)["ci"] and ci["Predicate"] is None
     for col in ("Subjects", "Objects", "Average"):
-        assert ci[col][0] <= runner.accuracy(recs, "correct", None if col == "Average" else
+        assert ci[col][0] <= datasets.accuracy(recs, "correct", None if col == "Average" else
                                                datasets._is(col.lower()[:-1]))[0] <= ci[col][1]
     rows = lambda flags: {"items": [dict(id=str(k), category="subject", correct=f)  # noqa: E731
                                     for k, f in enumerate(flags)]}
-    d = runner.paired_differences("comvg", rows([True, False] * 10), rows([True, True] * 10))
+    d = intervals.paired_differences("comvg", rows([True, False] * 10), rows([True, True] * 10))
     assert d["Average"]["difference"] == 50.0 and d["Average"]["n"] == 20 and d["Objects"]["n"] == 0
     assert d["Average"]["ci"][0] > 0                                     # paired: every item improves or ties
-    assert runner.paired_differences("comvg", rows([True]), rows([True, False])) is None
+    assert intervals.paired_differences("comvg", rows([True]), rows([True, False])) is None

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import shapes
+from benchmarks import shapes
+from benchmarks.comvg import load as load_comvg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "tiny-shapes-sd")
@@ -87,7 +88,6 @@ def test_images_show_their_scene(world):
 
 
 def test_loader_reads_it(world):
-    from datasets import load_comvg
     items, report = load_comvg(world)
     assert len(items) == 24 and {it.category for it in items} == {"subject", "object", "verb"}
     assert all(os.path.exists(p) for it in items for p in it.images)
@@ -154,7 +154,6 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
 
     A scorer that ignores the text, the image or the unconditional term scores near 0.5; the committed model scores
     0.85 here, and 0.70 (34 of 48; P < 0.003 for a coin) cannot be passed by chance."""
-    from datasets import load_comvg
     from baselines.diffusion_itm import DiffusionITM
     shapes.write_comvg(str(tmp_path), n=24, seed=123)
     items = [it for it in load_comvg(str(tmp_path))[0] if it.category in ("subject", "object")]

@@ -25,8 +25,8 @@ import evaluate
 import methods
 import prompt_delta
 import train
-from tools import benchmark, download, figures, shapes
-from common import run_cli
+from tools import benchmark, cli, download, figures, shapes
+from tools.cli import run_cli
 from discffusion import Discffusion
 from test_datasets import write_comvg, write_vlchecklist, write_winoground
 from test_evaluate import FakeModel
@@ -203,7 +203,7 @@ def test_sizes_are_bounded_before_anything_is_allocated(module, argv, message, t
         assert "a multiple of 8 up to 2048" in text and "1 to 2048 pixels" in text
     # the bounds themselves are accepted
     ok = {"--resolution": "2048", "--resize-via": "2048", "--size": "2048"}
-    parse = common.image_size(8) if argv[-2] == "--resolution" else common.image_size()
+    parse = cli.image_size(8) if argv[-2] == "--resolution" else cli.image_size()
     assert parse(ok[argv[-2]]) == 2048 and parse("8") == 8
 
 

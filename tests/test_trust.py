@@ -14,7 +14,8 @@ from baselines import diffusion_itm
 import evaluate
 import methods
 import train
-from common import read_checkpoint, run_cli, save_tensors
+from common import read_checkpoint, save_tensors
+from tools.cli import run_cli
 from discffusion import Discffusion
 from test_datasets import (image, write_coco, write_comvg, write_refcocog, write_vlchecklist, write_vqa_paper,
                            write_vqav2, write_winoground)

@@ -1,5 +1,5 @@
 """§5.6 and App. F, the ablation studies, one command: each sweep as the paper lays it out, every point with its
-95% bootstrap interval (`runner.bootstrap_ci`, over the test items).
+95% bootstrap interval (`tools.intervals.bootstrap_ci`, over the test items).
 
     fig3     accuracy vs the number of last cross-attention layers used (1, 2, 8 or half the model's, all)
     fig4     dynamic head weighting (learned head logits) vs the plain average over heads (logits reset to zero)
@@ -45,18 +45,16 @@ import evaluate  # noqa: E402
 import methods  # noqa: E402
 import prompt_delta  # noqa: E402
 import train  # noqa: E402
-from common import (ArgumentParser, InputError, meta_value, positive_int, read_checkpoint, run_cli,  # noqa: E402
-                    save_tensors, write_json)
-from datasets import DEFAULT_SPLIT, LOADERS, load_items, split_items  # noqa: E402
-import datasets
-from tools import runner
+from common import InputError, meta_value, read_checkpoint, save_tensors  # noqa: E402
+from tools.cli import ArgumentParser, positive_int, run_cli, write_json  # noqa: E402
+from datasets import REGISTRY, load_items, split_items  # noqa: E402
+import datasets  # noqa: E402
+from evaluate import pair_chunks, score_groups, summarize  # noqa: E402
+from tools.intervals import bootstrap_ci  # noqa: E402
+from tools.tables import _fmt, render_table  # noqa: E402
 
 SWEEPS = ("fig3", "fig4", "fig5", "fig6", "table7", "table11", "table5")
 TRAINED = ("fig4", "table11", "table5")      # meaningless without training: skipped (or refused) with --zero-shot
-HEADLINE = {"shapes": "Average", "comvg": "Average", "vlchecklist": "Average", "refcocog": "Top-1", "coco": "Top-1",
-            "vqav2": "All", "winoground": "Group"}   # the column each figure plots
-CHANCE = {"shapes": 50.0, "comvg": 50.0, "vlchecklist": 50.0, "refcocog": 10.0, "coco": 10.0, "vqav2": 10.0,
-          "winoground": 100 / 6}             # the headline column of a random scorer
 DPI = 150
 plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "figure.titlesize": 13})
 
@@ -80,7 +78,7 @@ class Runner:
         a = self.args
         held_out = self.name == "shapes" or not a.zero_shot
         items, _ = load_items(self.name, a.data_root, seed=a.seed,
-                              split=None if held_out else DEFAULT_SPLIT.get(self.name))
+                              split=None if held_out else REGISTRY[self.name].split)
         if held_out:
             items = split_items(items, self.shots, a.seed)[1]
         if not items:
@@ -176,16 +174,16 @@ class Runner:
         t1, c1 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             desc = " ".join([f"{k}={v}" for k, v in options.items()] + [os.path.basename(checkpoint or "zero-shot")])
-            scored, unreadable = runner.score_dataset(model, self.items, args.eval_batch_size, desc=desc)
+            scored, unreadable = score_groups(model, list(pair_chunks(self.items, args.eval_batch_size)), desc)
         seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
         records = [(item, datasets.item_metrics(self.name, s)) for item, s in scored]
-        out = runner.summarize(self.name, records)
+        out = summarize(self.name, records)
         out["ci"] = {}
-        for col, flag, which in datasets.COLUMNS[self.name]:
+        for col, flag, which in REGISTRY[self.name].columns:
             hits = [float(m[flag]) for item, m in records if which is None or which(item.category)]
-            ci = runner.bootstrap_ci(hits, self.args.resamples, self.args.seed)
+            ci = bootstrap_ci(hits, self.args.resamples, self.args.seed)
             out["ci"][col] = None if ci is None else [100 * ci[0], 100 * ci[1]]
-        col = HEADLINE[self.name]
+        col = REGISTRY[self.name].headline
         n = max(len(self.items), 1)
         out.update(accuracy=out["metrics"][col], interval=out["ci"][col], n_items=len(records),
                    unreadable=len(unreadable), checkpoint=checkpoint, config=model.config,
@@ -268,19 +266,19 @@ def interval_text(p):
 
 def table_text(title, name, points):
     """The paper's columns, one row per point, and the headline column's 95% interval."""
-    cols = [c for c, _, _ in datasets.COLUMNS[name]]
-    rows = [(label, [runner._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]) for label, p in points]
+    cols = [c for c, _, _ in REGISTRY[name].columns]
+    rows = [(label, [_fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]) for label, p in points]
     first = points[0][1]
     rows.append(("(items)", [first["counts"][c] for c in cols] + [""]))
-    return runner.render_table(title, [(datasets.TITLES[name], cols), ("", [f"{HEADLINE[name]} 95% CI"])], rows)
+    return render_table(title, [(REGISTRY[name].title, cols), ("", [f"{REGISTRY[name].headline} 95% CI"])], rows)
 
 
 def table5_text(title, name, points):
     """Table 5's layout: one row, a column group per setting."""
-    cols = [c for c, _, _ in datasets.COLUMNS[name]]
-    groups = [(label, cols + [f"{HEADLINE[name]} 95% CI"]) for label, _ in points]
-    cells = [v for _, p in points for v in [runner._fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]]
-    return runner.render_table(title, groups, [("Discffusion", cells)])
+    cols = [c for c, _, _ in REGISTRY[name].columns]
+    groups = [(label, cols + [f"{REGISTRY[name].headline} 95% CI"]) for label, _ in points]
+    cells = [v for _, p in points for v in [_fmt(p["metrics"][c]) for c in cols] + [interval_text(p)]]
+    return render_table(title, groups, [("Discffusion", cells)])
 
 
 def errorbars(points):
@@ -399,7 +397,7 @@ def parse_args(argv=None):
     p.add_argument("sweeps", nargs="*", default=["all"], help=f"any of {' '.join(SWEEPS)}, or all (default)")
     p.add_argument("--out", default=os.path.join("docs", "ablations"), help="figures, tables, JSON (docs/ablations)")
     p.add_argument("--runs", default=os.path.join("runs", "ablations"), help="training runs (runs/ablations)")
-    p.add_argument("--dataset", default="shapes", choices=sorted(LOADERS), help="default: the shapes world")
+    p.add_argument("--dataset", default="shapes", choices=sorted(REGISTRY), help="default: the shapes world")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")
     p.add_argument("--zero-shot", action="store_true", help="score the pretrained model, no training (§5.6)")
     p.add_argument("--checkpoint", help="trained deltas for the scoring sweeps instead of training them here")
@@ -432,14 +430,14 @@ def run(args):
     """Every sweep asked for -> {sweep: its JSON data}; figures and tables written under args.out."""
     runner, done, t_start = Runner(args), {}, time.perf_counter()
     setting = "zero-shot" if args.zero_shot else "few-shot"
-    split = "held-out split" if runner.held_out else (DEFAULT_SPLIT.get(args.dataset) or "all items")
+    split = "held-out split" if runner.held_out else (REGISTRY[args.dataset].split or "all items")
     for name in args.sweeps:
         t0 = time.perf_counter()
         points = globals()[name](runner)
-        where = f"{datasets.TITLES[args.dataset]}, {setting}, {split}, n={points[0][1]['n_items']}"
+        where = f"{REGISTRY[args.dataset].title}, {setting}, {split}, n={points[0][1]['n_items']}"
         title = f"{TITLES[name]}\n({where})"
-        data = dict(sweep=name, title=title, dataset=args.dataset, setting=setting, metric=HEADLINE[args.dataset],
-                    chance=CHANCE.get(args.dataset), test_items=points[0][1]["n_items"],
+        data = dict(sweep=name, title=title, dataset=args.dataset, setting=setting, metric=REGISTRY[args.dataset].headline,
+                    chance=REGISTRY[args.dataset].chance, test_items=points[0][1]["n_items"],
                     points=[[label, p] for label, p in points], seconds=round(time.perf_counter() - t0, 1),
                     **cost(runner, points))
         text = (table5_text if name == "table5" else table_text)(f"{TITLES[name]} ({where}): accuracy (%)",

@@ -42,7 +42,8 @@ from PIL import Image
 
 import triplet_loss
 from attention_capture import ATTN_LOGGER, CallRecord, CaptureProcessor
-from common import DTYPES, ArgumentParser, check_writable, default_device, number, positive_int, run_cli, write_json
+from common import DTYPES, check_writable, default_device
+from tools.cli import ArgumentParser, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from tools.sd_configs import PRESETS, make_random_sd
 

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
-from common import ArgumentParser, InputError, number, positive_int, run_cli
+from common import InputError
+from tools.cli import ArgumentParser, number, positive_int, run_cli
 from discffusion import guidance_embedding, load_components
-from tools import shapes
+from benchmarks import shapes
 from tools.pretrain_shapes import draw_grid, encode, to_tensor, tokenize
 from tools.sd_configs import save_sd
 

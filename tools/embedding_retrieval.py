@@ -41,12 +41,15 @@ import torch
 import torch.nn.functional as F
 
 import methods
-from common import ArgumentParser, InputError, check_writable, layer_key, pair_index, positive_int, run_cli, \
-    split_scores, write_json
-from datasets import LOADERS, add_data_args, default_root, load_items, loader_options, split_items
-from tools import runner
+from common import InputError, check_writable, layer_key, pair_index, split_scores
+from tools.cli import ArgumentParser, positive_int, run_cli, write_json
+from datasets import REGISTRY, add_data_args, default_root, load_items, loader_options, split_items
+from evaluate import evaluate_items
+from tools.processes import processes
+from tools.runs import SHAPES_RUN
+from tools.tables import format_table, summary_line
 
-DEFAULT_DELTAS = os.path.join(runner.SHAPES_RUN, "prompt_deltas.safetensors")
+DEFAULT_DELTAS = os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
 DEFAULT_OUTPUT = os.path.join("docs", "table4_embedding.json")
 
 
@@ -145,7 +148,7 @@ def held_out(args, checkpoint):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter, prog="python -m tools.embedding_retrieval")
-    p.add_argument("--dataset", choices=sorted(LOADERS), default="shapes",
+    p.add_argument("--dataset", choices=sorted(REGISTRY), default="shapes",
                    help="data set (default shapes: the embedded world's held-out split)")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")
     p.add_argument("--annotations", help="the annotation file, instead of looking in the folder")
@@ -168,7 +171,7 @@ def build_parser():
 def run(args):
     check_writable(args.output)
     t0 = time.time()
-    runner.processes(args.device)
+    processes(args.device)
     runs = rows_to_run(args)
     name = args.dataset
     root, items, report = held_out(args, next((c for _, m, c in runs if m == "discffusion" and c), None))
@@ -185,13 +188,13 @@ def run(args):
             print(f"{label}: skipped ({e}; give --clip-model a local CLIP folder or --no-clip)", file=sys.stderr)
             continue
         scorer = model if method == "clip_ft" else DiscffusionEmbedding(model)
-        res = runner.evaluate_items(scorer, name, items, args.eval_batch_size, desc=label)
+        res = evaluate_items(scorer, name, items, args.eval_batch_size, desc=label)
         res.update(method=method, checkpoint=checkpoint, model=scorer.config)
         results[label], rows[label], cis[label] = res, res["metrics"], res["ci"]
         del model, scorer
-    table = runner.format_table(name, rows, cis).replace(": accuracy", ": Table 4, embedding retrieval, accuracy")
+    table = format_table(name, rows, cis).replace(": accuracy", ": Table 4, embedding retrieval, accuracy")
     print(table)
-    print(runner.summary_line(name, next(iter(results.values())), report))
+    print(summary_line(name, next(iter(results.values())), report))
     out = dict(table="Table 4", command=["python", "-m", "tools.embedding_retrieval"] + list(args.argv),
                dataset=name, root=root, split=split, n_items=len(items), rows=rows, skipped=skipped, text=table,
                seconds=round(time.time() - t0, 1), torch_threads=torch.get_num_threads(), results=results)

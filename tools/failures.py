@@ -20,11 +20,13 @@ import time
 import torch
 
 from tools import figures
-from common import ArgumentParser, InputError, check_writable, positive_int, run_cli
-from datasets import load_items
+from common import InputError, check_writable
+from tools.cli import ArgumentParser, positive_int, run_cli
+from datasets import POS_IMAGE, REGISTRY, load_items
 from discffusion import Discffusion
 
-PAIRED = ("comvg", "shapes")  # one sentence, a positive and a negative image: the margin of eq. 6
+PAIRED = [n for n, d in REGISTRY.items() if d.judge is POS_IMAGE]  # a sentence, a positive and a negative image:
+                                                                    # the margin of eq. 6
 
 
 def read_results(path, row=None):

@@ -42,7 +42,8 @@ import common  # noqa: E402
 import datasets  # noqa: E402
 import methods  # noqa: E402
 from discffusion import Discffusion, to_rgb  # noqa: E402
-from tools import shapes  # noqa: E402
+from benchmarks import shapes  # noqa: E402
+from tools import cli  # noqa: E402
 
 TINY_MODEL = methods.TINY_MODEL
 SHAPES_RUN = os.path.join("runs", "shapes")
@@ -56,7 +57,7 @@ DPI = 100
 
 def shapes_split(seed=0):
     """(train, test) items of the shapes world, the split of `train.py --dataset shapes` (same shots and seed)."""
-    items, _ = datasets.LOADERS["shapes"](os.path.join("data", "shapes"))
+    items, _ = datasets.load_items("shapes", os.path.join("data", "shapes"))
     return datasets.split_items(items, methods.DEFAULTS["shapes"]["shots"], seed)
 
 
@@ -513,7 +514,7 @@ def deltas_figure(path, out, model=None, bins=101):
                   per_layer=per_layer)
     png, js = os.path.join(out, "fig8_deltas.png"), os.path.join(out, "fig8_deltas.json")
     draw_deltas(record, edges, counts, png, path)
-    common.write_json(js, record)
+    cli.write_json(js, record)
     return [png, js]
 
 
@@ -617,7 +618,7 @@ def curves_figure(paths, out):
                          test=test_metrics(res)))
     png, js = os.path.join(out, "fig7_curves.png"), os.path.join(out, "fig7_curves.json")
     draw_curves(runs, png)
-    common.write_json(js, dict(figure="Fig. 7", runs=runs))
+    cli.write_json(js, dict(figure="Fig. 7", runs=runs))
     return [png, js]
 
 
@@ -661,7 +662,7 @@ def draw_curves(runs, png):
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = common.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("attention", help="Fig. 10: cross-attention maps per caption token")
@@ -670,12 +671,12 @@ def parse_args(argv):
                                         f"the tiny model and no --image: {DEFAULT_DELTAS} if it exists)")
     a.add_argument("--image", action="append", help="an image file (repeatable; every --text is drawn on each)")
     a.add_argument("--text", action="append", help="a caption (repeatable)")
-    a.add_argument("--lam", type=common.positive, help="eq. 3's lambda for the score (default: the deltas', shapes 100, else 1)")
+    a.add_argument("--lam", type=cli.positive, help="eq. 3's lambda for the score (default: the deltas', shapes 100, else 1)")
     a.add_argument("--no-summary", dest="summary", action="store_false",
                    help="default items only: skip the held-out summary (every test item scored)")
     a.add_argument("--seed", type=int, default=0, help="noise and the shapes split (as train.py)")
     a.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    a.add_argument("--eval-batch-size", type=common.positive_int, default=32,
+    a.add_argument("--eval-batch-size", type=cli.positive_int, default=32,
                    help="image-text pairs per UNet call (maps do not depend on it)")
     d = sub.add_parser("deltas", help="Fig. 8: learned prompt weights")
     d.add_argument("file", nargs="?", default=DEFAULT_DELTAS)
@@ -737,4 +738,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(cli.run_cli(main))

@@ -45,9 +45,9 @@ from torchmetrics.image.inception import InceptionScore  # noqa: E402
 from tools import figures  # noqa: E402
 import methods  # noqa: E402
 import prompt_delta  # noqa: E402
-from tools import shapes  # noqa: E402
-from common import (ArgumentParser, InputError, check_tensors, default_device, number, positive,  # noqa: E402
-                    positive_int, read_checkpoint, resolve_dtype, run_cli, write_json)
+from benchmarks import shapes  # noqa: E402
+from common import InputError, check_tensors, default_device, read_checkpoint, resolve_dtype  # noqa: E402
+from tools.cli import ArgumentParser, number, positive, positive_int, run_cli, write_json  # noqa: E402
 from datasets import load_items  # noqa: E402
 from discffusion import load_components, preprocess, to_rgb  # noqa: E402
 

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from common import ArgumentParser, number, positive_int, run_cli
+from tools.cli import ArgumentParser, number, positive_int, run_cli
 from discffusion import load_components
-from tools import shapes
+from benchmarks import shapes
 from tools.sd_configs import SCHEDULER, save_sd, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
