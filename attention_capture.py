@@ -13,7 +13,7 @@ Self-attention (attn1) keeps the stock SDPA processor.
 
 `AttentionCapture` is a context manager in the manner of DAAM's `trace` (castorini/daam): on enter it installs the
 processors (the originals come back on exit); it holds the per-(layer, head) weight logits of the "dynamic attention
-head weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_deltas` ran, eq. 5's
+head weighting" (zero-initialised: softmax of zeros = the plain average over heads) and, once `add_trainable` ran, eq. 5's
 p^k, p^v (`prompt_delta.PromptDeltas`). A UNet call takes a `CallRecord` (the token mask in, the pooled values out)
 as cross_attention_kwargs, the diffusers way to reach every processor; `combine` turns it into one score per
 example: the weighted mean over heads, then the mean over layers. Its parameters are exactly what few-shot training
@@ -177,7 +177,7 @@ class AttentionCapture(nn.Module):
         # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
         self.head_logits = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
         self.processors = {f"{n}.processor": CaptureProcessor(n, self) for n in self.layers}
-        self.deltas = None                                                   # eq. 5, from add_deltas
+        self.deltas = None                                                   # eq. 5, from add_trainable
         self.depth, self.originals = 0, None
 
     def __enter__(self):
@@ -208,16 +208,16 @@ class AttentionCapture(nn.Module):
             raise RuntimeError("gradient checkpointing re-runs the capture processors in backward: hold "
                                "`with model.capture:` across the forward and the backward")
 
-    def add_deltas(self):
-        """Attach zero-initialised p^k, p^v (eq. 5) unless attached; -> every trainable tensor (`trainable`)."""
+    def add_trainable(self):
+        """Attach zero-initialised p^k, p^v (eq. 5) unless attached; -> every trainable tensor."""
         if self.deltas is None:
             self.deltas = PromptDeltas(self.unet, self.layers)
-        return self.trainable()
+        return self.trainable_parameters()
 
-    def trainable(self):
+    def trainable_parameters(self):
         """p^k, p^v of every selected layer (once attached) and the head-weight logits."""
         if self.deltas is None:
-            raise RuntimeError("no prompt deltas attached: call add_trainable() (or load_trained) first")
+            raise RuntimeError("no prompt deltas attached: call add_trainable() first (the model's load_trained does)")
         return list(self.deltas.parameters()) + list(self.head_logits.parameters())
 
     def combine(self, record):

@@ -267,7 +267,7 @@ def add_data_args(p):
 
 def loader_options(args, name):
     """The loader keywords of data set `name` that the command line set."""
-    return {kw: getattr(args, dest) for dest, kw in REGISTRY[name].options.items()
+    return {kw: getattr(args, dest) for dest, kw in lookup(name).options.items()
             if getattr(args, dest, None) is not None}
 
 

@@ -477,11 +477,11 @@ class Discffusion(nn.Module):
     # ---- the few-shot prompts of §4.5 (the uniform interface train.py / evaluate.py drive for every method) ----
     def add_trainable(self):
         """Attach zero p^k, p^v to every selected layer (once; the scores stay bit for bit) -> the trainable tensors."""
-        return self.capture.add_deltas()
+        return self.capture.add_trainable()
 
     def trainable_parameters(self):
         """p^k, p^v of every selected layer and the head-weight logits (after add_trainable or load_trained)."""
-        return self.capture.trainable()
+        return self.capture.trainable_parameters()
 
     def save_trained(self, path, training_args=None):
         self.add_trainable()

@@ -259,8 +259,6 @@ def build_parser():
                         "item whose texts or image bytes changed is scored again")
     methods.add_model_args(p)
     add_data_args(p)
-    p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # the old spelling of --eval-batch-size
     return p
 
 
@@ -279,7 +277,7 @@ def run(args, argv=()):
         results = {}
         for name, (root, split, items, report) in data.items():
             store = partial_store(args, label, method, checkpoint, model, name, root, split, items)
-            results[name] = evaluate_items(model, name, items, args.eval_batch_size, f"{label} {name}", store)
+            results[name] = evaluate_items(model, name, items, args.pairs_per_call, f"{label} {name}", store)
             results[name].update(root=root, split=split, report=report)
         per_method[label] = dict(method=method, checkpoint=checkpoint, model=getattr(model, "config", {}),
                                  datasets=results)

@@ -1,7 +1,7 @@
 """The methods of §5 built from one set of options, for both CLIs: Discffusion (§4), DiffusionITM (Krojer et al.
 2023) and the CLIP baselines of §5.3; the one table of defaults and the one rule that resolves an option.
 
-An option's value is, in this order: the command line's; else the --score preset's (`PRESETS`: `official` sets every
+An option's value is, in this order: the command line's; else the --preset's (`PRESETS`: `official` sets every
 scoring choice of the public code at once); else the value recorded in the checkpoint being loaded (the lambda and
 pooling its deltas were learned under, its training --shots, the --lora and --guidance-scale of its model); else the
 data set's default (`DEFAULTS`, e.g. the embedded shapes world); else the generic default.
@@ -34,7 +34,7 @@ DEFAULTS = {
 }
 
 
-# --score official: the public code's score (eric-ai-lab/DSD, dsd_infer.py defaults) except its batch-averaging bug:
+# --preset official: the public code's score (eric-ai-lab/DSD, dsd_infer.py defaults) except its batch-averaging bug:
 # the official pooling on its six layers, the attention term averaged over its [uncond, cond] batch, plus the
 # DiffusionITM term, at t = 989 - 33 k. Its trained tensors are LoRA (diffusion_itm's), as the public code's.
 PRESETS = {"paper": {}, "official": dict(pooling="official", layers="official", itm_variant="combined",
@@ -42,9 +42,9 @@ PRESETS = {"paper": {}, "official": dict(pooling="official", layers="official", 
 
 
 def option(args, key, recorded=None):
-    """The value of option `key`: command line, else the --score preset's, else `recorded` (a checkpoint's), else the
+    """The value of option `key`: command line, else the --preset's, else `recorded` (a checkpoint's), else the
     data set's, else generic."""
-    preset = PRESETS.get(getattr(args, "score", None) or "paper", {})
+    preset = PRESETS.get(getattr(args, "preset", None) or "paper", {})
     for value in (getattr(args, key, None), preset.get(key), (recorded or {}).get(key),
                   DEFAULTS.get(getattr(args, "dataset", None), {}).get(key), DEFAULTS[None].get(key)):
         if value is not None:
@@ -86,11 +86,11 @@ def build(method, args, checkpoint=None):
         model = ClipMatcher.from_pretrained(args.clip_model or CLIP_MODEL, method=method, **shared)
     else:
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
-                    pairs_per_call=args.eval_batch_size, lam=option(args, "lam", recorded),
+                    pairs_per_call=args.pairs_per_call, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
                     guidance_scale=option(args, "guidance_scale", recorded) or LCM_GUIDANCE)
         model_id = option(args, "model")
-        if method == "discffusion" and getattr(args, "score", None) != "official":
+        if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
         else:  # DiffusionITM, or the official code's Discffusion score (attention + DiffusionITM term)
             model = DiffusionITM.from_pretrained(model_id, variant=option(args, "itm_variant"),
@@ -155,14 +155,15 @@ def add_model_args(p):
                    help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "
                         "training: autocast, and fp16 scales the loss (GradScaler). bf16 on A100/H100, fp16 on V100")
     p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
-    p.add_argument("--eval-batch-size", type=positive_int, default=16,
-                   help="image-text pairs per scoring call and per UNet call, in evaluation and in a training "
-                        "step's forward and backward (scores and gradients do not depend on it; memory does)")
+    p.add_argument("--pairs-per-call", "--eval-batch-size", dest="pairs_per_call", type=positive_int, default=16,
+                   help="image-text pairs per UNet call, in evaluation and in a training step's forward and backward "
+                        "(scores and gradients do not depend on it; memory does); --eval-batch-size is its old name")
     g = p.add_argument_group("scorer (Discffusion.from_pretrained)")
-    g.add_argument("--score", choices=tuple(PRESETS), default="paper",
+    g.add_argument("--preset", "--score", dest="preset", choices=tuple(PRESETS), default="paper",
                    help="paper (default): the paper's score with the options below; official: every scoring choice of "
                         "the public code at once (official pooling, --layers official, --uncond-attention, "
-                        "--itm-variant combined, --itm-timesteps official; see docs/official_code.md), options given still win"),
+                        "--itm-variant combined, --itm-timesteps official; see docs/official_code.md), options given still win; "
+                        "--score is its old name"),
     g.add_argument("--pooling", choices=POOLINGS,
                    help="eq. 3 LogSumExp (default) or a Fig. 5 variant; official = the public code's pooling "
                         "(with --checkpoint: default the checkpoint's own)")

@@ -84,10 +84,10 @@ def compute_loss(model, batch, args, generator):
         return hardneg_loss(model, batch, generator), None
     if args.loss == "diffusion":
         return triplet_loss.diffusion_loss(model, batch, generator), None
-    mats = model.score_items(batch, train=True, generator=generator)   # [(n_img, n_txt)], differentiable
+    mats = model.score_items(batch, train=True, generator=generator)   # Alg. 1 l.10-15: [(n_img, n_txt)]
     if args.loss == "ce":
         return triplet_loss.ce_loss(mats), mats
-    return triplet_loss.margin_loss(mats, args.margin, args.negatives), mats
+    return triplet_loss.margin_loss(mats, args.margin, args.negatives), mats          # Alg. 1 l.16, eq. 6
 
 
 def train(args, model, params, train_items, test_items, log=print, stop=None):
@@ -106,11 +106,11 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
         step_loss, hits, seen, used, skipped = 0.0, 0, 0, 0, []
         for micro in range(args.grad_accum):
             batch = [train_items[i] for i in batch_indices(step, micro, args, len(train_items), dist.process_index,
-                                                            dist.num_processes)]
+                                                            dist.num_processes)]               # Alg. 1 l.9
             loaded, bad = training.load_batch(images, batch, unreadable, len(train_items))
             used, skipped = used + len(loaded), skipped + bad
             if loaded:
-                with torch.autocast(**autocast):                   # the frozen model's precision
+                with torch.autocast(**autocast):                   # the frozen model's precision; Alg. 1 l.10-16
                     loss, mats = compute_loss(model, loaded, args, step_generator(args, step, micro))
             else:  # the whole micro-batch unreadable: zero gradients, so every process still reduces the same tensors
                 loss, mats = sum(p.sum() for p in params) * 0.0, None
@@ -119,12 +119,12 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             if mats is not None:
                 hits += sum(triplet_loss.correct(S.detach()) for S in mats)
                 seen += len(mats)
-        processes.average_gradients(params)                           # over the processes
+        processes.average_gradients(params)                        # over the processes
         scaler.unscale_(opt)                                       # the true gradients, before clipping
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         scale = scaler.get_scale()
-        scaler.step(opt)                                           # fp16: skipped if a gradient is inf / nan
+        scaler.step(opt)                                           # Alg. 1 l.17; fp16: skipped if a grad is inf/nan
         scaler.update()
         history.append(training.step_record(step, step_loss, hits, seen, used, skipped, scaler, scale))
         done = step + 1
@@ -138,8 +138,8 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
             raise Interrupted(f"interrupted at step {done} of {total} (checkpoint {args.output_dir}/checkpoint.pt)",
                               stop.signum)
         if args.eval_every and done % args.eval_every == 0 and done != total:
-            res = evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.eval_batch_size,
-                                        desc=f"eval@{done}")
+            res = evaluate_items(model, args.eval_dataset or args.dataset, test_items, args.pairs_per_call,
+                                 desc=f"eval@{done}")
             if dist.is_main_process:
                 log(f"step {done}: " + json.dumps(res["metrics"]))
     return history
@@ -167,7 +167,7 @@ def main(argv=None):
                                                 "shots": args.shots}}
     if not args.no_zero_shot:
         with torch.no_grad():
-            results["zero_shot"] = evaluate_items(model, name, test_items, args.eval_batch_size,
+            results["zero_shot"] = evaluate_items(model, name, test_items, args.pairs_per_call,
                                                          desc="zero-shot")
     t = time.time()
     # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes; the capture held through every backward
@@ -175,7 +175,7 @@ def main(argv=None):
     with cli.stops(argv) as stop, model.capture:
         history = train(args, model, params, train_items, test_items, stop=stop)
     training.save_training(model, results, history, time.time() - t, args)   # the trained tensors, the history
-    results["few_shot"] = evaluate_items(model, name, test_items, args.eval_batch_size, desc="few-shot")
+    results["few_shot"] = evaluate_items(model, name, test_items, args.pairs_per_call, desc="few-shot")
     del model
     return training.finish_training(args, results, name, test_items)         # --compare rows, results.json, table
 

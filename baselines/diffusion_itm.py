@@ -212,7 +212,7 @@ class DiffusionITM(nn.Module):
         self.lora = want
         return self.trainable_parameters()
 
-    def lora_state(self):
+    def trained_state(self):
         """The LoRA tensors by parameter name (peft's names, e.g. ...attn2.to_k.lora_A.default.weight)."""
         return {n: p for n, p in self.core.unet.named_parameters() if "lora_" in n}
 
@@ -224,13 +224,13 @@ class DiffusionITM(nn.Module):
         """The LoRA parameters (after add_lora / add_trainable or load_trained)."""
         if self.lora is None:
             raise RuntimeError("no LoRA adapters: call add_trainable() (or add_lora, load_trained) first")
-        return list(self.lora_state().values())
+        return list(self.trained_state().values())
 
     def save_trained(self, path, training_args=None):
         """One safetensors file: the LoRA tensors (float32) and metadata."""
         if self.lora is None:
             raise InputError("nothing to save: no LoRA adapters (call add_lora or train first)")
-        save_tensors(path, self.lora_state(), {"format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
+        save_tensors(path, self.trained_state(), {"format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
                                                "lora": self.lora, "training_args": training_args or {}})
 
     def load_trained(self, path):
@@ -251,7 +251,7 @@ class DiffusionITM(nn.Module):
                              for k in lora if lora[k] != self.lora.get(k))
             raise InputError(f"checkpoint {path}: LoRA mismatch: {diff}")
         self.add_lora(lora["rank"], lora["targets"], lora["alpha"])
-        own = self.lora_state()
+        own = self.trained_state()
         check_tensors(path, tensors, own, f" (base model {meta.get('model')!r}, this is {self.core.name!r})")
         if meta.get("model") != self.core.name:
             warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.core.name!r} (shapes match)")

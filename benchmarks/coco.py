@@ -9,7 +9,7 @@ import os
 
 
 from benchmarks.fetching import COCO_ZIPS, JOBS, confirm, fetch_archive, mirrored, new_tally, pending_size
-from benchmarks.reading import (Item, check_root, draw, escape, find_file, find_image, finish, given_file, item_rng,
+from benchmarks.reading import (Item, check_root, draw, escape, find_file, first_existing, finish, given_file, item_rng,
                                 malformed, missing, new_report, read_json)
 from common import InputError
 
@@ -61,7 +61,7 @@ def load(root, annotations=None, split=None, seed=0, n_negatives=9):
             continue
         if str(image_id).isdigit():
             cands.append(f"COCO_{sub}2014_{int(image_id):012d}.jpg")
-        image = find_image(cands, image_dirs)
+        image = first_existing(cands, image_dirs)
         if image is None:
             missing(report, cands[:1] or [str(image_id)], seen)
             continue

@@ -14,7 +14,7 @@ import sys
 from benchmarks.fetching import (DSD_RAW, JOBS, VG_ARCHIVES, FetchError, count, existing_image, fetch_images, mirrored,
                                  new_tally)
 from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, find_image, finish, given_file,
+from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, first_existing, finish, given_file,
                                 malformed, missing, new_report, read_text)
 from common import InputError
 
@@ -61,7 +61,7 @@ def load(root, annotations=None, split=None, seed=0):
             names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
             if escape(report, where, names):
                 continue
-            paths = [find_image([n], folders) for n in names]
+            paths = [first_existing([n], folders) for n in names]
             if None in paths:
                 missing(report, [n for n, p in zip(names, paths) if p is None], seen)
                 continue

@@ -65,7 +65,7 @@ def check_root(root, what):
 
 def find_file(what, names, folders):
     """The first folders[i]/names[j] that exists (folders outer), else one-line InputError naming all of them."""
-    found = find_image(names, folders)
+    found = first_existing(names, folders)
     if found is None:
         raise DataMissing(f"{what} not found: looked for {' or '.join(names)} in {', '.join(folders)}")
     return found
@@ -102,7 +102,7 @@ def escape(report, where, names):
     return False
 
 
-def find_image(names, folders):
+def first_existing(names, folders):
     """First existing folder/name over folders (outer) and candidate names (inner); None if none exists. A name that
     could leave its folder (`outside`) is never looked up."""
     for d in folders:

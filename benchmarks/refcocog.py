@@ -12,7 +12,7 @@ import pickle
 
 from benchmarks.coco import coco_image_dirs
 from benchmarks.fetching import COCO_ZIPS, JOBS, confirm, fetch_archive, mirrored, new_tally, pending_size
-from benchmarks.reading import (DataMissing, Item, check_root, draw, escape, find_file, find_image, finish,
+from benchmarks.reading import (DataMissing, Item, check_root, draw, escape, find_file, first_existing, finish,
                                 given_file, item_rng, malformed, missing, new_report, read_json)
 from common import InputError
 
@@ -56,7 +56,7 @@ def refcocog_file_names(report, refs_path, root, boxes=None):
     """image_id -> file_name from instances.json next to the refs file (or in root); {} with a warning if absent.
     `boxes` (a dict) is filled with ann_id -> bbox [x, y, w, h] in pixels."""
     folders = list(dict.fromkeys([os.path.dirname(refs_path), root, os.path.join(root, "refcocog")]))
-    path = find_image(["instances.json"], folders)
+    path = first_existing(["instances.json"], folders)
     if path is None:
         if boxes is not None:
             raise DataMissing(f"--mask-object needs the boxes of RefCOCOg's instances.json: not found in "
@@ -135,7 +135,7 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, 
             names.append(file_names[image_id])
         if escape(report, f"{path}[ref_id {ref.get('ref_id')}]", names):
             continue
-        image = find_image(names, folders)
+        image = first_existing(names, folders)
         if image is None:
             missing(report, names[:1], seen)
             continue

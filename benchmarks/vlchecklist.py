@@ -10,7 +10,7 @@ import os
 import re
 
 from benchmarks.fetching import JOBS, VG_ARCHIVES, confirm, fetch_archive, mirrored, new_tally, pending_size
-from benchmarks.reading import (Item, check_root, escape, find_image, finish, malformed, missing, new_report,
+from benchmarks.reading import (Item, check_root, escape, first_existing, finish, malformed, missing, new_report,
                                 read_json)
 from common import InputError
 
@@ -68,7 +68,7 @@ def vlc_find(rel, key, roots):
     """An image path of a VL-CheckList JSON: relative to a per-source folder (vg/, swig/, hake/) under an images root."""
     hint = [s for s in VLC_SOURCES if s in key.lower() or (s == "vg" and "vaw" in key.lower())]
     subdirs = [""] + hint + [s for s in VLC_SOURCES if s not in hint]
-    return find_image([os.path.join(s, rel) if s else rel for s in subdirs], roots)
+    return first_existing([os.path.join(s, rel) if s else rel for s in subdirs], roots)
 
 
 VLC_MAX_PER_FILE = 1000  # its evaluate.py (task itc) keeps MAX_NUM / 2 records per file; configs/sample.yaml: 2000

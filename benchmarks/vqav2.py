@@ -16,7 +16,7 @@ from benchmarks.coco import coco_image_dirs
 from benchmarks.fetching import (COCO_IMAGE_BASE, COCO_IMAGE_BYTES, COCO_ZIPS, DSD_RAW, JOBS, FetchError, confirm,
                                  count, existing_image, fetch_images, mirrored, new_tally)
 from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (Item, check_root, csv_rows, draw, escape, find_file, find_image, finish, given_file,
+from benchmarks.reading import (Item, check_root, csv_rows, draw, escape, find_file, first_existing, finish, given_file,
                                 item_rng, malformed, missing, new_report, read_json)
 from common import InputError
 
@@ -53,8 +53,8 @@ def vqa_files(root, annotations, split):
     found = []
     for sub in wanted:
         d = VQA_SUBSETS[sub]
-        q = find_image([f"v2_OpenEnded_mscoco_{d}_questions.json"], folders)
-        a = find_image([f"v2_mscoco_{d}_annotations.json"], folders)
+        q = first_existing([f"v2_OpenEnded_mscoco_{d}_questions.json"], folders)
+        a = first_existing([f"v2_mscoco_{d}_annotations.json"], folders)
         if q and a:
             found.append((sub, q, a))
     if not found:
@@ -106,9 +106,9 @@ def vqa_paper_files(root, annotations):
             return None
         given_file("VQAv2 paper file", annotations)
         folders = [os.path.dirname(annotations) or "."]
-        found = {k: find_image([n], folders) for k, n in VQA_PAPER.items()}
+        found = {k: first_existing([n], folders) for k, n in VQA_PAPER.items()}
         return dict(found, **{("binary" if annotations.endswith(".txt") else "other"): annotations})
-    found = {k: find_image([n], [root, os.path.join(root, "data")]) for k, n in VQA_PAPER.items()}
+    found = {k: first_existing([n], [root, os.path.join(root, "data")]) for k, n in VQA_PAPER.items()}
     return found if any(found.values()) else None
 
 
@@ -180,14 +180,14 @@ def load_vqa_paper(root, files, split=None, seed=0, n_texts=10):
             if len(others) == n_texts - 1:
                 break
         names = [name] + [lines[j][1] for j in others]
-        paths = [find_image([m], folders) for m in names]
+        paths = [first_existing([m], folders) for m in names]
         if None in paths:
             missing(report, [m for m, p in zip(names, paths) if p is None], seen)
             continue
         items.append(Item(id=f"binary/{n}", images=paths, texts=[text], category="yes/no", split="val",
                           meta=dict(file=VQA_PAPER["binary"], line=n)))
     for n, name, texts in (vqa_other_rows(report, files["other"], n_texts) if files["other"] else []):
-        image = find_image([name], folders)
+        image = first_existing([name], folders)
         if image is None:
             missing(report, [name], seen)
             continue
@@ -228,7 +228,7 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, pool_size=VQA_P
         folders = coco_image_dirs(root, subset)
         all_folders += [d for d in folders if d not in all_folders]
         names = [f"COCO_{subset}_{int(q['image_id']):012d}.jpg", f"{int(q['image_id']):012d}.jpg"]
-        image = find_image(names, folders)
+        image = first_existing(names, folders)
         if image is None:
             missing(report, names[:1], seen)
             continue

@@ -13,7 +13,7 @@ import shutil
 import zipfile
 
 from benchmarks.fetching import (JOBS, FetchError, count, extract, hub_error, marker_path, new_tally, unpacked)
-from benchmarks.reading import (Item, check_root, escape, find_file, find_image, finish, given_file, malformed,
+from benchmarks.reading import (Item, check_root, escape, find_file, first_existing, finish, given_file, malformed,
                                 missing, new_report, read_text)
 from common import InputError
 
@@ -65,7 +65,7 @@ def load(root, annotations=None, split=None, seed=0):
             names = [ex[k] if os.path.splitext(ex[k])[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
             if escape(report, where, names):
                 continue
-            paths = [find_image([nm], folders) for nm in names]
+            paths = [first_existing([nm], folders) for nm in names]
             if None in paths:
                 missing(report, [nm for nm, p in zip(names, paths) if p is None], seen)
                 continue

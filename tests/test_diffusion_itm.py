@@ -200,7 +200,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
     fresh = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
     meta = fresh.load_trained(path)                                    # adds the file's adapters itself
     assert meta["training_args"]["steps"] == 1 and meta["lora"] == m.lora and fresh.lora == m.lora
-    for (n, a), (n2, b) in zip(m.lora_state().items(), fresh.lora_state().items()):
+    for (n, a), (n2, b) in zip(m.trained_state().items(), fresh.trained_state().items()):
         assert n == n2 and torch.equal(a, b)
     ims = images(2)
     assert torch.equal(fresh.score(ims, TEXTS[:2]), m.score(ims, TEXTS[:2]))

@@ -111,7 +111,7 @@ def test_format_table_for_train_rows():
 def test_comvg_cli_reports_malformed_and_missing(tmp_path, fake, capsys):
     root = write_comvg(str(tmp_path / "comvg"))
     out = str(tmp_path / "r.json")
-    assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", out, "--batch-size", "4"]) == 0
+    assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", out, "--pairs-per-call", "4"]) == 0
     res = json.load(open(out))
     d = res["datasets"]["comvg"]
     assert d["metrics"] == {"Subjects": 100.0, "Objects": 100.0, "Predicate": 100.0, "Average": 100.0}
@@ -220,7 +220,7 @@ def test_end_to_end_tiny_sd(tmp_path, tiny_sd, capsys):
     pytest.importorskip("discffusion")
     comvg = write_comvg(str(tmp_path / "comvg"))
     wino = write_winoground(str(tmp_path / "winoground"))
-    common = ["--model", tiny_sd, "--device", "cpu", "--dtype", "fp32", "--batch-size", "8", "--levels", "0.4,0.8"]
+    common = ["--model", tiny_sd, "--device", "cpu", "--dtype", "fp32", "--pairs-per-call", "8", "--levels", "0.4,0.8"]
     out = str(tmp_path / "comvg.json")
     assert evaluate.main(common + ["--dataset", "comvg", "--data-root", comvg, "--output", out]) == 0
     res = json.load(open(out))

@@ -73,9 +73,9 @@ USAGE = [
     (evaluate, ["--lam", "nan"], "argument --lam: must be finite and > 0, got nan"),
     (evaluate, ["--lam", "inf"], "argument --lam: must be finite and > 0, got inf"),
     (evaluate, ["--lam", "-1"], "argument --lam: must be finite and > 0, got -1"),
-    (evaluate, ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (evaluate, ["--eval-batch-size", "-2"], "argument --eval-batch-size: must be >= 1, got -2"),
-    (evaluate, ["--eval-batch-size", "2.5"], "argument --eval-batch-size: expected a whole number, got '2.5'"),
+    (evaluate, ["--batch-size", "4"], "unrecognized arguments: --batch-size 4"),  # train.py's option, not an alias
+    (evaluate, ["--eval-batch-size", "-2"], "argument --pairs-per-call/--eval-batch-size: must be >= 1, got -2"),
+    (evaluate, ["--eval-batch-size", "2.5"], "argument --pairs-per-call/--eval-batch-size: expected a whole number, got '2.5'"),
     (evaluate, ["--levels", "0.2,1.5"], "argument --levels: each noise level must be in (0, 1], got 0.2,1.5"),
     (evaluate, ["--levels", "nan"], "argument --levels: each noise level must be in (0, 1], got nan"),
     (evaluate, ["--resolution", "0"], "argument --resolution: must be a multiple of 8 from 8 to 2048, got 0"),

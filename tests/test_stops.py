@@ -25,6 +25,7 @@ import evaluate
 import methods
 import prompt_delta
 import train
+from benchmarks import shapes as world
 from tools import benchmark, cli, download, figures, shapes
 from tools.cli import run_cli
 from discffusion import Discffusion
@@ -195,7 +196,7 @@ SIZES = [
 def test_sizes_are_bounded_before_anything_is_allocated(module, argv, message, tmp_path, capsys, no_model,
                                                         monkeypatch):
     monkeypatch.chdir(tmp_path)                                    # shapes.py --out x: nothing may appear here
-    monkeypatch.setattr(shapes, "render", lambda *a, **k: pytest.fail("an image was drawn before the refusal"))
+    monkeypatch.setattr(world, "render", lambda *a, **k: pytest.fail("an image was drawn before the refusal"))
     code = module.main(argv) if module is evaluate else run_cli(module.main, argv)
     assert code == 2 and error_line(capsys) == f"error: {message} (see --help)" and os.listdir(tmp_path) == []
     if module is evaluate:                                          # --help states the bounds

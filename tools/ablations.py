@@ -88,7 +88,7 @@ class Runner:
     def model_argv(self):
         """The model and scorer flags shared by train.py and evaluate.py, from this command's."""
         a = self.args
-        out = ["--dataset", self.name, "--seed", str(a.seed), "--eval-batch-size", str(a.eval_batch_size)]
+        out = ["--dataset", self.name, "--seed", str(a.seed), "--pairs-per-call", str(a.pairs_per_call)]
         for flag in ("model", "data_root", "device", "precision", "lam", "pooling", "resolution", "resize_via"):
             if getattr(a, flag) is not None:
                 out += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
@@ -174,7 +174,7 @@ class Runner:
         t1, c1 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             desc = " ".join([f"{k}={v}" for k, v in options.items()] + [os.path.basename(checkpoint or "zero-shot")])
-            scored, unreadable = score_groups(model, list(pair_chunks(self.items, args.eval_batch_size)), desc)
+            scored, unreadable = score_groups(model, list(pair_chunks(self.items, args.pairs_per_call)), desc)
         seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
         records = [(item, datasets.item_metrics(self.name, s)) for item, s in scored]
         out = summarize(self.name, records)

@@ -188,7 +188,7 @@ def run(args):
             print(f"{label}: skipped ({e}; give --clip-model a local CLIP folder or --no-clip)", file=sys.stderr)
             continue
         scorer = model if method == "clip_ft" else DiscffusionEmbedding(model)
-        res = evaluate_items(scorer, name, items, args.eval_batch_size, desc=label)
+        res = evaluate_items(scorer, name, items, args.pairs_per_call, desc=label)
         res.update(method=method, checkpoint=checkpoint, model=scorer.config)
         results[label], rows[label], cis[label] = res, res["metrics"], res["ci"]
         del model, scorer

@@ -310,7 +310,7 @@ def scorer_settings(args, checkpoint):
 def load_attention_model(args, checkpoint):
     lam, pooling = scorer_settings(args, checkpoint)
     return Discffusion.from_pretrained(args.model, device=args.device, keep_maps=True, lam=lam, pooling=pooling,
-                                       seed=args.seed, pairs_per_call=args.eval_batch_size)
+                                       seed=args.seed, pairs_per_call=args.pairs_per_call)
 
 
 def stages(model, checkpoint, jobs):
@@ -676,7 +676,7 @@ def parse_args(argv):
                    help="default items only: skip the held-out summary (every test item scored)")
     a.add_argument("--seed", type=int, default=0, help="noise and the shapes split (as train.py)")
     a.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    a.add_argument("--eval-batch-size", type=cli.positive_int, default=32,
+    a.add_argument("--pairs-per-call", "--eval-batch-size", dest="pairs_per_call", type=cli.positive_int, default=32,
                    help="image-text pairs per UNet call (maps do not depend on it)")
     d = sub.add_parser("deltas", help="Fig. 8: learned prompt weights")
     d.add_argument("file", nargs="?", default=DEFAULT_DELTAS)

@@ -37,7 +37,7 @@ def fingerprint(args, method, checkpoint, model, name, root, split, items):
     checkpoint's content, precision and device, the scorer's options (model.config), the data set and its items."""
     ids = hashlib.sha256(json.dumps([it.id for it in items]).encode()).hexdigest()[:16]
     fp = dict(getattr(model, "config", {}), method=method, checkpoint=checkpoint and file_hash(checkpoint)[:16],
-              device=default_device(args.device), eval_batch_size=args.eval_batch_size,
+              device=default_device(args.device), pairs_per_call=args.pairs_per_call,
               precision=str(resolve_dtype(args.precision, default_device(args.device))).replace("torch.", ""),
               dataset=name, data_root=os.path.abspath(root), split=split,
               items=f"{len(items)}, ids {ids}")
@@ -151,7 +151,7 @@ def partial_store(args, label, method, checkpoint, model, name, root, split, ite
 # optimizer state takes the command line's --lr and --weight-decay), and each change is recorded in args.changes
 # (results.json's args and the trained file's training_args), with the step it took effect from.
 RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
-                "score", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
+                "preset", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
                 "ref_negatives", "mask_object", "vlc_max_per_file", "precision", "lora", "guidance_scale")
 
 
@@ -198,6 +198,8 @@ def restore(args, params, opt, scaler, log=print):
         return 0, []
     ck = read_state(ckpt_path)
     was = dict(ck["args"], batch_size=ck["args"]["batch_size"] * ck["args"].get("processes", 1))
+    if "score" in was:                                             # --preset's name before
+        was.setdefault("preset", was["score"])
     for key in RESUME_FIXED:
         now, what = getattr(args, key, None), f"--{key.replace('_', '-')}"
         if key == "batch_size":

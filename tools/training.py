@@ -162,7 +162,7 @@ def finish_training(args, results, name, test_items):
     for method in [m for m in args.compare.split(",") if m]:
         other = methods.build(method, args)
         with torch.no_grad():
-            results["compare"][method] = evaluate_items(other, name, test_items, args.eval_batch_size,
+            results["compare"][method] = evaluate_items(other, name, test_items, args.pairs_per_call,
                                                         desc=f"{method} zero-shot")
         del other
     if not PartialState().is_main_process:
