@@ -16,7 +16,8 @@ from baselines.clip_baselines import ClipMatcher
 from baselines.diffusion_itm import DiffusionITM
 from common import DTYPES, InputError, meta_value, read_checkpoint
 from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
-from discffusion import DEFAULT_MODEL, LCM_GUIDANCE, LEVELS, Discffusion
+from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
+from families import lcm
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -88,7 +89,7 @@ def build(method, args, checkpoint=None):
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.pairs_per_call, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
-                    guidance_scale=option(args, "guidance_scale", recorded) or LCM_GUIDANCE)
+                    guidance_scale=option(args, "guidance_scale", recorded) or lcm.GUIDANCE)
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
@@ -149,7 +150,7 @@ def add_model_args(p):
     p.add_argument("--lora", help="a LoRA merged into the UNet before scoring or training: a .safetensors file, a "
                                   "folder or a hub id (e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5)")
     p.add_argument("--guidance-scale", type=positive, help=f"LCM models (a UNet with time_cond_proj_dim): the "
-                   f"guidance scale w whose embedding conditions the UNet (default {LCM_GUIDANCE}, the LCM pipeline's)")
+                   f"guidance scale w whose embedding conditions the UNet (default {lcm.GUIDANCE}, the LCM pipeline's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
                    help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "

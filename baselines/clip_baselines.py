@@ -29,7 +29,8 @@ from transformers.masking_utils import create_causal_mask
 
 from common import (InputError, check_tensors, copy_tensors, default_device, pair_index, read_checkpoint,
                     resolve_dtype, save_tensors, split_scores)
-from discffusion import check_hub, to_rgb
+from discffusion import to_rgb
+from families.loading import check_hub
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip_ft", "clip_prompt")

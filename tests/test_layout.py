@@ -1,5 +1,6 @@
 """The project's shape: the top level holds the paper's files (the design card's eight, plus common.py and methods.py),
-the data sets sit in benchmarks/, the tooling in tools/ and the baselines in baselines/; imports among all these
+the data sets sit in benchmarks/, the model families in families/, the tooling in tools/ and the baselines in
+baselines/; imports among all these
 modules run one way (no circle of any length, across the folders too), the paper's library files never reach tools/,
 and no module of ours is imported inside a function (lazy imports are for heavy optional dependencies, not for
 dodging a circle)."""
@@ -8,7 +9,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("tools", "baselines", "benchmarks")
+PACKAGES = ("tools", "baselines", "benchmarks", "families")
 TOP = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 MODULES = TOP + list(PACKAGES) + sorted(f"{d}.{f[:-3]}" for d in PACKAGES for f in os.listdir(os.path.join(ROOT, d))
                                        if f.endswith(".py") and f != "__init__.py")

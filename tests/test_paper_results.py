@@ -12,7 +12,8 @@ from PIL import Image
 import evaluate
 from benchmarks import shapes
 from datasets import load_items, split_items
-from discffusion import Discffusion, load_components
+from discffusion import Discffusion
+from families.loading import load_components
 from tools.sd_configs import make_random_clip
 from tools import embedding_retrieval, failures, generation
 

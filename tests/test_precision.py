@@ -14,7 +14,8 @@ import triplet_loss
 from attention_capture import CallRecord
 from baselines.diffusion_itm import DiffusionITM, hardneg_loss
 from common import InputError
-from discffusion import Discffusion, load_components
+from discffusion import Discffusion
+from families.loading import load_components
 from tools import benchmark
 from tools.sd_configs import make_random_sd
 from test_train import colour_image, run_train, write_comvg

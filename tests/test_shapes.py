@@ -117,7 +117,7 @@ def test_bad_vocabulary(tmp_path):
 
 def test_model_folder_is_diffusers_layout():
     import json
-    from discffusion import load_components
+    from families.loading import load_components
     with open(os.path.join(MODEL, "model_index.json")) as f:
         index = json.load(f)
     assert index["_class_name"] == "StableDiffusionPipeline"
@@ -166,7 +166,7 @@ def test_zero_shot_diffusion_itm_well_above_chance(tmp_path):
 def test_pretraining_is_reproducible(tmp_path):
     """Two tiny runs of tools/pretrain_shapes.py with one seed write identical weights, in diffusers layout."""
     from tools import pretrain_shapes
-    from discffusion import load_components
+    from families.loading import load_components
     args = ["--images", "32", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4", "--grid", "",
             "--threads", "1"]
     for run in ("a", "b"):

@@ -33,7 +33,8 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedule
 
 from common import InputError
 from tools.cli import ArgumentParser, number, positive_int, run_cli
-from discffusion import guidance_embedding, load_components
+from families.lcm import guidance_embedding
+from families.loading import load_components
 from benchmarks import shapes
 from tools.pretrain_shapes import draw_grid, encode, to_tensor, tokenize
 from tools.sd_configs import save_sd

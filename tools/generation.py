@@ -49,7 +49,8 @@ from benchmarks import shapes  # noqa: E402
 from common import InputError, check_tensors, default_device, read_checkpoint, resolve_dtype  # noqa: E402
 from tools.cli import ArgumentParser, number, positive, positive_int, run_cli, write_json  # noqa: E402
 from datasets import load_items  # noqa: E402
-from discffusion import load_components, preprocess, to_rgb  # noqa: E402
+from discffusion import preprocess, to_rgb  # noqa: E402
+from families.loading import load_components  # noqa: E402
 
 PAPER_PROMPTS = ("A man is catching the football", "A man is catching a dog", "A woman is eating the food",
                  "A dog is smiling", "A commercial stainless kitchen with a pot of food cooking",

