@@ -13,7 +13,6 @@ from tools import ablations
 import evaluate
 import methods
 from common import read_checkpoint, save_tensors
-from discffusion import Discffusion
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +21,8 @@ def shapes_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deltas(tiny_sd, tmp_path_factory):
-    """A deltas file with random p^k, p^v and head logits, as if trained, for the tiny model."""
-    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.add_trainable():
-            p.copy_(torch.randn(p.shape, generator=g))
-    path = str(tmp_path_factory.mktemp("deltas") / "prompt_deltas.safetensors")
-    model.save_trained(path)
-    return path
+def deltas(random_deltas):
+    return random_deltas(scale=1.0, seed=0)
 
 
 def cli(tiny_sd, root, tmp_path, *extra):

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from tools import benchmark
+from common import InputError
 from discffusion import Discffusion
+from tools import benchmark
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,16 @@ def test_end_to_end_tiny_preset_writes_json(tmp_path, capsys):
     assert set(res["targets"]) == {"ratio_at_least_3x", "capture_overhead_at_most_10pct"}
     printed = capsys.readouterr().out
     assert "pairs/s" in printed and "ours/official" in printed and "capture on attn2" in printed
+
+
+def test_benchmark_train_steps_side_by_side_and_fp16_check(tiny_sd, capsys):
+    args = benchmark.parse_args(["--device", "cpu", "--threads", "1", "--model", tiny_sd, "--train-texts", "2,5",
+                                 "--train-chunk", "2", "--no-gradient-checkpointing"])
+    mem = benchmark.run_memory_child(args)
+    assert [mem[k]["pairs"] for k in ("train_step", "train_step_5")] == [2, 5]
+    assert all(mem[k]["unet_batch"] == 2 and mem[k]["peak_bytes"] > 0 for k in ("train_step", "train_step_5"))
+    fc = benchmark.fp16_check(tiny_sd, args)
+    assert fc["moved_in_fp32"] > 0 and fc["fp16"]["left_at_zero"] < 0.01
+    assert fc["fp16"]["left_at_zero"] <= fc["fp16_unscaled"]["left_at_zero"]
+    with pytest.raises(InputError, match="at least 2"):
+        benchmark.parse_args(["--train-texts", "1,10"])

@@ -2,17 +2,21 @@
 CallRecord per UNet call through cross_attention_kwargs, no warnings, explicit attaching of the trainable tensors."""
 import contextlib
 import logging
+import os
 
 import pytest
 import torch
 from PIL import Image
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 
 import triplet_loss
 from attention_capture import ATTN_LOGGER, CallRecord
 from baselines.diffusion_itm import DiffusionITM
 from discffusion import Discffusion
+from families.loading import load_components
+from support import colour_image, items_for, sd_folder
 from tools import figures
-from test_train import items_for
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +169,56 @@ def test_layer_sides_from_the_unet_structure_equal_the_maps(model):
     for name, A in maps.items():                                             # (1, heads, N_img, L)
         want.setdefault(name.split(".")[0], set()).add(int(round(A.shape[2] ** 0.5)))
     assert figures.layer_sides(model) == {g: sorted(s, reverse=True) for g, s in want.items()}
+
+
+# ---- the capture under upcast_attention ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def upcast_sd(tmp_path_factory):
+    """An SD 2.1-768-like UNet (upcast_attention=True) whose attn2 Q K^T exceeds the fp16 range."""
+    folder = sd_folder(str(tmp_path_factory.mktemp("upcast")), upcast_attention=True)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    with torch.no_grad():
+        for name, mod in unet.named_modules():
+            if name.endswith("attn2"):
+                mod.to_q.weight.mul_(250)
+                mod.to_k.weight.mul_(250)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("pooling", ["lse", "official"])
+def test_capture_equals_the_stock_processor_under_upcast(upcast_sd, precision, pooling):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    m = Discffusion.from_pretrained(upcast_sd, device="cpu", dtype=precision, pooling=pooling, levels=(0.4,))
+    stock = load_components(upcast_sd, dtype)["unet"].eval().requires_grad_(False)   # frozen, as m.unet (CPU fp16
+    # linear layers take another kernel for weights that require grad)
+    assert stock.config.upcast_attention
+    stock.set_attn_processor({k: AttnProcessor() if "attn2" in k else p for k, p in stock.attn_processors.items()})
+    g = torch.Generator().manual_seed(0)
+    z, hid = torch.randn(2, 4, 8, 8, generator=g).to(dtype), m.encode_texts(["a red circle", "a dog"])[0]
+    t = torch.tensor([400, 400])
+    logits = {}
+
+    def peek(name):                     # the largest |Q K^T| / sqrt(d) of each attn2 over its heads, in fp32
+        def hook(module, args, kwargs):
+            x, ctx = args[0].float(), kwargs["encoder_hidden_states"].float()
+            q = module.head_to_batch_dim(x @ module.to_q.weight.float().T)          # (B * heads, N, d)
+            k = module.head_to_batch_dim(ctx @ module.to_k.weight.float().T)        # (B * heads, L, d)
+            logits[name] = (q @ k.transpose(1, 2)).abs().max().item() * module.scale
+        return hook
+    handles = [mod.register_forward_pre_hook(peek(n), with_kwargs=True) for n, mod in stock.named_modules()
+               if n.endswith("attn2")]
+    record = CallRecord(torch.ones(2, hid.shape[1], dtype=torch.bool))
+    with torch.no_grad(), m.capture:
+        want = stock(z, t, hid).sample
+        for h in handles:
+            h.remove()
+        got = m.unet(z, t, hid, cross_attention_kwargs={"record": record}).sample
+    assert max(logits.values()) > 65504                                  # beyond fp16: naive fp16 logits are inf
+    assert torch.isfinite(want).all() and torch.equal(got, want), (got - want).abs().max()
+    ims, txt = [colour_image("red", 0)], ["a red circle", "a blue square"]
+    scores = m.score(ims, txt)
+    assert torch.isfinite(scores).all()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):      # as train.py runs the forward
+        assert torch.equal(m.score(ims, txt), scores)                             # the upcast survives autocast

@@ -1,5 +1,5 @@
 """Loaders of §5.1 on tiny fixture files written in each publisher's exact format."""
-import csv
+import inspect
 import json
 import os
 import pickle
@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import inspect
-
+import datasets
 from benchmarks.coco import load as load_coco
 from benchmarks.comvg import load as load_comvg
 from benchmarks.refcocog import load as load_refcocog
@@ -18,138 +17,9 @@ from benchmarks.shapes import load as load_shapes
 from benchmarks.vlchecklist import load as load_vlchecklist
 from benchmarks.vqav2 import load as load_vqav2
 from benchmarks.winoground import load as load_winoground
-from datasets import REGISTRY, InputError
-
-COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
-
-
-def image(path, color, size=16):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (size, size), COLORS[color]).save(path)  # the format follows the extension (.jpg -> JPEG)
-    return path
-
-
-# ---- fixture writers (also used by test_evaluate.py) -------------------------------------------------------------
-
-def write_comvg(root, bad_line=True, missing=True):
-    """comvg.csv: 3 good rows (subject, object, verb), optionally a short row and a row with a missing image."""
-    rows = [("1", "a red circle", "circle,is,red", "circle,is,blue", "10", "11", "subject"),
-            ("2", "a blue square", "square,is,blue", "square,is,green", "11", "12", "object"),
-            ("3", "a green triangle", "t,is,green", "t,is,red", "12", "10", "verb")]
-    if bad_line:
-        rows.append(("4", "a yellow ball", "x"))                                              # line 5: short
-    if missing:
-        rows.append(("5", "a yellow circle", "c,is,yellow", "c,is,red", "99", "10", "subject"))  # 99.jpg missing
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "comvg.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value"])
-        w.writerows(rows)
-    image(os.path.join(root, "VG_100K", "10.jpg"), "red")
-    image(os.path.join(root, "VG_100K", "11.jpg"), "blue")
-    image(os.path.join(root, "VG_100K_2", "12.jpg"), "green")
-    return root
-
-
-REF_WORDS = ["red", "green", "blue", "yellow"]
-
-
-def write_refcocog(root, n=24):
-    """refcocog/refs(umd).p (n refs over 4 images, splits train/val alternating, one bad ref) + instances.json."""
-    refs = []
-    for i in range(n):
-        color = REF_WORDS[i % 4]
-        refs.append(dict(ref_id=i, ann_id=100 + i, image_id=i % 4 + 1, split=("val", "train")[i % 2],
-                         category_id=1, sentences=[dict(raw=f"the {color} thing {i}", sent=f"the {color} thing {i}",
-                                                        tokens=["the", color], sent_id=1000 + i)]))
-    refs.append(dict(ref_id=999, image_id=1, split="val"))  # malformed: no ann_id, no sentences
-    os.makedirs(os.path.join(root, "refcocog"), exist_ok=True)
-    with open(os.path.join(root, "refcocog", "refs(umd).p"), "wb") as f:
-        pickle.dump(refs, f, protocol=2)
-    images = [dict(id=k, file_name=f"COCO_train2014_{k:012d}.jpg") for k in range(1, 5)]
-    with open(os.path.join(root, "refcocog", "instances.json"), "w") as f:
-        json.dump(dict(images=images, annotations=[], categories=[]), f)
-    for k in range(1, 5):
-        image(os.path.join(root, "train2014", f"COCO_train2014_{k:012d}.jpg"), REF_WORDS[(k - 1) % 4])
-    return root
-
-
-def write_vqav2(root):
-    """val2014 questions + annotations: 12 questions on 4 images, one question without annotation."""
-    answers = ["red", "green", "blue", "yellow", "two", "three", "cat", "dog", "ball", "table", "man", "woman"]
-    qs, anns = [], []
-    for i in range(12):
-        img = i % 4 + 1
-        if i < 4:
-            q, a, kind, given = "is it red?", ("yes" if img == 1 else "no"), "yes/no", ["yes", "no"]
-        else:
-            q, a, kind, given = "what color is it?", REF_WORDS[img - 1], "other", [REF_WORDS[img - 1], "dog"]
-        qs.append(dict(image_id=img, question=q, question_id=500 + i))
-        anns.append(dict(question_id=500 + i, image_id=img, answer_type=kind, multiple_choice_answer=a,
-                         answers=[dict(answer=x, answer_confidence="yes", answer_id=k + 1)
-                                  for k, x in enumerate(given)]))
-    for x in answers:  # more frequent answers for the candidate pool (annotations of other, image-less questions)
-        anns.append(dict(question_id=900 + len(anns), image_id=77, answer_type="other", multiple_choice_answer=x,
-                         answers=[dict(answer=x)]))
-    qs.append(dict(image_id=2, question="orphan?", question_id=12345))  # no annotation: malformed
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "v2_OpenEnded_mscoco_val2014_questions.json"), "w") as f:
-        json.dump(dict(data_subtype="val2014", questions=qs), f)
-    with open(os.path.join(root, "v2_mscoco_val2014_annotations.json"), "w") as f:
-        json.dump(dict(data_subtype="val2014", annotations=anns), f)
-    for k in range(1, 5):
-        image(os.path.join(root, "val2014", f"COCO_val2014_{k:012d}.jpg"), REF_WORDS[k - 1])
-    return root
-
-
-def write_winoground(root, bad_line=True):
-    """examples.jsonl: 3 examples (Object, Relation, Both) + optionally a broken line 4; images/*.png."""
-    exs = [dict(id=0, image_0="ex_0_img_0", image_1="ex_0_img_1", caption_0="a red circle", caption_1="a blue circle",
-                tag="Noun", secondary_tag="", num_main_preds=1, collapsed_tag="Object"),
-           dict(id=1, image_0="ex_1_img_0", image_1="ex_1_img_1", caption_0="a green square",
-                caption_1="a yellow square", tag="Adjective-Color", secondary_tag="", num_main_preds=1,
-                collapsed_tag="Relation"),
-           dict(id=2, image_0="ex_2_img_0", image_1="ex_2_img_1", caption_0="a blue dog", caption_1="a red dog",
-                tag="Scope", secondary_tag="Symbolic", num_main_preds=2, collapsed_tag="Both")]
-    colors = [("red", "blue"), ("green", "yellow"), ("red", "blue")]  # example 2 is mismatched on purpose
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "examples.jsonl"), "w") as f:
-        f.write("\n".join(json.dumps(e) for e in exs) + "\n")
-        if bad_line:
-            f.write('{"id": 3, "image_0": "ex_3_img_0"\n')  # line 4: truncated JSON
-    for e, (c0, c1) in zip(exs, colors):
-        image(os.path.join(root, "images", f"{e['image_0']}.png"), c0)
-        image(os.path.join(root, "images", f"{e['image_1']}.png"), c1)
-    return root
-
-
-def write_vlchecklist(root):
-    """data/Attribute/vg/color.json (3 records, 1 malformed), data/relation/vg/spatial.json (lowercase folder)."""
-    attr = [["VG_100K/1.jpg", {"POS": ["a red ball"], "NEG": ["a blue ball"]}],
-            ["VG_100K_2/2.jpg", {"POS": ["a green ball"], "NEG": ["a red ball"]}],
-            ["VG_100K/1.jpg", {"POS": ["a red ball"]}]]  # index 2: no NEG
-    rel = [["VG_100K/1.jpg", {"POS": ["ball on red table", "red ball"], "NEG": ["ball under blue table", "blue ball"]}],
-           ["VG_100K/404.jpg", {"POS": ["a cat"], "NEG": ["a dog"]}]]  # image missing
-    for rel_path, data in (("data/Attribute/vg/color.json", attr), ("data/relation/vg/spatial.json", rel)):
-        os.makedirs(os.path.dirname(os.path.join(root, rel_path)), exist_ok=True)
-        with open(os.path.join(root, rel_path), "w") as f:
-            json.dump(data, f)
-    image(os.path.join(root, "vg", "VG_100K", "1.jpg"), "red")
-    image(os.path.join(root, "vg", "VG_100K_2", "2.jpg"), "green")
-    return root
-
-
-def write_coco(root):
-    images = [dict(id=k, file_name=f"COCO_train2014_{k:012d}.jpg") for k in range(1, 5)]
-    anns = [dict(image_id=k, id=10 * k + j, caption=f"a {REF_WORDS[k - 1]} thing number {j}")
-            for k in range(1, 5) for j in range(3)]
-    anns.append(dict(image_id=1, id=999))  # no caption
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", "captions_train2014.json"), "w") as f:
-        json.dump(dict(images=images, annotations=anns), f)
-    for k in range(1, 5):
-        image(os.path.join(root, "train2014", f"COCO_train2014_{k:012d}.jpg"), REF_WORDS[k - 1])
-    return root
+from datasets import InputError, REGISTRY
+from support import (COLORS, FIXTURES, image, write_coco, write_comvg, write_refcocog, write_vlchecklist,
+                     write_vqa_paper, write_vqav2, write_winoground)
 
 
 # ---- ComVG -------------------------------------------------------------------------------------------------------
@@ -343,8 +213,6 @@ def test_shapes_world_is_written_on_first_use_and_read_as_comvg(tmp_path):
 
 # ---- the paper's items: VL-CheckList's evaluator, the official VQAv2 files, RefCOCOg's google split and masking ------
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "download")
-
 
 def test_vlchecklist_one_item_per_record_and_the_per_file_cap(tmp_path):
     """A SWiG record with 3 POS / 3 NEG is one item (POS[0] vs NEG[0]); the cap counts records whose image exists."""
@@ -367,23 +235,6 @@ def test_vlchecklist_one_item_per_record_and_the_per_file_cap(tmp_path):
     items, report = load_vlchecklist(str(tmp_path / "real"))
     assert [it.texts for it in items] == [["skiing slope", "snowboarding slope"]] and report["missing_images"] == 2
     assert items[0].category == "Attribute" and items[0].meta["file"] == os.path.join("Attribute", "vaw", "action.json")
-
-
-def write_vqa_paper(root, n_binary=12):
-    """The official code's test.txt (real lines of its format) and vqa_text_test.csv (its real first rows)."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(FIXTURES, "test.txt")) as f:
-        real = f.read().splitlines()
-    lines = [f"COCO_val2014_{100 + k:012d}.jpg*The question is asking about yes or no: is it {k}? it is {k}"
-             for k in range(n_binary)]
-    with open(os.path.join(root, "test.txt"), "w") as f:
-        f.write("\n".join(real + lines) + "\n")
-    with open(os.path.join(FIXTURES, "vqa_text_test.csv")) as f:
-        (tmp := os.path.join(root, "vqa_text_test.csv")) and open(tmp, "w").write(f.read())
-    names = [l.split("*")[0] for l in real + lines] + ["COCO_val2014_000000108327.jpg"]
-    for k, name in enumerate(names):
-        image(os.path.join(root, "val2014", name), REF_WORDS[k % 4])
-    return root
 
 
 def test_vqav2_paper_form_binary_is_text_to_10_images_other_is_image_to_10_texts(tmp_path):
@@ -443,3 +294,22 @@ def test_refcocog_google_preferred_split_by_and_masking(tmp_path):
     box = torch.zeros(16, 16, dtype=torch.bool)
     box[3:8, 2:10] = True
     assert torch.equal(a[~box], b[~box])                                  # outside the box: untouched
+
+
+T = torch.tensor
+
+
+@pytest.mark.parametrize("name, s, flag", [
+    ("comvg", [[1.], [1.]], "correct"), ("comvg", [[1.], [2.]], None), ("shapes", [[3.], [3.]], "correct"),
+    ("vlchecklist", [[0.5, 0.5]], "correct"), ("vlchecklist", [[0.5, 0.4]], None),
+    ("winoground", [[2., 2.], [0., 3.]], "text"), ("winoground", [[2., 1.], [2., 3.]], "image"),
+    ("winoground", [[2., 1.], [0., 3.]], None), ("refcocog", [[0.5, 0.1, 0.5]], "top1"),
+    ("refcocog", [[0.5, 0.1, 0.6]], None), ("vqav2", [[0.2, 0.2, 0.1]], "correct"), ("coco", [[0.9, 0.1]], None)])
+def test_a_tie_is_reported_and_counted_wrong(name, s, flag):
+    """`tied` finds exactly the items where a tie decides a metric: counted wrong, and right once the true
+    candidates score a little higher."""
+    s = T(s)
+    assert datasets.tied(name, s) == (flag is not None)
+    if flag:
+        true = torch.eye(*s.shape) if name == "winoground" else torch.zeros_like(s).index_put_((T(0), T(0)), T(1.))
+        assert not datasets.item_metrics(name, s)[flag] and datasets.item_metrics(name, s + 1e-3 * true)[flag]

@@ -2,10 +2,13 @@
 import pytest
 import torch
 from PIL import Image
+from diffusers import DDPMScheduler
 
-from common import InputError
+import triplet_loss
 from baselines.diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
+from common import InputError
 from discffusion import Discffusion
+from support import colour_image
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
 
@@ -98,7 +101,7 @@ def test_v_prediction_target_is_the_velocity(tiny_sd):
     m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=1, variant="classifier")
     m.core.scheduler = DDPMScheduler.from_config(m.core.scheduler.config, prediction_type="v_prediction")
     ims, txt = images(1), [TEXTS[1]]
-    z, (hid, mask) = m.core.encode_images(ims), m.core.encode_texts(txt)
+    z, (hid, _) = m.core.encode_images(ims), m.core.encode_texts(txt)
     eps = torch.randn((1, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
     ts = torch.tensor([500])
     with torch.no_grad(), m.core.capture:
@@ -218,7 +221,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
         DiffusionITM.from_pretrained(tiny_sd, device="cpu").save_trained(str(tmp_path / "x.safetensors"))
 
 
-# ---- the public official code's score (eric-ai-lab/DSD), by name: --score official ----------------------------------
+# ---- the public official code's score (eric-ai-lab/DSD), by name: --preset official ---------------------------------
 
 def test_official_timesteps_and_layers():
     from attention_capture import select_layers
@@ -300,3 +303,32 @@ def test_score_official_preset_equals_the_official_formula(tiny_sd):
 def evaluate_parser():
     import evaluate
     return evaluate.build_parser()
+
+
+# ---- v-prediction everywhere a target is used ------------------------------------------------------------------------
+def test_v_prediction_target_in_diffusion_loss_and_hardneg(tiny_sd):
+    m = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    m.scheduler = DDPMScheduler.from_config(m.scheduler.config, prediction_type="v_prediction")
+    its = [([colour_image("red", 0), colour_image("blue", 1)], ["a red circle", "a blue circle"])]
+    # Table 11's diffusion loss by hand: the same draws as triplet_loss.diffusion_loss, the velocity as target
+    g = torch.Generator().manual_seed(0)
+    z = m.encode_images([its[0][0][0]])
+    hid, mask = m.encode_texts([its[0][1][0]])
+    t = int(torch.randint(1000, (1,), generator=g))
+    eps = torch.randn(z.shape, generator=g)
+    ts = torch.tensor([t])
+    with torch.no_grad():
+        pred = m.unet(m.scheduler.add_noise(z, eps, ts), ts, hid).sample
+        want = ((pred - m.scheduler.get_velocity(z, eps, ts)) ** 2).mean()
+        got = triplet_loss.diffusion_loss(m, its, torch.Generator().manual_seed(0))
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert not torch.allclose(m.scheduler.get_velocity(z, eps, ts), eps)
+    # HardNeg: the same target (DiffusionITM.target is Discffusion.target)
+    itm = DiffusionITM(m, n_timesteps=2)
+    v = itm.target(z, eps, ts)
+    assert torch.equal(v, m.target(z, eps, ts)) and torch.equal(v, m.scheduler.get_velocity(z, eps, ts))
+    itm.add_lora()
+    assert torch.isfinite(hardneg_loss(itm, its, torch.Generator().manual_seed(0)))
+    m.scheduler = DDPMScheduler.from_config(m.scheduler.config, prediction_type="sample")
+    with pytest.raises(InputError, match="prediction_type 'sample'"):
+        m.target(z, eps, ts)

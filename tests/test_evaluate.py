@@ -1,4 +1,5 @@
 """evaluate.py (Tables 1, 8, 10): metric functions on hand-made score matrices, the CLI on fixture data sets."""
+import csv
 import json
 import os
 import subprocess
@@ -11,28 +12,9 @@ import datasets
 import evaluate
 import methods
 from datasets import Item
-from test_datasets import COLORS, write_comvg, write_refcocog, write_vlchecklist, write_vqav2, write_winoground
-from tools import intervals, tables
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-T = torch.tensor
-
-
-def color_of(im):
-    rgb = im.convert("RGB").getpixel((0, 0))
-    return min(COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLORS[c], rgb)))
-
-
-class FakeModel:
-    """score(image, text) = 1 if the image's colour is a word of the text, else 0 (the `score_items` API)."""
-    config = {"model": "fake"}
-
-    def __init__(self):
-        self.calls = []
-
-    def score_items(self, items):
-        self.calls.append(len(items))
-        return [T([[float(color_of(im) in t.split()) for t in texts] for im in images]) for images, texts in items]
+from support import (BadScores, FakeModel, REPO, T, write_comvg, write_refcocog, write_vlchecklist, write_vqav2,
+                     write_winoground)
+from tools import tables
 
 
 @pytest.fixture
@@ -217,7 +199,6 @@ def test_first_run_in_an_empty_folder_evaluates_the_shapes_world(tmp_path):
 # ---- end to end on the tiny random Stable Diffusion (the same loading path as real weights) -------------------------
 
 def test_end_to_end_tiny_sd(tmp_path, tiny_sd, capsys):
-    pytest.importorskip("discffusion")
     comvg = write_comvg(str(tmp_path / "comvg"))
     wino = write_winoground(str(tmp_path / "winoground"))
     common = ["--model", tiny_sd, "--device", "cpu", "--dtype", "fp32", "--pairs-per-call", "8", "--levels", "0.4,0.8"]
@@ -277,7 +258,6 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
 
 
 def test_bad_model_path_exits_2(tmp_path, capsys):
-    pytest.importorskip("discffusion")
     comvg = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
     assert evaluate.main(["--model", str(tmp_path / "no_model"), "--device", "cpu", "--dataset", "comvg",
                           "--data-root", comvg, "--output", str(tmp_path / "r.json")]) == 2
@@ -285,15 +265,20 @@ def test_bad_model_path_exits_2(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "no_model" in err
 
 
-def test_bootstrap_interval_deterministic_contains_the_estimate_and_shrinks():
-    hits = [1.0] * 60 + [0.0] * 40
-    low, high = intervals.bootstrap_ci(hits, seed=3)
-    assert (low, high) == intervals.bootstrap_ci(hits, seed=3) != intervals.bootstrap_ci(hits, seed=4)
-    assert low < 0.6 < high
-    wide, narrow = intervals.bootstrap_ci(hits[::10] * 1), intervals.bootstrap_ci(hits * 10)
-    assert narrow[1] - narrow[0] < (high - low) < wide[1] - wide[0]
-    assert abs((high - low) - 2 * 1.96 * (0.6 * 0.4 / 100) ** 0.5) < 0.03     # the normal approximation's width
-    a, b = [1.0, 0.0] * 50, [1.0, 1.0] * 50                                    # paired: the same resamples
-    d = intervals.bootstrap_ci([x - y for x, y in zip(a, b)], seed=1)
-    assert d[0] < -0.5 + 1e-9 and d[1] > -0.5 - 1e-9 and d[1] < 0
-    assert intervals.bootstrap_ci([]) is None
+def test_ties_and_duplicates_in_the_summary_and_the_json(tmp_path, monkeypatch, capsys):
+    """ComVG with one row repeated (same id) and one copied under a new id (same images and texts); the model ties
+    on 'a red circle'. Duplicates are warned about and still scored; ties are counted wrong and reported."""
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    with open(os.path.join(root, "comvg.csv"), "a", newline="") as f:
+        csv.writer(f).writerows([("1", "a red circle", "circle,is,red", "circle,is,blue", "10", "11", "subject"),
+                                 ("7", "a blue square", "square,is,blue", "square,is,green", "11", "12", "object")])
+    monkeypatch.setattr(methods, "build", lambda *a, **k: BadScores("a red circle", 0.0))
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", str(out)]) == 0
+    d = json.load(open(out))["datasets"]["comvg"]
+    assert d["report"]["duplicates"] == 2 and d["n_items"] == 5 and d["counts"]["Average"] == 5
+    assert d["ties"] == 2 and d["tied_items"] == ["1", "1"]
+    assert d["metrics"]["Subjects"] == 0.0 and d["metrics"]["Average"] == 60.0   # 3 of 5: the tied two count wrong
+    cap = capsys.readouterr()
+    assert "warning: 2 duplicate records" in cap.err
+    assert "; ties with a wrong candidate (counted wrong): 2; duplicate records (scored as loaded): 2" in cap.out

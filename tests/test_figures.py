@@ -26,17 +26,8 @@ def assert_picture(path, size):
 
 
 @pytest.fixture(scope="module")
-def deltas_file(tiny_sd, tmp_path_factory):
-    """Random p^k, p^v and head logits for the tiny random model, saved the way train.py saves them."""
-    from discffusion import Discffusion
-    model = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=4.0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.add_trainable():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    path = tmp_path_factory.mktemp("run") / "prompt_deltas.safetensors"
-    model.save_trained(str(path), {"lam": 4.0})
-    return str(path)
+def deltas_file(random_deltas):
+    return random_deltas(scale=0.05, seed=3, lam=4.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """Few-shot prompt learning (§4.5, eq. 5-6, Alg. 1): what trains, what is saved, the split, resume, learning."""
-import csv
+import functools
 import os
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -12,43 +11,12 @@ import triplet_loss
 from common import InputError
 from datasets import Item, split_items
 from discffusion import Discffusion
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
-
-
-def colour_image(name, seed, size=16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(COLOURS[name]).float()[None, None] + 20 * torch.randn(size, size, 3, generator=g)
-    return Image.fromarray(x.clamp(0, 255).byte().numpy())
-
-
-def write_comvg(root, n=12):
-    """A ComVG-format folder (CSV + <image_id>.jpg): sentence 'a <colour> circle', pos/neg images of two colours."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    names = list(COLOURS)
-    rows = []
-    for k in range(n):
-        a, b = names[k % 4], names[(k + 1 + k // 4) % 4]
-        pos_id, neg_id = 1000 + 2 * k, 1001 + 2 * k
-        colour_image(a, k).save(os.path.join(root, "images", f"{pos_id}.jpg"), quality=95)
-        colour_image(b, 100 + k).save(os.path.join(root, "images", f"{neg_id}.jpg"), quality=95)
-        rows.append([k, f"a {a} circle", f"{a},circle", f"{b},circle", pos_id, neg_id, ("subject", "object", "verb")[k % 3]])
-    with open(os.path.join(root, "comvg.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value"])
-        w.writerows(rows)
-    return root
+from support import COLOURS, colour_image, items_for, run_train, write_train_comvg
 
 
 @pytest.fixture(scope="module")
 def model(tiny_sd):
     return Discffusion.from_pretrained(tiny_sd, device="cpu")
-
-
-def items_for(n=4):
-    names = list(COLOURS)
-    return [([colour_image(names[k % 4], k), colour_image(names[(k + 1) % 4], 50 + k)],
-             [f"a {names[k % 4]} circle", f"a {names[(k + 2) % 4]} square"]) for k in range(n)]
 
 
 def test_zero_deltas_are_the_pretrained_model_and_only_deltas_train(tiny_sd):
@@ -144,16 +112,10 @@ def test_bad_shots(shots):
         split_items(items, shots, 0)
 
 
-def run_train(tiny_sd, root, out, *extra):
-    return train.main(["--dataset", "comvg", "--data-root", root, "--model", tiny_sd, "--shots", "6",
-                       "--batch-size", "2", "--lr", "0.05", "--output-dir", out, "--device", "cpu",
-                       "--no-zero-shot", "--eval-limit", "2", *extra])
-
-
 def test_train_py_with_gradient_checkpointing_trains_the_same_deltas(tiny_sd, tmp_path):
     """train.py --gradient-checkpointing (the capture held through backward, where checkpointing re-runs its
     processors) learns the deltas a run without it learns, also with a step's rows in chunks (CachedScores)."""
-    root = write_comvg(str(tmp_path / "comvg"))
+    root = write_train_comvg(str(tmp_path / "comvg"))
     deltas = {}
     for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"]),
                         ("checkpointed, chunks of 2 rows", ["--gradient-checkpointing", "--eval-batch-size", "2"])):
@@ -169,33 +131,8 @@ def test_train_py_with_gradient_checkpointing_trains_the_same_deltas(tiny_sd, tm
     assert any(v.abs().max() > 0 for k, v in deltas["plain"].items() if k.startswith("delta_k"))  # it learned
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_sd, tmp_path, monkeypatch):
-    root = write_comvg(str(tmp_path / "comvg"))
-    run_train(tiny_sd, root, str(tmp_path / "full"), "--steps", "4", "--save-every", "2")
-    calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt                                        # killed during step 4
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_sd, root, str(tmp_path / "cut"), "--steps", "4", "--save-every", "2")
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
-    assert not os.path.exists(tmp_path / "cut" / "prompt_deltas.safetensors")
-    res = run_train(tiny_sd, root, str(tmp_path / "cut"), "--steps", "4", "--save-every", "2", "--resume")
-    assert res["train"]["steps"] == 4
-    a = load_file(tmp_path / "full" / "prompt_deltas.safetensors")
-    b = load_file(tmp_path / "cut" / "prompt_deltas.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("delta_k"))
-
-
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_sd, tmp_path, monkeypatch):
-    root = write_comvg(str(tmp_path / "comvg"))
+    root = write_train_comvg(str(tmp_path / "comvg"))
     real = triplet_loss.margin_loss
     calls = {"n": 0}
 
@@ -232,3 +169,49 @@ def test_prompt_learning_learns_a_matching_task(tiny_sd):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
     assert accuracy() >= max(0.75, zero_shot + 0.25), (zero_shot, accuracy())
+
+
+# ---- fp16 training learns from the gradients fp32 sees (loss scaling) -------------------------------------------------
+def one_step(folder, root, out, precision, *extra):
+    run_train(folder, root, out, "--steps", "1", "--precision", precision, "--margin", "1.0", "--lr", "1e-3",
+              "--batch-size", "1", "--grad-accum", "6", *extra)  # a micro-batch's loss / 6: smaller gradients
+    return load_file(os.path.join(out, "prompt_deltas.safetensors"))
+
+
+def stuck_share(d32, d16):
+    """Of the delta entries one fp32 step moves, the share one fp16 step leaves exactly at zero."""
+    moved = sum(int((d32[k] != 0).sum()) for k in d32 if k.startswith("delta_"))
+    stuck = sum(int(((d32[k] != 0) & (d16[k] == 0)).sum()) for k in d32 if k.startswith("delta_"))
+    return stuck / moved, moved
+
+
+def test_fp16_step_moves_what_fp32_moves(sd2_layout, tmp_path, monkeypatch):
+    root = write_train_comvg(str(tmp_path / "comvg"))
+    d32 = one_step(sd2_layout, root, str(tmp_path / "fp32"), "fp32")
+    d16 = one_step(sd2_layout, root, str(tmp_path / "fp16"), "fp16")
+    share, moved = stuck_share(d32, d16)
+    assert moved > 0.9 * sum(d32[k].numel() for k in d32 if k.startswith("delta_")) and share < 0.01, share
+    ck = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=True)
+    assert ck["scaler"]["scale"] == 2.0 ** 16 and ck["history"][0] == dict(ck["history"][0], skipped=False)
+    assert torch.load(tmp_path / "fp32" / "checkpoint.pt", weights_only=True)["scaler"] == {}    # fp32: no scaler
+    # chunked (gradient caching: 1 UNet row per pass, under autocast, the scale in dL/dscore): the same step
+    chunked = one_step(sd2_layout, root, str(tmp_path / "fp16_chunked"), "fp16", "--eval-batch-size", "1")
+    assert stuck_share(d32, chunked)[0] < 0.01
+    flipped = sum(int(((chunked[k] - d16[k]).abs() > 1e-3).sum()) for k in d16)   # AdamW's first step: ~lr sign(g)
+    assert flipped < 0.01 * sum(v.numel() for v in d16.values())                  # fp16 noise (fp32 vs fp16: 0.1 %)
+    # the same step without loss scaling (the scaler off) leaves more of them at zero
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda *a, **k: real(*a, **dict(k, enabled=False)))
+    unscaled, _ = stuck_share(d32, one_step(sd2_layout, root, str(tmp_path / "fp16_unscaled"), "fp16"))
+    assert unscaled > 0.005 and share < unscaled / 10, (unscaled, share)          # here 1.1 % and 0
+
+
+def test_overflowing_fp16_step_is_skipped_not_an_error(sd2_layout, tmp_path, monkeypatch):
+    """A loss scale far too large makes the fp16 gradients inf: GradScaler skips the step and halves the scale;
+    training goes on (a non-finite loss stays an error: test_train)."""
+    root = write_train_comvg(str(tmp_path / "comvg"))
+    monkeypatch.setattr(train.torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 100))
+    d = one_step(sd2_layout, root, str(tmp_path / "out"), "fp16")
+    assert all(not d[k].any() for k in d if k.startswith("delta_"))                      # nothing moved
+    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ck["history"][0]["skipped"] is True and ck["scaler"]["scale"] == 2.0 ** 99

@@ -1,16 +1,11 @@
-"""Scale-out (issue 17): evaluation and training on two CPU processes (`accelerate launch`) equal one process; an
-evaluation killed with SIGKILL resumes to the identical JSON and refuses other options; bootstrap intervals.
-
-Two CPU processes come from `accelerate launch --multi_gpu --num_processes 2` (torchrun underneath) with the scripts'
---device cpu: `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up."""
+"""tools/processes.py, scale-out: evaluation and training on two CPU processes (`accelerate launch`) equal one
+process, and a two-process training resumes under the launcher."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,11 +13,7 @@ from safetensors.torch import load_file
 
 import evaluate
 import train
-from datasets import Item
-from discffusion import Discffusion
-from test_train import write_comvg
-import datasets
-from tools import intervals
+from support import write_train_comvg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -54,7 +45,7 @@ def tables_of(stdout):
 def test_two_processes_score_like_one(tmp_path, tiny_sd, monkeypatch, capsys):
     """7 items, 2 per scoring call -> 4 calls dealt out 2 + 2 (4 items + 3 items): the same per-item scores, metrics,
     intervals, paired differences, JSON and printed tables as one process."""
-    root = write_comvg(str(tmp_path / "comvg"), n=7)
+    root = write_train_comvg(str(tmp_path / "comvg"), n=7)
     argv = ["--dataset", "comvg", "--data-root", root, "--model", tiny_sd, "--device", "cpu", "--levels", "0.4,0.8",
             "--eval-batch-size", "4", "--methods", "discffusion,diffusion_itm", "--itm-timesteps", "2",
             "--output", "r.json"]
@@ -81,46 +72,6 @@ def test_two_processes_score_like_one(tmp_path, tiny_sd, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "two" / "r.items")            # partial files go once the JSON is written
 
 
-def test_killed_evaluation_resumes_to_the_identical_json_and_refuses_other_options(tmp_path, tiny_sd, monkeypatch,
-                                                                                    capsys):
-    root = write_comvg(str(tmp_path / "comvg"), n=15)
-    ckpts = []
-    for seed in (0, 1):
-        m = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=4.0)
-        with torch.no_grad():
-            for i, p in enumerate(m.add_trainable()):
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(10 * seed + i))
-        ckpts.append(str(tmp_path / f"deltas{seed}.safetensors"))
-        m.save_trained(ckpts[-1])
-    argv = ["--dataset", "comvg", "--data-root", root, "--model", tiny_sd, "--device", "cpu", "--eval-batch-size", "2",
-            "--checkpoint", ckpts[0], "--output", "r.json"]
-    (tmp_path / "cut").mkdir(), (tmp_path / "whole").mkdir()
-    part = tmp_path / "cut" / "r.items" / "comvg" / "discffusion" / "part-0.jsonl"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "evaluate.py"), *argv], cwd=tmp_path / "cut", env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not (part.exists() and part.read_text().count("\n") >= 2) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)                                    # one item per scoring call: 15 calls
-    proc.wait()
-    assert not (tmp_path / "cut" / "r.json").exists()
-    kept = part.read_text().count("\n")
-    assert 2 <= kept < 15
-    monkeypatch.chdir(tmp_path / "cut")
-    assert evaluate.main(argv + ["--resume", "--lam", "5"]) == 2       # other options, other checkpoint: refused
-    err = capsys.readouterr().err
-    assert err.startswith("error: --resume:") and "lam (4.0 there, 5.0 now)" in err and err.count("\n") == 1
-    assert evaluate.main([a.replace(ckpts[0], ckpts[1]) for a in argv] + ["--resume"]) == 2
-    assert "another checkpoint (" in capsys.readouterr().err
-    assert evaluate.main(argv + ["--resume"]) == 0
-    resumed_out = capsys.readouterr().out
-    assert f"discffusion comvg: {kept} of 15 items already scored" in resumed_out
-    monkeypatch.chdir(tmp_path / "whole")
-    assert evaluate.main(argv) == 0
-    assert (tmp_path / "cut" / "r.json").read_text() == (tmp_path / "whole" / "r.json").read_text()
-
-
 def test_global_batch_is_dealt_out_in_one_process_order():
     args = train.parse_args(["--dataset", "comvg", "--batch-size", "3", "--grad-accum", "2"])
     one = train.parse_args(["--dataset", "comvg", "--batch-size", "6", "--grad-accum", "2"])
@@ -133,7 +84,7 @@ def test_global_batch_is_dealt_out_in_one_process_order():
 def test_two_process_training_matches_one_and_resumes_under_the_launcher(tmp_path, tiny_sd):
     """Global batch 4: two processes x 2 items (stopped after 2 steps, resumed to 3 under the launcher) against one
     process x 4 items: the same trained tensors to DELTA_TOL."""
-    root = write_comvg(str(tmp_path / "comvg"), n=12)
+    root = write_train_comvg(str(tmp_path / "comvg"), n=12)
     common = ["--dataset", "comvg", "--data-root", root, "--model", tiny_sd, "--shots", "8", "--lr", "0.05",
               "--device", "cpu", "--no-zero-shot", "--eval-limit", "1", "--compare", "", "--save-every", "1"]
     train.main(common + ["--batch-size", "4", "--steps", "3", "--output-dir", str(tmp_path / "one")])
@@ -151,18 +102,3 @@ def test_two_process_training_matches_one_and_resumes_under_the_launcher(tmp_pat
     assert diff.abs().max() <= DELTA_TOL and rel <= DELTA_REL_TOL
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["history"] for d in ("one", "two"))
     assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one], rel=1e-5)   # global-batch losses
-
-
-def test_intervals_and_paired_differences_on_hand_made_records():
-    recs = [(Item(str(k), [], [], ("subject", "object")[k % 2]), dict(correct=k % 3 != 0)) for k in range(30)]
-    ci = intervals.intervals("comvg", recs)["ci"]
-    assert ci == intervals.intervals("comvg", recs)["ci"] and ci["Predicate"] is None
-    for col in ("Subjects", "Objects", "Average"):
-        assert ci[col][0] <= datasets.accuracy(recs, "correct", None if col == "Average" else
-                                               datasets._is(col.lower()[:-1]))[0] <= ci[col][1]
-    rows = lambda flags: {"items": [dict(id=str(k), category="subject", correct=f)  # noqa: E731
-                                    for k, f in enumerate(flags)]}
-    d = intervals.paired_differences("comvg", rows([True, False] * 10), rows([True, True] * 10))
-    assert d["Average"]["difference"] == 50.0 and d["Average"]["n"] == 20 and d["Objects"]["n"] == 0
-    assert d["Average"]["ci"][0] > 0                                     # paired: every item improves or ties
-    assert intervals.paired_differences("comvg", rows([True]), rows([True, False])) is None
