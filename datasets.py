@@ -253,16 +253,9 @@ def data_inputs(items, report):
 def add_data_args(p):
     """The loader options of train.py and evaluate.py (each registry row's `options`)."""
     g = p.add_argument_group("data set forms (benchmarks/)")
-    g.add_argument("--split-by", choices=("google", "umd"),
-                   help="RefCOCOg refs file: refs(google).p (default when present, the official code's) or refs(umd).p")
-    g.add_argument("--ref-negatives", choices=("any", "split"),
-                   help="RefCOCOg: the 9 negative expressions from any other ref (default, the official code's) or "
-                        "from other refs of the same split")
-    g.add_argument("--mask-object", action="store_true", default=None,
-                   help="RefCOCOg (Table 6): fill the referred object's instances.json box with the image's mean colour")
-    g.add_argument("--vlc-max-per-file", type=int,
-                   help=f"VL-CheckList: records per annotation file (default {vlchecklist.VLC_MAX_PER_FILE}, its "
-                        "evaluator's MAX_NUM / 2; 0 = all)")
+    for d in REGISTRY.values():
+        if hasattr(d.source, "add_args"):  # the loader's own options, its row's `options`
+            d.source.add_args(g)
 
 
 def loader_options(args, name):

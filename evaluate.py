@@ -241,7 +241,7 @@ def build_parser():
     p.add_argument("--dataset", choices=sorted(REGISTRY), help="one data set (default: all found under --data-root)")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
-    p.add_argument("--split", help="RefCOCOg / VQAv2 split (default val), COCO (default train); 'all' for every split")
+    p.add_argument("--split", help="the split of a data set that ships splits (default its registry row's); 'all' for every split")
     p.add_argument("--shots", help="shapes world: the training shots whose held-out split is evaluated (default "
                                    "the checkpoint's, else 60)")
     p.add_argument("--output", default="results.json", help="JSON results (default results.json)")

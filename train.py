@@ -27,7 +27,7 @@ import methods
 import triplet_loss
 from baselines.diffusion_itm import hardneg_loss
 from common import InputError
-from datasets import ImageCache, add_data_args
+from datasets import REGISTRY, ImageCache, add_data_args
 from evaluate import evaluate_items
 from tools import cli, processes, resume, training
 from tools.cli import ArgumentParser, Interrupted, number, positive, positive_int, run_cli
@@ -35,7 +35,7 @@ from tools.cli import ArgumentParser, Interrupted, number, positive, positive_in
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", required=True, help="comvg | refcocog | vqav2 | coco (see datasets.py)")
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(REGISTRY)} (datasets.REGISTRY)")
     p.add_argument("--method", default="discffusion", choices=methods.METHODS,
                    help="discffusion: p^k, p^v (eq. 5) + eq. 6; diffusion_itm: HardNeg LoRA; clip_ft / clip_prompt: "
                         "the CLIP baselines of §5.3 with the same margin loss")

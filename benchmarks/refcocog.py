@@ -82,6 +82,17 @@ def masked(path, box):
     return out
 
 
+def add_args(g):
+    """The command-line options of this loader (datasets.add_data_args; the registry row maps them to `load`)."""
+    g.add_argument("--split-by", choices=("google", "umd"),
+                   help="RefCOCOg refs file: refs(google).p (default when present, the official code's) or refs(umd).p")
+    g.add_argument("--ref-negatives", choices=("any", "split"),
+                   help="RefCOCOg: the 9 negative expressions from any other ref (default, the official code's) or "
+                        "from other refs of the same split")
+    g.add_argument("--mask-object", action="store_true", default=None,
+                   help="RefCOCOg (Table 6): fill the referred object's instances.json box with the image's mean colour")
+
+
 def load(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, negatives="any",
                   mask_object=False):
     """refs(google).p / refs(umd).p + instances.json -> one Item per referring expression: 1 image, `n_texts` texts.

@@ -74,6 +74,13 @@ def vlc_find(rel, key, roots):
 VLC_MAX_PER_FILE = 1000  # its evaluate.py (task itc) keeps MAX_NUM / 2 records per file; configs/sample.yaml: 2000
 
 
+def add_args(g):
+    """The command-line options of this loader (datasets.add_data_args; the registry row maps them to `load`)."""
+    g.add_argument("--vlc-max-per-file", type=int,
+                   help=f"VL-CheckList: records per annotation file (default {VLC_MAX_PER_FILE}, its evaluator's "
+                        "MAX_NUM / 2; 0 = all)")
+
+
 def load(root, annotations=None, split=None, seed=0, images=None, max_per_file=VLC_MAX_PER_FILE):
     """VL-CheckList JSON files [[image_path, {"POS": [...], "NEG": [...]}], ...] -> one Item per record, as its
     official evaluator (vl_checklist/evaluate.py, task itc) forms them.

@@ -59,12 +59,11 @@ def build_parser():
     p.add_argument("--data-root", default="data", help="parent folder; the data set goes into DATA_ROOT/NAME "
                                                        "(default data)")
     p.add_argument("--with-images", action="store_true",
-                   help="vqav2: the COCO val2014 images its files use; refcocog, coco: COCO train2014.zip; "
-                        "vlchecklist: Visual Genome's archives")
+                   help="also the images the data set's files use, where its fetch can (see each data set below)")
     p.add_argument("--yes", action="store_true", help="start downloads over 1 GB without asking")
     p.add_argument("--mirror", default=os.environ.get("DISCFFUSION_MIRROR") or None,
                    help="fetch https://HOST/PATH from MIRROR/HOST/PATH instead (default $DISCFFUSION_MIRROR); "
-                        "Winoground: set HF_ENDPOINT instead")
+                        "data sets on the Hugging Face Hub: set HF_ENDPOINT instead")
     p.add_argument("--jobs", type=positive_int, default=JOBS, help=f"images fetched at once (default {JOBS})")
     return p
 

@@ -152,7 +152,7 @@ def build_parser():
                    help="data set (default shapes: the embedded world's held-out split)")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")
     p.add_argument("--annotations", help="the annotation file, instead of looking in the folder")
-    p.add_argument("--eval-split", default="val", help="data sets that ship splits (RefCOCOg): the test split "
+    p.add_argument("--eval-split", default="val", help="data sets that ship splits: the test split "
                                                          "(default val), as train.py's")
     p.add_argument("--shots", help="the training shots whose held-out split is used, as train.py's --shots (default "
                                    "the checkpoint's, else the data set's: 0.05, shapes 60)")
