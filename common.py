@@ -8,8 +8,8 @@ it. Imports run one way (tests/test_layout.py checks it); each file imports only
     benchmarks/* -> datasets                                 (one file per data set; the registry, judges, the split)
     prompt_delta -> attention_capture -> families -> discffusion   (eq. 5 -> §4.3 -> each model family -> §4.2)
     baselines/* -> methods                                   (the baselines; every method built from CLI options)
-    tools/cli, intervals, tables, resume, processes          (the command lines' machinery)
-    evaluate, train                                          (the protocol and Alg. 1; neither imports the other)
+    tools/cli, intervals, tables, resume, processes, runs    (the command lines' machinery)
+    evaluate -> tools/training -> train                      (the protocol and its scoring loop; Alg. 1 uses it)
     tools/benchmark, download, figures, ablations, ...       (the tooling: import any file above, nothing imports them)
 The command lines' own helpers (argparse types, exit codes, signals, output checks) are in tools/cli.py.
 """

@@ -1,26 +1,15 @@
-"""Evaluation of §5 (Tables 1, 8 and 10): image-text matching accuracy on ComVG, RefCOCOg, VQAv2, Winoground, VL-CheckList.
+"""Evaluation of §5 (Tables 1, 8 and 10): image-text matching accuracy of every method on every data set.
 
-    python evaluate.py --model PATH_OR_ID --dataset comvg --data-root DIR [--annotations FILE] [--output results.json]
+    python evaluate.py --model PATH_OR_ID --dataset comvg --data-root DIR [--output results.json]
     python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
 
-The protocol, read in `run`: load every data set asked for (datasets.py), then for each method (methods.build:
-Discffusion, DiffusionITM, the CLIP baselines, with their learned tensors from --checkpoint) score every item's
-candidates (one `score_items` call per about --eval-batch-size pairs), judge each item by its data set's rule
-(datasets.item_metrics: ComVG the positive image beats the negative, RefCOCOg / VQAv2 the rank of the true text,
-Winoground text / image / group, VL-CheckList POS beats NEG; a tie counts as an error) and print the paper's tables:
-one row per method, each accuracy with its 95% bootstrap interval over items, and the item counts.
-
---dataset NAME: --data-root is that data set's own folder (default data/NAME). No --dataset: --data-root holds one
-sub-folder per data set (comvg/, refcocog/, vqav2/, winoground/, vlchecklist/, coco/), each in its publisher's
-layout (docs/data.md; fetched by python -m tools.download NAME). RefCOCOg and VQAv2 are evaluated on "val" unless
---split names another (or "all"). No --dataset and no data set under data/: the embedded shapes world.
-
-The run machinery is in tools/ (processes.py, resume.py, runs.py, intervals.py, tables.py, cli.py): `accelerate launch --multi_gpu --num_processes N` (add --device cpu for CPU
-processes) shares the items out and writes what one process writes; scores are appended to OUTPUT's partial files
-(results.json -> results.items/) and `--resume` keeps them (an item whose texts or image bytes changed is scored
-again); --output never replaces an input; Ctrl-C or SIGTERM stops with one line naming the kept files and the command
-that resumes (exit 130 / 143). Bad input: "error: <one line>" on stderr, exit 2; an unreadable image skips its item,
-counted in the summary; a non-finite score is an error naming the item.
+The protocol, read in `run`: load every data set asked for (datasets.REGISTRY; with no --dataset, one sub-folder per
+data set under --data-root, and with none there, the embedded shapes world), then for each method (methods.build, with
+its learned tensors from --checkpoint) score every item's candidates (`evaluate_items`: one `score_items` call per
+about --pairs-per-call pairs), judge each item by its data set's rule (datasets.item_metrics; a tie counts as an
+error), average the flags into the columns (`summarize`) and print the paper's tables: one row per method, each
+accuracy with its 95% bootstrap interval over items, and the item counts. The run machinery (processes, partial files
+and --resume, signals, output checks) is in tools/; docs/reliability.md and docs/scaleout.md describe it.
 """
 import argparse
 import json

@@ -6,13 +6,9 @@ Read top to bottom: options, data and the few-shot split (`datasets.split_items`
 sentence-image pair go to training until --shots items are reached, the rest is the test split), the model, then the
 loop of Alg. 1: score the batch's candidates through the same `score_items` path as evaluation (one noise level and
 one eps per micro-batch, shared by a positive and its negatives), margin loss, backward, step; then save and evaluate.
-Only p^k, p^v and the head-weight logits train. Mixed precision the standard way: autocast in --precision, trained
-tensors in fp32, fp16's loss scaled by torch.amp.GradScaler. Defaults per data set: `methods.DEFAULTS`.
-
-The run machinery is in tools/ (training.py, resume.py, processes.py, cli.py): checkpoints and --resume (the deltas
-of an uninterrupted run: the data order and the noise of step s are functions of (seed, s)), Ctrl-C / SIGTERM
-(checkpoint, the resume command, exit 130 / 143), unreadable images skipped and counted, `accelerate launch --multi_gpu --num_processes N` (gradients averaged
-over the processes; --device cpu for CPU processes), results.json and OUTPUT_DIR/prompt_deltas.safetensors.
+Only p^k, p^v and the head-weight logits train, in fp32 under autocast (fp16: torch.amp.GradScaler). Defaults per data
+set: `methods.DEFAULTS`. Checkpoints, --resume, signals and multi-process runs are in tools/ (training.py, resume.py,
+processes.py; docs/reliability.md, docs/scaleout.md).
 """
 import argparse
 import json
