@@ -317,3 +317,13 @@ def scenes(n, seed=0):
     """n shapes-world scenes and their first captions: ([PIL image], [caption])."""
     ims, caps = shapes.training_pairs(n, seed=seed)
     return [Image.fromarray(im) for im in ims], [c[0] for c in caps]
+
+
+def random_trainable(model, std, seed=0):
+    """Attach the model's p^k, p^v and head logits and fill them with N(0, std), tensor i from seed + i: a model as
+    if trained. -> the trainable tensors."""
+    params = model.add_trainable()
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.normal_(0, std, generator=torch.Generator().manual_seed(seed + i))
+    return params

@@ -15,7 +15,7 @@ from attention_capture import ATTN_LOGGER, CallRecord
 from baselines.diffusion_itm import DiffusionITM
 from discffusion import Discffusion
 from families.loading import load_components
-from support import colour_image, items_for, sd_folder
+from support import colour_image, items_for, random_trainable, sd_folder
 from tools import figures
 
 
@@ -108,10 +108,7 @@ def test_checkpointed_step_needs_the_capture_held_and_then_matches(tiny_sd, chun
     grads = []
     for ckpt in (False, True):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu", pairs_per_call=chunk)
-        params = m.add_trainable()
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(i))
+        params = random_trainable(m, 0.01)
         if ckpt:
             m.unet.enable_gradient_checkpointing()
             with pytest.raises(RuntimeError, match="hold `with model.capture:`"):
@@ -132,10 +129,7 @@ def test_chunked_backward_outside_the_capture_equals_inside(tiny_sd):
     out = []
     for held in (False, True):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu", pairs_per_call=2)
-        params = m.add_trainable()
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(i))
+        params = random_trainable(m, 0.01)
         with m.capture if held else contextlib.nullcontext():
             loss = triplet_loss.margin_loss(m.score_items(items_for(2), train=True,
                                                           generator=torch.Generator().manual_seed(0)), margin=1.0)

@@ -12,7 +12,7 @@ import triplet_loss
 from attention_capture import CallRecord, cross_attention_layers
 from common import InputError
 from discffusion import Discffusion, preprocess
-from support import colour_image
+from support import colour_image, random_trainable
 from tools.sd_configs import make_random_sd
 
 
@@ -263,10 +263,7 @@ def items(n_items=3, n_texts=5):
 # ---- a training step's memory is bounded by pairs_per_call, not by the candidates ------------------------------------
 def step_grads(folder, chunk, loss, checkpointing=False):
     m = Discffusion.from_pretrained(folder, device="cpu", pairs_per_call=chunk)
-    params = m.add_trainable()
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
+    params = random_trainable(m, 0.02)
     if checkpointing:
         m.unet.enable_gradient_checkpointing()
     rows = []

@@ -7,13 +7,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import datasets
 import evaluate
 import methods
+import train
 from datasets import Item
-from support import (BadScores, FakeModel, REPO, T, write_comvg, write_refcocog, write_vlchecklist, write_vqav2,
-                     write_winoground)
+from discffusion import Discffusion
+from support import (BadScores, FakeModel, REPO, T, random_trainable, write_comvg, write_refcocog, write_vlchecklist,
+                     write_vqav2, write_winoground)
 from tools import tables
 
 
@@ -171,7 +174,6 @@ def test_missing_root_exits_2_without_traceback(tmp_path):
 
 
 def test_missing_data_set_from_train_says_how_to_fetch_it(tmp_path, capsys):
-    import train
     from tools.cli import run_cli
     out = ["--output-dir", str(tmp_path / "run")]                      # tests write only under their tmp dirs
     assert run_cli(train.main, ["--dataset", "vqav2", "--data-root", str(tmp_path / "none"), *out]) == 2
@@ -224,13 +226,8 @@ def test_scorer_options_from_the_command_line_the_checkpoint_or_the_data_set(tmp
     """--lam / --pooling / --itm-timesteps / --shots from the command line, else the checkpoint's recorded values,
     else the data set's default (shapes: lambda 100, 50 timesteps, 60 shots), else lambda 1, LogSumExp, 10 timesteps;
     train.py resolves the same; and the scores are the trained model's."""
-    from PIL import Image
-    import train
-    from discffusion import Discffusion
     trained = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=8.0, pooling="max")
-    with torch.no_grad():
-        for i, p in enumerate(trained.add_trainable()):
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    random_trainable(trained, 0.05)
     ckpt = str(tmp_path / "deltas.safetensors")
     trained.save_trained(ckpt, {"shots": "30"})                # the file records the scorer's own lambda and pooling
     parse = lambda *a: evaluate.build_parser().parse_args(["--model", tiny_sd, "--device", "cpu", *a])  # noqa: E731

@@ -22,8 +22,8 @@ import train
 from baselines import diffusion_itm
 from common import InputError, read_checkpoint, save_tensors
 from discffusion import Discffusion
-from support import (FakeModel, REPO, WAIT, assert_stopped_at_step_1, child_env, error_line, image, main_of, run_train,
-                     train_argv, wait_for, write_comvg, write_train_comvg)
+from support import (FakeModel, REPO, WAIT, assert_stopped_at_step_1, child_env, error_line, image, main_of,
+                     random_trainable, run_train, train_argv, wait_for, write_comvg, write_train_comvg)
 from tools.cli import run_cli
 
 
@@ -451,9 +451,7 @@ def test_killed_evaluation_resumes_to_the_identical_json_and_refuses_other_optio
     ckpts = []
     for seed in (0, 1):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu", lam=4.0)
-        with torch.no_grad():
-            for i, p in enumerate(m.add_trainable()):
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(10 * seed + i))
+        random_trainable(m, 0.05, seed=10 * seed)
         ckpts.append(str(tmp_path / f"deltas{seed}.safetensors"))
         m.save_trained(ckpts[-1])
     argv = ["--dataset", "comvg", "--data-root", root, "--model", tiny_sd, "--device", "cpu", "--eval-batch-size", "2",

@@ -11,7 +11,7 @@ import triplet_loss
 from common import InputError
 from datasets import Item, split_items
 from discffusion import Discffusion
-from support import COLOURS, colour_image, items_for, run_train, write_train_comvg
+from support import COLOURS, colour_image, items_for, random_trainable, run_train, write_train_comvg
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
     grads = []
     for ckpt in (False, True):
         m = Discffusion.from_pretrained(tiny_sd, device="cpu")
-        params = m.add_trainable()
-        with torch.no_grad():
-            for p in params:
-                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(3))
+        params = random_trainable(m, 0.01, seed=3)
         if ckpt:
             m.unet.enable_gradient_checkpointing()
         with m.capture:                                  # train.py's: held across the forward and the backward
@@ -62,9 +59,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
 
 def test_save_load_round_trip_and_mismatch(tiny_sd, tmp_path):
     m = Discffusion.from_pretrained(tiny_sd, device="cpu")
-    with torch.no_grad():
-        for i, p in enumerate(m.add_trainable()):
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    random_trainable(m, 0.05)
     path = tmp_path / "deltas.safetensors"
     m.save_trained(path, {"lr": 0.1})
     m2 = Discffusion.from_pretrained(tiny_sd, device="cpu")
