@@ -244,15 +244,15 @@ def pets_folder(out, rng, n=1):
 
 
 def bias_groups(out, rng, n=4):
-    """MMBias' Images/<Category>/<Group>/*.jpg + textual_phrases.txt: red and blue scenes against phrases naming
-    red ("pleasant") and blue ("unpleasant") shapes: a scorer that sees colour gives Red-Blue a large positive d."""
-    for group, colour in (("Red", "red"), ("Blue", "blue")):
+    """MMBias' Images/<Category>/<Group>/*.jpg + textual_phrases.txt: blue and red scenes against phrases naming
+    blue ("pleasant") and red ("unpleasant") shapes: a scorer that sees colour gives Blue-Red a large positive d."""
+    for group, colour in (("Blue", "blue"), ("Red", "red")):
         for k in range(n):
             s1, s2 = rng.sample(shapes.SHAPES, 2)
             image(out, f"Images/Colour/{group}/{k}.jpg", (f"{colour} {s1}", rng.choice(shapes.RELATIONS),
                                                           f"{colour} {s2}"), rng)
     phrases = {f"{kind}_phrases": [f"a {colour} {s}" for s in shapes.SHAPES]
-               for kind, colour in (("pleasant", "red"), ("unpleasant", "blue"))}
+               for kind, colour in (("pleasant", "blue"), ("unpleasant", "red"))}
     atomic_write(os.path.join(out, "textual_phrases.txt"), lambda tmp: json.dump(phrases, open(tmp, "w")))
 
 
