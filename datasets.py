@@ -31,8 +31,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from PIL import Image, ImageStat
 
-from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, flickr30k_order, flickr30k_text, imagecode, mmbias,
-                        pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation, vlchecklist, vqav2,
+from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, flickr30k_order, flickr30k_text,
+                        imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation, vlchecklist, vqav2,
                         winoground)
 from benchmarks.reading import DataMissing, Item, read_json  # noqa: F401 - the loaders' item, re-exported
 from common import InputError

@@ -188,11 +188,17 @@ def tables(results, suite=None):
     """{table: (title, [(group, [(column, percent, count)])])} for the data sets evaluated, in the paper's layout: each
     data set in its row's table, and a breakdown with a table of its own (Winoground's Table 10) after them. suite:
     one table of the suite's data sets in the suite's order instead (and no breakdown tables)."""
-    def group(n, r):
-        return (REGISTRY[n].title, [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in REGISTRY[n].columns])
-    if suite:
-        groups = [group(n, results[n]) for n in SUITES[suite] if n in results and REGISTRY[n].columns]
-        return {suite: (SUITE_TITLES[suite], groups)} if groups else {}
+    def group(n, r, keep=lambda which: True):
+        return (REGISTRY[n].title, [(c, r["metrics"][c], r["counts"][c]) for c, _, which in REGISTRY[n].columns
+                                    if keep(which)])
+    if suite:  # the all-item columns of each data set, then the per-category ones (CLEVR's subtasks, SVO's parts)
+        names = [n for n in SUITES[suite] if n in results and REGISTRY[n].columns]
+        out = {suite: (SUITE_TITLES[suite], [group(n, results[n], lambda w: w is None) for n in names])}
+        parts = [group(n, results[n], lambda w: w is not None) for n in names]
+        if any(cols for _, cols in parts):
+            out[f"{suite}_parts"] = (f"{SUITE_TITLES[suite].split(':')[0]}: per subtask / part, accuracy (%)",
+                                     [g for g in parts if g[1]])
+        return out if names else {}
     out = {}
     for key, title in TABLES.items():
         groups = [group(n, r) for n, r in results.items() if REGISTRY[n].table == key]

@@ -137,7 +137,9 @@ def _layers(text):
 
 
 def _timesteps(text):
-    return text if text == "official" else positive_int(text)
+    if text == "official" or (text.startswith("grid:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return text
+    return positive_int(text)
 
 
 # the recorded options `option` takes from a checkpoint, checked as the command line checks them
@@ -187,7 +189,8 @@ def add_model_args(p):
                    help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
                         "attention + itm sum (combined); default itm")
     b.add_argument("--itm-timesteps", type=_timesteps, help="diffusion_itm: timesteps spread over [10, 990) (default "
-                                                            "10; 50 for the shapes world), or 'official': 989 - 33 k")
+                                                            "10; 50 for the shapes world), 'official': 989 - 33 k, or "
+                                                            "'grid:S': DiffusionITM's range(10, 990, 1000 // S)")
     b.add_argument("--uncond-attention", action="store_true", default=None,
                    help="combined: the attention term is the mean of the text's and the empty prompt's (the public "
                         "code's [uncond, cond] batch)")

@@ -18,7 +18,8 @@ from common import InputError
 LAYOUT = "val_top10_RN50x64.json + images/<id>.jpg"
 ITM_RAW = "https://raw.githubusercontent.com/McGill-NLP/diffusion-itm/main/data"
 FETCHES = ("DiffusionITM's val_top10_RN50x64.json and val_top10_RN50x64_text.json (github McGill-NLP/diffusion-itm); "
-           "the images from Flickr30K's authors (https://shannon.cs.illinois.edu/DenotationGraph/, a form) into images/")
+           "the images from Flickr30K's authors (https://shannon.cs.illinois.edu/DenotationGraph/, a form) "
+           "into images/")
 HINT = ("python -m tools.download flickr30k (the candidate lists; Flickr30K's images from "
         "https://shannon.cs.illinois.edu/DenotationGraph/ into images/)")
 TOP10 = "val_top10_RN50x64.json"

@@ -1,7 +1,8 @@
 """SVO-Probes of GDBench (Hendricks & Nematzadeh, 2021; Krojer et al., 2023 §4): a sentence against its image and an
 image whose subject, verb or object differs (T->I, 2 images; accuracy, per changed part).
 
-    svo_probes.csv     sentence,pos_triplet,neg_triplet,subj_neg,verb_neg,obj_neg,pos_image_id,neg_image_id,pos_url,neg_url
+    svo_probes.csv     sentence,pos_triplet,neg_triplet,subj_neg,verb_neg,obj_neg,pos_image_id,neg_image_id,
+                       pos_url,neg_url
     images/<id>.jpg    fetched from pos_url / neg_url by `python -m tools.download svo` (dead URLs counted, skipped)
 
 category subject / verb / object from the True one of subj_neg / verb_neg / obj_neg (DiffusionITM's svo_subj /
@@ -96,4 +97,5 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
 
 
 def manual_route(root):
-    return f"{SVO_CSV_URL} into {root}/, each row's pos_url / neg_url into {root}/images/<pos_image_id / neg_image_id>.jpg"
+    return (f"{SVO_CSV_URL} into {root}/, each row's pos_url / neg_url into "
+            f"{root}/images/<pos_image_id / neg_image_id>.jpg")

@@ -15,7 +15,8 @@ from benchmarks.reading import (Item, check_root, cropped, escape, find_file, fi
 from common import InputError
 
 LAYOUT = "visual_genome_relation.json + images/<image_path>"
-ARO_FILES = ("ARO's files are on Google Drive: visual_genome_relation.json (gdown id 1kX2iCHEv0CADL8dSO1nMdW-V0NqIAiP3), "
+ARO_FILES = ("ARO's files are on Google Drive: visual_genome_relation.json "
+             "(gdown id 1kX2iCHEv0CADL8dSO1nMdW-V0NqIAiP3), "
              "visual_genome_attribution.json (13tWvOrNOLHxl3Rm9cR3geAdHx2qR3-Tw) and the images "
              "vgr_vga_images.zip (1qaPlrwhGNMrR3a11iopZUT_GPP_LrgP9, unzipped to images/): `pip install gdown; "
              "gdown ID`")

@@ -1,4 +1,5 @@
-"""The `clip` method: CLIP zero-shot, the plain cosine of the pretrained model, nothing trained (GDBench's CLIP rows)."""
+"""The `clip` method: CLIP zero-shot, the plain cosine of the pretrained model, nothing trained (GDBench's CLIP
+rows)."""
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -1,4 +1,5 @@
-"""benchmarks/coco_order.py and flickr30k_order.py: Karpathy-format files, one item per caption, seeded perturbations."""
+"""benchmarks/coco_order.py and flickr30k_order.py: Karpathy-format files, one item per caption, seeded
+perturbations."""
 import json
 import os
 import sys

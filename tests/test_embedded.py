@@ -51,7 +51,9 @@ def test_suite_offline_prints_one_table_per_suite_and_the_bias_table(tmp_path, m
     res = json.load(open("r.json"))
     assert set(res["datasets"]) == set(datasets.SUITES["gdbench"])
     assert list(res["methods"]) == ["discffusion", "diffusion_itm"]            # no CLIP offline
-    assert set(res["tables"]) == {"gdbench"} and "Flickr30K image retrieval" in res["tables"]["gdbench"]
+    assert set(res["tables"]) == {"gdbench", "gdbench_parts"}
+    assert "Flickr30K image retrieval" in res["tables"]["gdbench"]
+    assert set(res["tables"]["gdbench_parts"]) == {"SVO-Probes", "CLEVR"}
     assert "GDBench (Krojer et al., 2023)" in printed and "Bias test (MMBias)" in printed
     assert list(res["datasets"]["mmbias"]["bias"]) == ["Blue-Red"]             # pleasant colour first
     assert os.path.isdir(os.path.join("data", "embedded_gdbench", "flickr30k"))

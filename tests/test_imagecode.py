@@ -16,7 +16,8 @@ def write_imagecode(root, outside):
     data = {"open-images-1_a": {"3": "the yellow one", "12": "no such image", "x": "not an index"},
             "MSR-VTT-video_b": {"0": "a video frame"},
             "open-images-2_missing": {"1": "a set not on disk"},
-            os.path.relpath(os.path.dirname(outside), os.path.join(root, "image-sets")) + "/open-images-x": {"0": "out"},
+            os.path.relpath(os.path.dirname(outside), os.path.join(root, "image-sets")) + "/open-images-x":
+                {"0": "out"},
             "open-images-3_bad": "not a dict"}
     json.dump(data, open(os.path.join(root, "valid_data.json"), "w"))
     return root
