@@ -12,11 +12,20 @@ image-text matching problem whose score matrix is (len(images), len(texts)), jud
     Winoground     text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)
                    image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group = both     Text / Image / Group, per tag
     VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
+    GDBench and the compositional suites (docs/gdbench.md; `SUITES`):
+    Flickr30K, ImageCoDe   rank of the true image among the 10 (T->I)           Top-1 / Top-5 (R@1 / R@5)
+    Flickr30K text, Pets   rank of the true text (I->T)                         Top-1 / Top-5; Pets Top-1 / Per-class
+    ARO VG, CLEVR, SugarCrepe   s(img, true) > s(img, false)                    accuracy; per relation / subtask / file
+    ARO Order      the true caption beats its 4 perturbations                   accuracy
+    SVO-Probes     s[pos, sentence] > s[neg, sentence]                          Subject / Verb / Object / Average
+    MMBias         phi = mean s(pleasant) - mean s(unpleasant) per image        effect size d, p-value, interval
 
     items, report = load_items("comvg")                  # data/comvg (any alias), or root="folder"
     train, test = split_items(items, "0.05", seed=0)     # the few-shot split of §5.2
 
-A tie counts as an error (strict >) and is reported. `report` counts what did not become an item (benchmarks/
+A tie counts as an error (strict >) and is reported (`prefer_true`: DiffusionITM's rule, the true candidate wins a
+tie, for `evaluate.py --ties first`). A column whose flag is None is set-level (the row's `metrics`: ARO's macro over
+relations, Pets' per-class mean, SugarCrepe's add / replace / swap means over files). `report` counts what did not become an item (benchmarks/
 reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the
 groups are shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group
 is the held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a
