@@ -233,10 +233,11 @@ REGISTRY = {
     "coco": Dataset(coco, "MS-COCO captions", "coco", RANKED_COLUMNS, RANKED_TEXTS, aliases=("mscoco",),
                     found=False, headline="Top-1", chance=10.0),
     "flickr30k": Dataset(flickr30k, "Flickr30K image retrieval", "gdbench", RANKED_COLUMNS, RANKED_IMAGES,
-                         headline="Top-1", chance=10.0, options={"flickr_every": "every"},
+                         headline="Top-1", chance=10.0, options={"flickr_every": "every", "flickr_karpathy": "karpathy"},
                          embedded=embedded.top10_images),
     "flickr30k_text": Dataset(flickr30k_text, "Flickr30K text retrieval", "gdbench", RANKED_COLUMNS, RANKED_TEXTS,
                               aliases=("flickr30k",), headline="Top-1", chance=10.0,
+                              options={"flickr_karpathy": "karpathy"},
                               embedded=embedded.top10_texts),
     "vg_relation": Dataset(vg_relation, "ARO VG-Relation", "gdbench",
                            [("Accuracy", "correct", None), ("Macro", None, None)], POS_TEXT, aliases=("aro",),
@@ -404,6 +405,9 @@ def add_data_args(p):
     g.add_argument("--flickr-every", type=int,
                    help="Flickr30K image retrieval: every Nth caption of the top-10 file is a query (default 5, "
                         "DiffusionITM's: 1,014 queries; 1 = all 5,070)")
+    g.add_argument("--flickr-karpathy", action="store_true", default=None,
+                   help="Flickr30K: Karpathy's dataset_flickr30k.json test split, every caption / image against the "
+                        "whole split (full retrieval; with evaluate.py --prefilter-k K)")
     g.add_argument("--imagecode-video", action="store_true", default=None,
                    help="ImageCoDe: every image set (DiffusionITM's imagecode_video), not only the static ones")
     g.add_argument("--pets-template", help=f"Oxford Pets: the text of a class (default {pets.TEMPLATE!r})")

@@ -40,6 +40,7 @@ from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, grou
 from tools import runs
 from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, write_json
 from tools.intervals import intervals
+from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
 from tools.resume import item_digest, partial_root, partial_store
 from tools.tables import fmt_ci, render_table, show_differences, summary_line
@@ -126,15 +127,18 @@ def score_all(model, items, pairs, desc, store=None):
     return [(k, records[k]) for k in range(len(items))]
 
 
-def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="error"):
+def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="error", misses=()):
     """Score `items` of data set `name`, about `pairs` image-text pairs per scoring call -> {"metrics": {column:
     percent}, "counts", "ci" (95% bootstrap intervals), n_items, unreadable, "items" (id, category, score matrix and
     flags of each scored item; the texts too where the loader drew them, e.g. ARO's perturbations), ...}. Under
     `accelerate launch` the items are shared out among the processes (`score_all`); every process returns the same
     results. store: a partial file (`open_partial`). ties "first": DiffusionITM's rule, the true (first) candidate
-    wins a tie (`datasets.prefer_true`); "error" (default): a tie counts as an error."""
+    wins a tie (`datasets.prefer_true`); "error" (default): a tie counts as an error. misses: [(item, score matrix)]
+    of items the --prefilter-k filter lost, counted as scored with that (losing) matrix."""
     records = score_all(model, items, pairs, desc or name, store)
     scored = [(items[k], torch.as_tensor(r["scores"])) for k, r in records if "scores" in r]    # kept: lists
+    scored += list(misses)
+    lost = {id(item) for item, _ in misses}
     unreadable = [(r["id"], r["error"]) for _, r in records if "error" in r]
     judge = prefer_true if ties == "first" else (lambda s: s)
     records = [(item, item_metrics(name, judge(s))) for item, s in scored]
@@ -146,7 +150,8 @@ def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="er
                unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
                ties=len(tied_ids), tied_items=tied_ids[:MAX_LISTED], tie_rule=ties, **cis)
     out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m,
-                         **({"texts": list(item.texts)} if item.meta.get("generated") else {}))
+                         **({"texts": list(item.texts)} if item.meta.get("generated") else {}),
+                         **({"prefilter_miss": True} if id(item) in lost else {}))
                     for (item, s), (_, m) in zip(scored, records)]
     return out
 
@@ -286,6 +291,10 @@ def build_parser():
                    help="every data set of a suite found under --data-root (default data/), one table: gdbench "
                         f"({', '.join(SUITES['gdbench'])}) or compositional ({', '.join(SUITES['compositional'])}); "
                         "none found: the embedded shapes world's instance of each, on the tiny model")
+    p.add_argument("--prefilter-k", type=positive_int,
+                   help="full retrieval: CLIP (--clip-model, zero-shot cosine) ranks every candidate of an item and "
+                        "each method re-ranks only the top K (e.g. --dataset flickr30k --flickr-karpathy "
+                        "--prefilter-k 20); the filter's recall@K is printed beside R@1 / R@5")
     p.add_argument("--ties", choices=("error", "first"), default="error",
                    help="error (default): a tie with a wrong candidate counts as an error; first: DiffusionITM's "
                         "rule, the true (first) candidate wins a tie (numpy argmax), for items with one image or "
@@ -322,15 +331,23 @@ def run(args, argv=()):
     with state.main_process_first():                               # the shapes world is written on first use
         data = runs.load_data(args, roots, rows)                 # {name: (root, split, items, report)}
     runs.check_output(args, rows, data)                          # nor a file the data sets read
+    filtered = {}
+    if args.prefilter_k:                                         # CLIP's top K per item; the rest never scored
+        clip = methods.build("clip", args)
+        for name, (root, split, items, report) in list(data.items()):
+            kept, misses, stats = prefilter(clip, items, args.prefilter_k)
+            data[name], filtered[name] = (root, split, kept, report), (misses, stats)
+        del clip
     per_method = {}
     for label, method, checkpoint in rows:
         model = methods.build(method, args, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
             store = partial_store(args, label, method, checkpoint, model, name, root, split, items)
+            misses, stats = filtered.get(name, ((), None))
             results[name] = evaluate_items(model, name, items, args.pairs_per_call, f"{label} {name}", store,
-                                           args.ties)
-            results[name].update(root=root, split=split, report=report)
+                                           args.ties, misses)
+            results[name].update(root=root, split=split, report=report, **({"prefilter": stats} if stats else {}))
         per_method[label] = dict(method=method, checkpoint=checkpoint, model=getattr(model, "config", {}),
                                  datasets=results)
         del model
@@ -358,6 +375,11 @@ def write_results(args, argv, per_method):
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
+    for name, res in first.items():
+        if res.get("prefilter"):
+            f = res["prefilter"]
+            print(f"{name}: CLIP pre-filter top {f['k']}: recall@{f['k']} {f['recall']:.2f}% ({f['hits']} of "
+                  f"{f['items']} items kept their true candidate; the rest count as wrong in every row)")
     for name, why in getattr(args, "skipped", {}).items():
         print(f"{name}: skipped, not loaded ({why})")
     flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in cg} for k, (_, cg) in t.items()}  # noqa

@@ -23,6 +23,7 @@ FETCHES = ("DiffusionITM's val_top10_RN50x64.json and val_top10_RN50x64_text.jso
 HINT = ("python -m tools.download flickr30k (the candidate lists; Flickr30K's images from "
         "https://shannon.cs.illinois.edu/DenotationGraph/ into images/)")
 TOP10 = "val_top10_RN50x64.json"
+KARPATHY = "dataset_flickr30k.json"   # Karpathy's split: {images: [{filename, split, sentences: [{raw}]}]}
 TOP10_TEXT = "val_top10_RN50x64_text.json"
 PREFIX = "datasets/flickr30k/"   # how the files name an image: datasets/flickr30k/images/<id>.jpg
 
@@ -64,9 +65,47 @@ def valid_list(report, where, key, values, n=10):
     return True
 
 
-def load(root, annotations=None, split=None, seed=0, every=5):
+def karpathy_pool(root, annotations, split="test"):
+    """(path, report, [(image path, [captions])]) of the Karpathy file's `split` images found under root/images
+    (a missing image is counted and left out of the pool; a malformed record is counted)."""
+    check_root(root, "Flickr30K")
+    what = "Flickr30K Karpathy split"
+    path = given_file(what, annotations) if annotations else find_file(what, [KARPATHY], [root])
+    data = read_json(path, what)
+    records = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise InputError(f"{what} {path}: expected {{\"images\": [{{filename, split, sentences}}]}}")
+    report, pool, seen = new_report("flickr30k", [path]), [], set()
+    for k, rec in enumerate(records):
+        if not isinstance(rec, dict) or rec.get("split") != (split or "test"):
+            continue
+        report["records"] += 1
+        where = f"{path}[images][{k}]"
+        captions = [s.get("raw") for s in rec.get("sentences", []) if isinstance(s, dict)] \
+            if isinstance(rec.get("sentences"), list) else []
+        if not (isinstance(rec.get("filename"), str) and captions and all(isinstance(c, str) and c.strip()
+                                                                          for c in captions)):
+            malformed(report, where, "expected {filename, split, sentences: [{raw}]}")
+            continue
+        found = image_paths(report, where, [os.path.join("images", rec["filename"])], root, seen)
+        if found:
+            pool.append((found[0], captions))
+    return path, report, pool
+
+
+def load(root, annotations=None, split=None, seed=0, every=5, karpathy=False):
     """val_top10_RN50x64.json -> one Item per `every`-th caption (DiffusionITM's 5; 1 = all): images = its 10
-    candidates (the true one first), texts = [caption]. No split; `seed` unused (the lists are frozen)."""
+    candidates (the true one first), texts = [caption]. No split; `seed` unused (the lists are frozen).
+
+    karpathy=True (--flickr-karpathy): dataset_flickr30k.json's `split` (default test: 1,000 images, 5,000 captions)
+    instead, each `every`-th caption against every image of the split found on disk (the true one first): full
+    retrieval, for --prefilter-k."""
+    if karpathy:
+        path, report, pool = karpathy_pool(root, annotations, split)
+        images = [p for p, _ in pool]
+        items = [Item(id=f"c{i}.{j}", images=[p] + images[:i] + images[i + 1:], texts=[c])
+                 for i, (p, caps) in enumerate(pool) for j, c in enumerate(caps)][::every]
+        return finish(report, items, "Flickr30K", "images/<filename>", [os.path.join(root, "images")])
     path, data = read_lists(root, annotations, TOP10, "Flickr30K retrieval lists")
     report, items, seen = new_report("flickr30k", [path]), [], set()
     for k, (caption, paths) in enumerate(list(data.items())[::every]):

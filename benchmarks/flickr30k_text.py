@@ -8,16 +8,26 @@ Every image of the file is a query (1,000), as DiffusionITM's loader. Fetched wi
 """
 import os
 
-from benchmarks.flickr30k import TOP10_TEXT, image_paths, read_lists, valid_list
+from benchmarks.flickr30k import TOP10_TEXT, image_paths, karpathy_pool, read_lists, valid_list
 from benchmarks.reading import Item, finish, new_report
 
 LAYOUT = f"{TOP10_TEXT} + images/<id>.jpg (the same folder as flickr30k's)"
 HINT = "python -m tools.download flickr30k (both candidate lists; the images from Flickr30K's authors into images/)"
 
 
-def load(root, annotations=None, split=None, seed=0):
+def load(root, annotations=None, split=None, seed=0, karpathy=False):
     """val_top10_RN50x64_text.json -> one Item per image: images [it], texts its 10 candidate captions (the true one
-    first). No split; `seed` unused (the lists are frozen)."""
+    first). No split; `seed` unused (the lists are frozen).
+
+    karpathy=True (--flickr-karpathy): dataset_flickr30k.json's `split` (default test) instead, each image against the
+    first caption of every image of the split (its own first): full retrieval with one true text per image (not the
+    5-caption protocol, where any of an image's 5 captions counts), for --prefilter-k."""
+    if karpathy:
+        path, report, pool = karpathy_pool(root, annotations, split)
+        firsts = [caps[0] for _, caps in pool]
+        items = [Item(id=f"i{i}", images=[p], texts=[firsts[i]] + firsts[:i] + firsts[i + 1:])
+                 for i, (p, _) in enumerate(pool)]
+        return finish(report, items, "Flickr30K", "images/<filename>", [os.path.join(root, "images")])
     path, data = read_lists(root, annotations, TOP10_TEXT, "Flickr30K text-retrieval lists")
     report, items, seen = new_report("flickr30k_text", [path]), [], set()
     for k, (image, captions) in enumerate(data.items()):
