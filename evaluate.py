@@ -293,7 +293,7 @@ def build_parser():
                         "none found: the embedded shapes world's instance of each, on the tiny model")
     p.add_argument("--prefilter-k", type=positive_int,
                    help="full retrieval: CLIP (--clip-model, zero-shot cosine) ranks every candidate of an item and "
-                        "each method re-ranks only the top K (e.g. --dataset flickr30k --flickr-karpathy "
+                        "each method re-ranks only the top K (e.g. Flickr30K's Karpathy split: --flickr-karpathy "
                         "--prefilter-k 20); the filter's recall@K is printed beside R@1 / R@5")
     p.add_argument("--ties", choices=("error", "first"), default="error",
                    help="error (default): a tie with a wrong candidate counts as an error; first: DiffusionITM's "

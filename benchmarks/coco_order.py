@@ -5,63 +5,19 @@ of it (I->T, 5 texts; accuracy = the true caption scores highest).
     val2014/COCO_val2014_<id>.jpg
 
 One item per caption (25,010 on the Karpathy test split), its texts drawn by benchmarks/perturbations.py from the
-seed with a part-of-speech tagger (spaCy en_core_web_sm by default, `tagger` to inject another). `read_order` reads
-Flickr30k-Order's file too. The JSON is BLIP's public file; the images COCO's val2014.zip.
+seed with a part-of-speech tagger (spaCy en_core_web_sm by default, `tagger` to inject another; benchmarks/aro.py
+`read_order`). The JSON is BLIP's public file; the images COCO's val2014.zip.
 """
 import os
 
+from benchmarks.aro import BLIP_FILES, read_order
 from benchmarks.fetching import COCO_ZIPS, JOBS, FetchError, confirm, count, fetch_archive, mirrored, new_tally
 from benchmarks.fetching import fetch as fetch_file
-from benchmarks.perturbations import PERTURBATIONS, order_texts, spacy_tagger
-from benchmarks.reading import (Item, check_root, escape, find_file, first_existing, finish, given_file, item_rng,
-                                malformed, missing, new_report, read_json)
-from common import InputError
 
 LAYOUT = "coco_karpathy_test.json + val2014/COCO_val2014_<id>.jpg"
-BLIP_FILES = "https://storage.googleapis.com/sfr-vision-language-research/datasets"
 KARPATHY_TEST = "coco_karpathy_test.json"
 FETCHES = f"{KARPATHY_TEST} (BLIP's, as ARO) + with --with-images --yes COCO val2014.zip (6.6 GB)"
 HINT = f"python -m tools.download coco_order --with-images --yes ({KARPATHY_TEST} + COCO val2014.zip, 6.6 GB)"
-
-
-def read_order(root, annotations, name, what, seed, tagger):
-    """A Karpathy-format file [{image, caption: [...]}] -> one Item per caption: images [image], texts [cleaned
-    caption, its four perturbations]; meta keeps the perturbation names and marks the texts as generated (kept in the
-    results)."""
-    check_root(root, what)
-    path = given_file(what, annotations) if annotations else find_file(what, [name], [root])
-    data = read_json(path, what)
-    if not isinstance(data, list):
-        raise InputError(f"{what} {path}: expected a JSON list of {{image, caption}} records, "
-                         f"got {type(data).__name__}")
-    tagger = tagger or spacy_tagger()
-    report, items, seen = new_report(what, [path]), [], set()
-    for k, rec in enumerate(data):
-        report["records"] += 1
-        where = f"{path}[{k}]"
-        captions = rec.get("caption") if isinstance(rec, dict) else None
-        captions = [captions] if isinstance(captions, str) else captions
-        if not (isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"].strip()
-                and isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip()
-                                                                    for c in captions)):
-            malformed(report, where, "expected {image: path, caption: [captions]}")
-            continue
-        if escape(report, where, [rec["image"]]):
-            continue
-        image = first_existing([rec["image"], os.path.join("images", os.path.basename(rec["image"]))], [root])
-        if image is None:
-            missing(report, [rec["image"]], seen)
-            continue
-        for j, caption in enumerate(captions):
-            item_id = f"{k}.{j}"
-            items.append(Item(id=item_id, images=[image], texts=order_texts(caption, tagger, item_rng(seed, item_id)),
-                              meta=dict(perturbations=list(PERTURBATIONS), generated=True)))
-    return finish(report, items, what, rec_example(data), [root])
-
-
-def rec_example(data):
-    first = next((r for r in data if isinstance(r, dict) and isinstance(r.get("image"), str)), None)
-    return first["image"] if first else "<image>"
 
 
 def load(root, annotations=None, split=None, seed=0, tagger=None):

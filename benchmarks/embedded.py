@@ -143,14 +143,14 @@ def _vg(out, rng, n, name, negative, extra):
     dump(out, name, recs)
 
 
-def vg_relation(out, rng, n=8):
+def aro_relation(out, rng, n=8):
     """ARO's visual_genome_relation.json: the relation caption and its subject / object swap, box = whole image."""
     _vg(out, rng, n, "visual_genome_relation.json",
         lambda sc: dict(true_caption=shapes.caption(sc), false_caption=shapes.caption(swapped(sc))),
         lambda sc: dict(relation_name=sc[1]))
 
 
-def vg_attribution(out, rng, n=8):
+def aro_attribution(out, rng, n=8):
     """ARO's visual_genome_attribution.json: "a red circle and a blue square" against the colours swapped."""
     _vg(out, rng, n, "visual_genome_attribution.json",
         lambda sc: dict(true_caption=both(sc), false_caption=both(colours_swapped(sc))),

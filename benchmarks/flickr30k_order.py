@@ -4,12 +4,12 @@ perturbations of it (I->T, 5 texts; accuracy).
     flickr30k_val.json              [{image: "flickr30k-images/<id>.jpg", caption: [5 captions]}, ...]
     flickr30k-images/<id>.jpg       (or images/<id>.jpg)
 
-One item per caption, drawn as COCO-Order's (benchmarks/coco_order.py `read_order`, benchmarks/perturbations.py).
+One item per caption, drawn as COCO-Order's (benchmarks/aro.py `read_order`, benchmarks/perturbations.py).
 The JSON is BLIP's public file; the images come from Flickr30K's authors (a form).
 """
 import os
 
-from benchmarks.coco_order import BLIP_FILES, read_order
+from benchmarks.aro import BLIP_FILES, read_order
 from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
 from benchmarks.fetching import fetch as fetch_file
 
@@ -22,7 +22,7 @@ HINT = (f"python -m tools.download flickr30k_order ({KARPATHY_VAL}; the images f
 
 def load(root, annotations=None, split=None, seed=0, tagger=None):
     """flickr30k_val.json -> one Item per caption, [image] x [caption, 4 perturbations] drawn from `seed`; tagger as
-    coco_order.load."""
+    COCO-Order's load."""
     return read_order(root, annotations, KARPATHY_VAL, "Flickr30k-Order", seed, tagger)
 
 

@@ -1,16 +1,17 @@
 """Flickr30K text retrieval of GDBench (Krojer et al., 2023, §4): one image against 10 captions (I->T, R@1 / R@5).
 
     val_top10_RN50x64_text.json   {image path: [10 captions]}, the true caption first, the other 9 CLIP RN50x64's
-    images/<id>.jpg               top hits among other images' captions (paths read as in flickr30k.py)
+    images/<id>.jpg               top hits among other images' captions (paths read as the image-retrieval file's)
 
 Every image of the file is a query (1,000), as DiffusionITM's loader. Fetched with the retrieval lists
 (`python -m tools.download flickr30k`); the same folder (data/flickr30k is its default root too).
 """
 import os
 
-from benchmarks.flickr30k import TOP10_TEXT, image_paths, karpathy_pool, read_lists, valid_list
+from benchmarks.top10 import image_paths, karpathy_pool, read_lists, valid_list
 from benchmarks.reading import Item, finish, new_report
 
+TOP10_TEXT = "val_top10_RN50x64_text.json"
 LAYOUT = f"{TOP10_TEXT} + images/<id>.jpg (the same folder as flickr30k's)"
 HINT = "python -m tools.download flickr30k (both candidate lists; the images from Flickr30K's authors into images/)"
 

@@ -5,13 +5,13 @@ caption with the attributes swapped (I->T, 2 texts; accuracy).
                                        false_caption, attributes: [a, b]}, ...]
     images/<image_path>
 
-28,748 records; the image is cropped to the box (benchmarks/vg_relation.py `read_vg`); category "a_b" as ARO's
+28,748 records; the image is cropped to the box (benchmarks/aro.py `read_vg`); category "a_b" as ARO's
 per-attribute records. Google Drive files, not fetched here (see HINT).
 """
-from benchmarks.vg_relation import ARO_FILES, read_vg
+from benchmarks.aro import ARO_FILES, read_vg
 
 LAYOUT = "visual_genome_attribution.json + images/<image_path>"
-HINT = f"not fetched here; {ARO_FILES}, into data/vg_attribution/"
+HINT = f"not fetched here; {ARO_FILES}, into data/vg_attribution/ (or data/aro/)"
 
 
 def attributes(rec):

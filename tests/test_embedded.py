@@ -34,7 +34,7 @@ def test_each_instance_is_written_once_and_read_by_its_loader(name, tmp_path):
 def test_true_candidates_are_true_in_the_world(tmp_path):
     """The written captions say what the images show: the first text names the true image's scene."""
     root = str(tmp_path / "vgr")
-    embedded.write(embedded.vg_relation, root)
+    embedded.write(embedded.aro_relation, root)
     recs = json.load(open(os.path.join(root, "visual_genome_relation.json")))
     assert all(r["true_caption"] != r["false_caption"] and sorted(r["true_caption"].split()) ==
                sorted(r["false_caption"].split()) for r in recs)                  # the same words, swapped
