@@ -91,3 +91,19 @@ def test_tie_rules_through_evaluate_items():
         ev.ImageCache.load = orig
     assert strict["metrics"]["Accuracy"] == 50.0 and strict["ties"] == 1
     assert first["metrics"]["Accuracy"] == 100.0 and first["tie_rule"] == "first"
+
+
+def test_the_suite_runs_the_real_scorers_on_a_tiny_model(tmp_path, tiny_sd, monkeypatch):
+    """Every task type through Discffusion and DiffusionITM themselves (one item each): cropped regions, 10-image
+    and 10-text retrieval, 5-way order sets, the bias set; finite scores of each item's shape."""
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["--suite", "gdbench", "--model", tiny_sd, "--device", "cpu", "--levels", "0.5",
+                          "--itm-timesteps", "2", "--limit", "1", "--output", "r.json"]) == 0
+    res = json.load(open("r.json"))
+    for m in ("discffusion", "diffusion_itm"):
+        for name, r in res["methods"][m]["datasets"].items():
+            assert r["n_items"] == 1, (m, name)
+            item = r["items"][0]
+            s = torch.tensor(item["scores"])
+            assert torch.isfinite(s).all() and s.numel() > 1 and (1 in s.shape or name == "winoground"), (m, name)
+    assert res["methods"]["diffusion_itm"]["model"]["timesteps"] == [255, 745]      # 2 midpoints of [10, 990)
