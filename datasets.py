@@ -25,8 +25,8 @@ image-text matching problem whose score matrix is (len(images), len(texts)), jud
 
 A tie counts as an error (strict >) and is reported (`prefer_true`: DiffusionITM's rule, the true candidate wins a
 tie, for `evaluate.py --ties first`). A column whose flag is None is set-level (the row's `metrics`: ARO's macro over
-relations, Pets' per-class mean, SugarCrepe's add / replace / swap means over files). `report` counts what did not become an item (benchmarks/
-reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the
+relations, Pets' per-class mean, SugarCrepe's add / replace / swap means over files). `report` counts what did not
+become an item (benchmarks/reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the
 groups are shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group
 is the held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a
 split (RefCOCOg) draw the shots from their train split and test on `eval_split`.
@@ -41,8 +41,8 @@ import torch
 from PIL import Image, ImageStat
 
 from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, flickr30k_order, flickr30k_text,
-                        imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation, vlchecklist, vqav2,
-                        winoground)
+                        imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation,
+                        vlchecklist, vqav2, winoground)
 from benchmarks.reading import DataMissing, Item, read_json  # noqa: F401 - the loaders' item, re-exported
 from common import InputError
 
@@ -233,7 +233,8 @@ REGISTRY = {
     "coco": Dataset(coco, "MS-COCO captions", "coco", RANKED_COLUMNS, RANKED_TEXTS, aliases=("mscoco",),
                     found=False, headline="Top-1", chance=10.0),
     "flickr30k": Dataset(flickr30k, "Flickr30K image retrieval", "gdbench", RANKED_COLUMNS, RANKED_IMAGES,
-                         headline="Top-1", chance=10.0, options={"flickr_every": "every", "flickr_karpathy": "karpathy"},
+                         headline="Top-1", chance=10.0,
+                         options={"flickr_every": "every", "flickr_karpathy": "karpathy"},
                          embedded=embedded.top10_images),
     "flickr30k_text": Dataset(flickr30k_text, "Flickr30K text retrieval", "gdbench", RANKED_COLUMNS, RANKED_TEXTS,
                               aliases=("flickr30k",), headline="Top-1", chance=10.0,

@@ -24,8 +24,8 @@ from common import InputError
 
 LAYOUT = "Images/<Category>/<Group>/*.jpg + textual_phrases.txt"
 MMBIAS_REPO = "https://github.com/sepehrjng92/MMBias"
-HINT = (f"not fetched here: from {MMBIAS_REPO} (data/): textual_phrases.txt and Images/ (unzip its Religion.zip, "
-        "Nationality.zip and 'Sexual Orientation.zip') into data/mmbias/")
+HINT = (f"a download by hand (not fetched by tools.download) from {MMBIAS_REPO} (data/): textual_phrases.txt and "
+        "Images/ (unzip its Religion.zip, Nationality.zip and 'Sexual Orientation.zip') into data/mmbias/")
 PAIRS = (("Christian", "Muslim"), ("Christian", "Jewish"), ("Jewish", "Muslim"), ("Buddhist", "Muslim"),
          ("Buddhist", "Christian"), ("Buddhist", "Hindu"), ("Buddhist", "Jewish"), ("Hindu", "Muslim"),
          ("American", "Arab"), ("Heterosexual", "LGBT"))

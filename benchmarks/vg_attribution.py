@@ -11,7 +11,7 @@ per-attribute records. Google Drive files, not fetched here (see HINT).
 from benchmarks.aro import ARO_FILES, read_vg
 
 LAYOUT = "visual_genome_attribution.json + images/<image_path>"
-HINT = f"not fetched here; {ARO_FILES}, into data/vg_attribution/ (or data/aro/)"
+HINT = f"gdown, by hand (not fetched by tools.download): {ARO_FILES}; into data/vg_attribution/ (or data/aro/)"
 
 
 def attributes(rec):

@@ -11,7 +11,7 @@ Both files and the image zip are on Google Drive (ARO's gdown ids); not fetched 
 from benchmarks.aro import ARO_FILES, read_vg
 
 LAYOUT = "visual_genome_relation.json + images/<image_path>"
-HINT = f"not fetched here; {ARO_FILES}, into data/vg_relation/ (or data/aro/)"
+HINT = f"gdown, by hand (not fetched by tools.download): {ARO_FILES}; into data/vg_relation/ (or data/aro/)"
 
 
 def load(root, annotations=None, split=None, seed=0):
