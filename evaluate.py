@@ -2,6 +2,8 @@
 
     python evaluate.py --model PATH_OR_ID --dataset comvg --data-root DIR [--annotations FILE] [--output results.json]
     python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
+    python evaluate.py --suite gdbench                     # GDBench / compositional: one table, bias table
+                                                           # (docs/gdbench.md; --prefilter-k, --ties first)
 
 The protocol, read in `run`: load every data set asked for (datasets.py), then for each method (methods.build:
 Discffusion, DiffusionITM, the CLIP baselines, with their learned tensors from --checkpoint) score every item's

@@ -107,3 +107,16 @@ def test_the_suite_runs_the_real_scorers_on_a_tiny_model(tmp_path, tiny_sd, monk
             s = torch.tensor(item["scores"])
             assert torch.isfinite(s).all() and s.numel() > 1 and (1 in s.shape or name == "winoground"), (m, name)
     assert res["methods"]["diffusion_itm"]["model"]["timesteps"] == [255, 745]      # 2 midpoints of [10, 990)
+
+
+def test_a_bare_run_skips_a_set_that_only_shares_another_sets_folder(tmp_path, monkeypatch):
+    """data/flickr30k/ with the top-10 lists only: flickr30k and flickr30k_text run, flickr30k_order (whose folder
+    it also is) is skipped and counted, not an error ending the run."""
+    data = tmp_path / "data"
+    write_top10(str(data / "flickr30k"), image(str(tmp_path / "o.jpg"), "red"))
+    monkeypatch.setattr(evaluate.methods, "build", lambda method, args, checkpoint=None: FakeModel())
+    out = str(tmp_path / "r.json")
+    assert evaluate.main(["--data-root", str(data), "--output", out]) == 0
+    res = json.load(open(out))
+    assert set(res["datasets"]) == {"flickr30k", "flickr30k_text"} and list(res["skipped"]) == ["flickr30k_order"]
+    assert evaluate.main(["--dataset", "flickr30k_order", "--data-root", str(data / "flickr30k")]) == 2

@@ -103,9 +103,11 @@ def load_data(args, roots, runs):
         try:
             items, report = load_items(name, root, args.annotations, seed=args.seed, split=split, **options)
         except InputError as e:
-            if not getattr(args, "suite", None):
+            shared = os.path.basename(os.path.normpath(root)).lower().replace("-", "").replace("_", "") != \
+                name.replace("_", "")                            # e.g. flickr30k_order found in data/flickr30k/
+            if not (getattr(args, "suite", None) or (shared and not args.dataset)):
                 raise
-            args.skipped[name] = str(e)        # a suite goes on without it: counted, printed, in the JSON
+            args.skipped[name] = str(e)        # a suite, or a folder another set shares, goes on without it
             print(f"skipped {name}: {e}", file=sys.stderr)
             continue
         if name == "shapes":
@@ -119,7 +121,7 @@ def load_data(args, roots, runs):
                 print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)",
                       file=sys.stderr)
     if not out:
-        raise InputError(f"no data set of the {args.suite} suite could be loaded: "
+        raise InputError("no data set could be loaded: "
                          + "; ".join(f"{n}: {e}" for n, e in args.skipped.items()))
     return out
 
