@@ -29,6 +29,14 @@ def tag(text):
     return [(w, LEXICON.get(w.lower(), "NN")) for w in text.replace(".", " .").split()]
 
 
+def write_text(path, text):
+    """text -> path, atomically (a world cut short is written again on its next use)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write(writer, out, seed=0):
     """Write `writer`'s instance into `out` unless its marker says it is there; returns the loader options."""
     marker = os.path.join(out, ".embedded.json")
@@ -40,8 +48,7 @@ def write(writer, out, seed=0):
         options = writer(out, random.Random(seed)) or {}
     except OSError as e:
         raise InputError(f"cannot write the embedded world to {out}: {e.strerror or e}") from None
-    atomic_write(marker, lambda tmp: json.dump({k: "tag" if v is tag else v for k, v in options.items()},
-                                               open(tmp, "w")))
+    write_text(marker, json.dumps({k: "tag" if v is tag else v for k, v in options.items()}))
     return options
 
 
@@ -96,7 +103,7 @@ def distinct_scenes(rng, n):
 
 
 def dump(out, name, data):
-    atomic_write(os.path.join(out, name), lambda tmp: json.dump(data, open(tmp, "w"), indent=1))
+    write_text(os.path.join(out, name), json.dumps(data, indent=1))
 
 
 # ---- one writer per published format ------------------------------------------------------------------------------
@@ -131,7 +138,7 @@ def winoground_pairs(out, rng, n=6):
         lines.append(json.dumps(dict(id=k, image_0=f"ex_{k}_img_0", image_1=f"ex_{k}_img_1",
                                      caption_0=shapes.caption(sc), caption_1=shapes.caption(swapped(sc)),
                                      tag="Noun", secondary_tag="", num_main_preds=1, collapsed_tag="Object")))
-    atomic_write(os.path.join(out, "examples.jsonl"), lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+    write_text(os.path.join(out, "examples.jsonl"), "\n".join(lines) + "\n")
 
 
 def _vg(out, rng, n, name, negative, extra):
@@ -253,7 +260,7 @@ def bias_groups(out, rng, n=4):
                                                           f"{colour} {s2}"), rng)
     phrases = {f"{kind}_phrases": [f"a {colour} {s}" for s in shapes.SHAPES]
                for kind, colour in (("pleasant", "blue"), ("unpleasant", "red"))}
-    atomic_write(os.path.join(out, "textual_phrases.txt"), lambda tmp: json.dump(phrases, open(tmp, "w")))
+    write_text(os.path.join(out, "textual_phrases.txt"), json.dumps(phrases))
 
 
 def sugarcrepe_files(out, rng, n=3):
