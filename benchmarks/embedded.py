@@ -6,7 +6,8 @@ as a publisher ships its task, so the task's own loader reads them: retrieval ov
 (the Karpathy JSON, tagged by the world's own lexicon: no spaCy needed), near-identical image sets (ImageCoDe),
 subject / verb / object negatives (SVO-Probes' CSV), binding / recognition / spatial subtasks (CLEVR's caption
 files), N-way classification by file name (Oxford Pets), two image groups against two phrase lists (MMBias),
-add / replace / swap negatives (SugarCrepe), swapped-word pairs (Winoground). A writer returns the loader options
+add / replace / swap negatives (SugarCrepe), swapped-word pairs (Winoground), attribute / object / relation
+negatives (VL-CheckList), subject / object / relation negatives (ComVG). A writer returns the loader options
 its instance needs (e.g. the lexicon tagger); `write(writer, out)` writes on first use only.
 
     options = write(top10_images, "data/embedded_gdbench/flickr30k")     # then flickr30k.load(that folder, **options)
@@ -283,6 +284,28 @@ def sugarcrepe_files(out, rng, n=3):
             name = image(out, f"val2017/{kind}_{k}.jpg", sc, rng).split("/", 1)[1]
             data[str(k)] = dict(filename=name, caption=shapes.caption(sc), negative_caption=shapes.caption(neg(sc)))
         dump(out, f"{kind}.json", data)
+
+
+def checklist_files(out, rng, n=3):
+    """VL-CheckList's data/{Attribute,Object,Relation}/vg/<file>.json [[image, {"POS": [...], "NEG": [...]}]] with
+    the images under vg/: a colour, a shape and a relation replaced."""
+    colours, forms = list(shapes.COLORS), list(shapes.SHAPES)
+
+    def recolour(sc):
+        c, s = sc[0].split()
+        return (f"{next(x for x in colours if x not in (c, sc[2].split()[0]))} {s}", sc[1], sc[2])
+
+    def reshape(sc):
+        c, s = sc[0].split()
+        return (f"{c} {next(x for x in forms if x not in (s, sc[2].split()[1]))}", sc[1], sc[2])
+    kinds = {"Attribute/vg/color": recolour, "Object/vg/shape": reshape,
+             "Relation/vg/spatial": lambda sc: (sc[0], shapes.INVERSE[sc[1]], sc[2])}
+    for kind, neg in kinds.items():
+        recs = []
+        for k, sc in enumerate(distinct_scenes(rng, n)):
+            rel = image(out, f"vg/{kind.split('/')[0].lower()}_{k}.jpg", sc, rng).split("/", 1)[1]
+            recs.append([rel, {"POS": [shapes.caption(sc)], "NEG": [shapes.caption(neg(sc))]}])
+        dump(out, f"data/{kind}.json", recs)
 
 
 def comvg_csv(out, rng, n=3):
