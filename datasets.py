@@ -23,13 +23,13 @@ image-text matching problem whose score matrix is (len(images), len(texts)), jud
     items, report = load_items("comvg")                  # data/comvg (any alias), or root="folder"
     train, test = split_items(items, "0.05", seed=0)     # the few-shot split of §5.2
 
-A tie counts as an error (strict >) and is reported (`prefer_true`: DiffusionITM's rule, the true candidate wins a
-tie, for `evaluate.py --ties first`). A column whose flag is None is set-level (the row's `metrics`: ARO's macro over
+A tie counts as an error (strict >) and is reported (`prefer_true`: DiffusionITM's rule, the true candidate wins a tie,
+for `evaluate.py --ties first`). A column whose flag is None is set-level (the row's `metrics`: ARO's macro over
 relations, Pets' per-class mean, SugarCrepe's add / replace / swap means over files). `report` counts what did not
-become an item (benchmarks/reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the
-groups are shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group
-is the held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a
-split (RefCOCOg) draw the shots from their train split and test on `eval_split`.
+become an item (benchmarks/reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are
+joined into one group, the groups are shuffled with the seed, and whole groups go to training until `shots` items are
+reached; every other group is the held-out test split, so no test item shares a sentence-image pair with a training
+item. Data sets that ship a split (RefCOCOg) draw the shots from their train split and test on `eval_split`.
 """
 import math
 import os

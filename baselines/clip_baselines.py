@@ -1,8 +1,8 @@
 """§5.3 Baselines: CLIP few-shot learners for image-text matching (Tables 1, 2, 5).
 
 `clip` is CLIP zero-shot: the plain cosine of the pretrained model, nothing trained (the CLIP row of every GDBench and
-compositional task). Two methods, trained on the same few-shot splits with the same margin loss (eq. 6) as Discffusion, images at the
-CLIP processor's size (224x224 for OpenAI CLIP):
+compositional task). Two methods, trained on the same few-shot splits with the same margin loss (eq. 6) as Discffusion,
+images at the CLIP processor's size (224x224 for OpenAI CLIP):
   clip_ft     - "fine-tuning CLIP, with the last layer being the only component subject to tuning": the projection
                 heads (visual_projection, text_projection) train, both encoders stay frozen.
   clip_prompt - CoCoOp (Zhou et al. 2022, "Conditional Prompt Learning"): n_ctx learnable context vectors v_1..v_M

@@ -9,11 +9,12 @@
                 [uncond, cond] at batch size 1
 target = eps, or the velocity (scheduler.get_velocity) for a v-prediction model.
 
-Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g.
-n = 10 -> 59, 157, ..., 941; or "official": the public code's t = 989 - 33 k, k = 0..29 (`official_timesteps`); or
-"grid:S": DiffusionITM's own range(10, 990, 1000 // S) (`itm_grid`; S = 10: 10, 110, ..., 910). Default 10: each timestep costs one UNet pass per pair plus one per image (Discffusion's
-ensemble costs 4 per pair), so 10 keeps the baseline within a few times Discffusion's cost; the paper reports gains
-flattening out only after 100-200 random (t, eps) samples, so pass a larger n_timesteps to approach its setting.
+Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g. n = 10
+-> 59, 157, ..., 941; or "official": the public code's t = 989 - 33 k, k = 0..29 (`official_timesteps`); or "grid:S":
+DiffusionITM's own range(10, 990, 1000 // S) (`itm_grid`; S = 10: 10, 110, ..., 910). Default 10: each timestep costs
+one UNet pass per pair plus one per image (Discffusion's ensemble costs 4 per pair), so 10 keeps the baseline within a
+few times Discffusion's cost; the paper reports gains flattening out only after 100-200 random (t, eps) samples, so pass
+a larger n_timesteps to approach its setting.
 
 Every part comes from the wrapped `Discffusion` (the "core"): image latents and text states (`encode_images`,
 `encode_texts`), eps (`level_noise`: a function of the seed and the timestep's index, never of the batch), t

@@ -5,11 +5,12 @@
 
 An order item is one image against five texts: the caption and its four perturbations, each passed through ARO's
 `pre_caption` (lower-cased, the punctuation .!"()*#:;~ made spaces, at most 30 words): shuffle the nouns and the
-adjectives among themselves, shuffle everything but the nouns and adjectives, shuffle within each trigram, shuffle
-the trigrams. ARO draws with numpy's and Python's global generators; here every draw comes from one `random.Random`
-seeded per item, so the same seed gives the same texts, and a draw equal to the caption is drawn again. A tagger is
-any function text -> [(token, Penn tag)]: spaCy's by default, another injected (the tests' own, the shapes world's). ARO tokenizes the trigram shuffles with nltk.word_tokenize; here the
-tagger's tokens are used for all four (one tokenizer, no second optional install).
+adjectives among themselves, shuffle everything but the nouns and adjectives, shuffle within each trigram, shuffle the
+trigrams. ARO draws with numpy's and Python's global generators; here every draw comes from one `random.Random` seeded
+per item, so the same seed gives the same texts, and a draw equal to the caption is drawn again. A tagger is any
+function text -> [(token, Penn tag)]: spaCy's by default, another injected (the tests' own, the shapes world's). ARO
+tokenizes the trigram shuffles with nltk.word_tokenize; here the tagger's tokens are used for all four (one tokenizer,
+no second optional install).
 """
 import re
 

@@ -3,10 +3,10 @@ candidate of an item; the diffusion scorer re-ranks only CLIP's top K. The filte
 the re-ranked R@1 / R@5, so a reader sees what the filter lost.
 
 The final ranking of an item is the method's order of CLIP's top K, then CLIP's order of the rest. An item whose true
-candidate is not in CLIP's top K is a miss: it is not scored by the diffusion model and keeps its CLIP rank (>= K;
-its score matrix is stood in for by one with the true candidate below that many others), so it is wrong at R@1 and
-at R@5 unless K < 5 and CLIP ranked it within 5. An item with at most K candidates is kept whole. Items are one text against many images (T->I) or one image against many
-texts (I->T).
+candidate is not in CLIP's top K is a miss: it is not scored by the diffusion model and keeps its CLIP rank (>= K; its
+score matrix is stood in for by one with the true candidate below that many others), so it is wrong at R@1 and at R@5
+unless K < 5 and CLIP ranked it within 5. An item with at most K candidates is kept whole. Items are one text against
+many images (T->I) or one image against many texts (I->T).
 
     kept, misses, stats = prefilter(clip_matcher, items, k=20)   # stats: {k, recall, hits, items, candidates}
 """
