@@ -12,15 +12,24 @@ image-text matching problem whose score matrix is (len(images), len(texts)), jud
     Winoground     text  = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)
                    image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0); group = both     Text / Image / Group, per tag
     VL-CheckList   correct = s(img, POS) > s(img, NEG)                             Attribute / Object / Relation / Average
+    GDBench and the compositional suites (docs/gdbench.md; `SUITES`):
+    Flickr30K, ImageCoDe   rank of the true image among the 10 (T->I)           Top-1 / Top-5 (R@1 / R@5)
+    Flickr30K text, Pets   rank of the true text (I->T)                         Top-1 / Top-5; Pets Top-1 / Per-class
+    ARO VG, CLEVR, SugarCrepe   s(img, true) > s(img, false)                    accuracy; per relation / subtask / file
+    ARO Order      the true caption beats its 4 perturbations                   accuracy
+    SVO-Probes     s[pos, sentence] > s[neg, sentence]                          Subject / Verb / Object / Average
+    MMBias         phi = mean s(pleasant) - mean s(unpleasant) per image        effect size d, p-value, interval
 
     items, report = load_items("comvg")                  # data/comvg (any alias), or root="folder"
     train, test = split_items(items, "0.05", seed=0)     # the few-shot split of §5.2
 
-A tie counts as an error (strict >) and is reported. `report` counts what did not become an item (benchmarks/
-reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are joined into one group, the
-groups are shuffled with the seed, and whole groups go to training until `shots` items are reached; every other group
-is the held-out test split, so no test item shares a sentence-image pair with a training item. Data sets that ship a
-split (RefCOCOg) draw the shots from their train split and test on `eval_split`.
+A tie counts as an error (strict >) and is reported (`prefer_true`: DiffusionITM's rule, the true candidate wins a tie,
+for `evaluate.py --ties first`). A column whose flag is None is set-level (the row's `metrics`: ARO's macro over
+relations, Pets' per-class mean, SugarCrepe's add / replace / swap means over files). `report` counts what did not
+become an item (benchmarks/reading.py). The few-shot split (`split_items`): items that share any (text, image) pair are
+joined into one group, the groups are shuffled with the seed, and whole groups go to training until `shots` items are
+reached; every other group is the held-out test split, so no test item shares a sentence-image pair with a training
+item. Data sets that ship a split (RefCOCOg) draw the shots from their train split and test on `eval_split`.
 """
 import math
 import os
@@ -31,7 +40,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from PIL import Image, ImageStat
 
-from benchmarks import coco, comvg, refcocog, shapes, vlchecklist, vqav2, winoground
+from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, flickr30k_order, flickr30k_text,
+                        imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation,
+                        vlchecklist, vqav2, winoground)
 from benchmarks.reading import DataMissing, Item, read_json  # noqa: F401 - the loaders' item, re-exported
 from common import InputError
 
@@ -50,6 +61,11 @@ def pos_text_wins(s):
 def true_image_wins(s):
     """s (n images, 1 text): image 0 scores strictly higher than every other image (text-to-image top-1)."""
     return bool((s[1:, 0] < s[0, 0]).all())
+
+def true_image_rank(s):
+    """0-based rank of image 0 for text 0 among all images; a tie counts against it (pessimistic)."""
+    return int((s[1:, 0] >= s[0, 0]).sum())
+
 
 def true_text_rank(s):
     """0-based rank of text 0 for image 0 among all texts; a tie counts against it (pessimistic)."""
@@ -77,9 +93,21 @@ def _texts_tied(s):
     return bool((s[0, 1:] == s[0, 0]).any())  # text 0 against the other texts of image 0
 
 
+def _ranked_images(s):
+    rank = true_image_rank(s)
+    return dict(top1=rank < 1, top5=rank < 5, rank=rank)
+
+
+def _images_tied(s):
+    return bool((s[1:, 0] == s[0, 0]).any())  # image 0 against the other images of text 0
+
+
 POS_IMAGE = Judge(lambda s: dict(correct=pos_image_wins(s)), lambda s: bool(s[0, 0] == s[1, 0]))
 POS_TEXT = Judge(lambda s: dict(correct=pos_text_wins(s)), _texts_tied)
 RANKED_TEXTS = Judge(_ranked_texts, _texts_tied)
+RANKED_IMAGES = Judge(_ranked_images, _images_tied)                       # GDBench's T->I retrieval: R@1, R@5
+TRUE_TEXT = Judge(lambda s: dict(correct=top_k(s, 1)), _texts_tied)      # ARO's order sets: text 0 of 5 scores highest
+BIAS = Judge(lambda s: dict(phi=mmbias.phi(s)), lambda s: False)         # MMBias: no right answer, phi per image
 WINOGROUND = Judge(lambda s: dict(zip(("text", "image", "group"), winoground_hits(s))),
                    lambda s: bool(s[0, 0] == s[0, 1] or s[1, 1] == s[1, 0] or s[0, 0] == s[1, 0] or s[1, 1] == s[0, 1]))
 # the paper form of VQAv2: Binary items are 1 statement vs 10 images, Other items 1 image vs 10 texts
@@ -89,6 +117,57 @@ TRUE_IMAGE_OR_TEXT = Judge(lambda s: dict(correct=true_image_wins(s) if s.shape[
 
 def _is(*cats):
     return lambda c: c.lower() in cats
+
+
+def prefer_true(s):
+    """DiffusionITM's tie rule: the first candidate (always the true one) wins a tie, as numpy's argmax. The true
+    entry s[0, 0] is moved to the next float up, so a strict comparison it tied now holds and one it lost still
+    fails (no float lies between the two). For one-row or one-column items; others are returned unchanged."""
+    if 1 not in s.shape:
+        return s
+    s = s.clone()
+    s[0, 0] = torch.nextafter(s[0, 0], torch.tensor(float("inf"), dtype=s.dtype))
+    return s
+
+
+# ---- set-level columns: the mean over groups of a per-item flag (ARO's macro over relations, Pets' per class) ------
+
+def group_mean(records, flag, key):
+    """The mean over groups key(item) of each group's mean of `flag`, in percent; None without records."""
+    groups = {}
+    for item, m in records:
+        groups.setdefault(key(item), []).append(float(m[flag]))
+    return 100.0 * sum(sum(v) / len(v) for v in groups.values()) / len(groups) if groups else None
+
+
+def group_mean_ci(records, flag, key, resamples=1000, seed=0):
+    """95% percentile-bootstrap interval of `group_mean` over resampled items (seeded, as every interval)."""
+    if not records:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    keys = sorted({key(item) for item, _ in records})
+    gid = torch.tensor([keys.index(key(item)) for item, _ in records])
+    hit = torch.tensor([float(m[flag]) for _, m in records], dtype=torch.float64)
+    idx = torch.randint(len(hit), (resamples, len(hit)), generator=g)                  # (R, N)
+    sums = torch.zeros(resamples, len(keys), dtype=torch.float64).scatter_add_(1, gid[idx], hit[idx])
+    counts = torch.zeros(resamples, len(keys), dtype=torch.float64).scatter_add_(1, gid[idx], torch.ones_like(
+        hit[idx]))
+    means = (sums / counts.clamp(min=1)).sum(1) / (counts > 0).sum(1)                   # (R,) groups drawn
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [100 * low, 100 * high]
+
+
+def group_means(*cols):
+    """A row's set-level metrics: cols (column, flag, which, key) -> {"metrics", "counts", "ci"} of each column, the
+    mean over groups key(item) of the items whose category passes `which` (the column's flag is None in `columns`)."""
+    def metrics(records):
+        out = dict(metrics={}, counts={}, ci={})
+        for col, flag, which, key in cols:
+            recs = [(item, m) for item, m in records if which is None or which(item.category)]
+            out["metrics"][col], out["counts"][col] = group_mean(recs, flag, key), len(recs)
+            out["ci"][col] = group_mean_ci(recs, flag, key)
+        return out
+    return metrics
 
 
 # ---- the registry -------------------------------------------------------------------------------------------------
@@ -118,8 +197,10 @@ class Dataset:
     macro: bool = False             # report the mean of the category columns too
     options: dict = field(default_factory=dict)   # CLI dest -> loader keyword (`add_data_args`)
     breakdown: Optional[Breakdown] = None
-    metrics: Optional[Callable] = None  # set-level metrics over [(item, flags)] (e.g. an effect size), added to the
-                                        # per-column means
+    metrics: Optional[Callable] = None  # set-level metrics over [(item, flags)] (e.g. an effect size, a macro
+                                        # column: a column whose flag is None), merged into the per-column means
+    bias: bool = False              # a bias set: no columns, its set-level `bias` table (d, p, interval per pair)
+    embedded: Optional[Callable] = None  # writes its shapes-world instance in its format (benchmarks/embedded.py)
 
 
 COMVG_COLUMNS = [("Subjects", "correct", _is("subject")), ("Objects", "correct", _is("object")),
@@ -129,7 +210,8 @@ WINOGROUND_TAGS = ("Relation", "Object", "Both")  # Table 10's column groups (co
 
 REGISTRY = {
     "comvg": Dataset(comvg, "Compositional Visual Genome", "table1", COMVG_COLUMNS, POS_IMAGE,
-                     aliases=("compositional_visual_genome",), macro=True),
+                     aliases=("compositional_visual_genome",), macro=True,
+                     embedded=embedded.comvg_csv),
     "refcocog": Dataset(refcocog, "RefCOCOg", "table1", RANKED_COLUMNS, RANKED_TEXTS, split="val",
                         headline="Top-1", chance=10.0,
                         options={"split_by": "split_by", "ref_negatives": "negatives", "mask_object": "mask_object"}),
@@ -141,16 +223,75 @@ REGISTRY = {
                           [("Text", "text", None), ("Image", "image", None), ("Group", "group", None)], WINOGROUND,
                           headline="Group", chance=100 / 6,
                           breakdown=Breakdown("tag", lambda item: item.category, WINOGROUND_TAGS,
-                                              ("table10", "Table 10: Winoground per collapsed_tag, accuracy (%)"))),
+                                              ("table10", "Table 10: Winoground per collapsed_tag, accuracy (%)")),
+                          embedded=embedded.winoground_pairs),
     "vlchecklist": Dataset(vlchecklist, "VL-checklist", "table8",
                            [("Attribute", "correct", _is("attribute")), ("Object", "correct", _is("object")),
                             ("Relation", "correct", _is("relation")), ("Average", "correct", None)], POS_TEXT,
                            aliases=("vl-checklist",), macro=True, options={"vlc_max_per_file": "max_per_file"},
-                           breakdown=Breakdown("file", lambda item: item.meta.get("file", ""))),
+                           breakdown=Breakdown("file", lambda item: item.meta.get("file", "")),
+                           embedded=embedded.checklist_files),
     "coco": Dataset(coco, "MS-COCO captions", "coco", RANKED_COLUMNS, RANKED_TEXTS, aliases=("mscoco",),
                     found=False, headline="Top-1", chance=10.0),
+    "flickr30k": Dataset(flickr30k, "Flickr30K image retrieval", "gdbench", RANKED_COLUMNS, RANKED_IMAGES,
+                         headline="Top-1", chance=10.0,
+                         options={"flickr_every": "every", "flickr_karpathy": "karpathy"},
+                         embedded=embedded.top10_images),
+    "flickr30k_text": Dataset(flickr30k_text, "Flickr30K text retrieval", "gdbench", RANKED_COLUMNS, RANKED_TEXTS,
+                              aliases=("flickr30k",), headline="Top-1", chance=10.0,
+                              options={"flickr_karpathy": "karpathy"},
+                              embedded=embedded.top10_texts),
+    "vg_relation": Dataset(vg_relation, "ARO VG-Relation", "gdbench",
+                           [("Accuracy", "correct", None), ("Macro", None, None)], POS_TEXT, aliases=("aro",),
+                           headline="Accuracy",
+                           metrics=group_means(("Macro", "correct", None, lambda item: item.category)),
+                           breakdown=Breakdown("relation", lambda item: item.category),
+                           embedded=embedded.aro_relation),
+    "vg_attribution": Dataset(vg_attribution, "ARO VG-Attribution", "gdbench", [("Accuracy", "correct", None)],
+                              POS_TEXT, aliases=("aro",), headline="Accuracy",
+                              embedded=embedded.aro_attribution),
+    "coco_order": Dataset(coco_order, "ARO COCO-Order", "gdbench", [("Accuracy", "correct", None)], TRUE_TEXT,
+                          headline="Accuracy", chance=20.0,
+                          embedded=embedded.coco_karpathy),
+    "flickr30k_order": Dataset(flickr30k_order, "ARO Flickr30k-Order", "gdbench", [("Accuracy", "correct", None)],
+                               TRUE_TEXT, aliases=("flickr30k",), headline="Accuracy", chance=20.0,
+                               embedded=embedded.flickr_karpathy),
+    "imagecode": Dataset(imagecode, "ImageCoDe", "gdbench", RANKED_COLUMNS, RANKED_IMAGES, headline="Top-1",
+                         chance=10.0, options={"imagecode_video": "video"},
+                         embedded=embedded.image_sets),
+    "svo": Dataset(svo, "SVO-Probes", "gdbench",
+                   [("Subject", "correct", _is("subject")), ("Verb", "correct", _is("verb")),
+                    ("Object", "correct", _is("object")), ("Average", "correct", None)], POS_IMAGE,
+                   aliases=("svo_probes",),
+                   embedded=embedded.svo_csv),
+    "clevr": Dataset(clevr, "CLEVR", "gdbench",
+                     [(t, "correct", _is(t)) for t in clevr.SUBTASKS] + [("Overall", "correct", None)], POS_TEXT,
+                     headline="Overall", macro=True,
+                     embedded=embedded.clevr_captions),
+    "pets": Dataset(pets, "Oxford-IIIT Pet", "gdbench", [("Top-1", "top1", None), ("Per-class", None, None)],
+                    RANKED_TEXTS, aliases=("oxford_pets",), headline="Top-1", chance=100 / 37,
+                    options={"pets_template": "template"},
+                    metrics=group_means(("Per-class", "top1", None, lambda item: item.category)),
+                    embedded=embedded.pets_folder),
+    "sugarcrepe": Dataset(sugarcrepe, "SugarCrepe", "compositional",
+                          [("Add", None, None), ("Replace", None, None), ("Swap", None, None),
+                           ("All", "correct", None)], POS_TEXT, aliases=("sugar_crepe",), headline="All",
+                          metrics=group_means(*[(k.title(), "correct", lambda c, k=k: c.startswith(k),
+                                                 lambda item: item.category) for k in ("add", "replace", "swap")]),
+                          breakdown=Breakdown("file", lambda item: item.category),
+                          embedded=embedded.sugarcrepe_files),
+    "mmbias": Dataset(mmbias, "MMBias", "bias", [], BIAS, headline=None, chance=None,
+                      bias=True, metrics=mmbias.bias_test,
+                      embedded=embedded.bias_groups),
     "shapes": Dataset(shapes, "Shapes (ComVG format)", "table1", COMVG_COLUMNS, POS_IMAGE, found=False, macro=True),
 }
+
+
+# the suites of `evaluate.py --suite`: GDBench (Krojer et al., 2023) and the compositional suite of arXiv 2505.17955
+SUITES = {"gdbench": ("flickr30k", "flickr30k_text", "winoground", "vg_relation", "vg_attribution", "coco_order",
+                      "flickr30k_order", "imagecode", "svo", "clevr", "pets", "mmbias"),
+          "compositional": ("winoground", "vg_relation", "vg_attribution", "coco_order", "flickr30k_order",
+                            "sugarcrepe", "clevr", "vlchecklist", "comvg")}
 
 
 def lookup(name):
@@ -171,7 +312,10 @@ def tied(name, s):
 
 
 def accuracy(records, flag, which=None):
-    """(percent or None, count) of `flag` over the records [(item, flags)] whose category passes `which`."""
+    """(percent or None, count) of `flag` over the records [(item, flags)] whose category passes `which`; a set-level
+    column (flag None) is (None, 0) here, its value from the row's `metrics`."""
+    if flag is None:
+        return None, 0
     hits = [m[flag] for item, m in records if which is None or which(item.category)]
     return (100.0 * sum(hits) / len(hits) if hits else None), len(hits)
 
@@ -253,9 +397,9 @@ def data_inputs(items, report):
 def add_data_args(p):
     """The loader options of train.py and evaluate.py (each registry row's `options`)."""
     g = p.add_argument_group("data set forms (benchmarks/)")
-    for d in REGISTRY.values():
-        if hasattr(d.source, "add_args"):  # the loader's own options, its row's `options`
-            d.source.add_args(g)
+    for source in dict.fromkeys(d.source for d in REGISTRY.values()):   # each loader file once
+        if hasattr(source, "add_args"):  # the loader's own options; its rows' `options` map them to `load`
+            source.add_args(g)
 
 
 def loader_options(args, name):
@@ -371,9 +515,12 @@ def fill_box(image, box):
 
 
 def open_image(path):
-    """A decoded image (a RefCOCOg path with a `box`: that box masked, Table 6)."""
+    """A decoded image (a RefCOCOg path with a `box`: that box masked, Table 6; a path with a `crop`: that region)."""
     with Image.open(path) as im:
         im.load()  # decode now: a corrupt file fails here, not inside the model
+    if getattr(path, "crop", None):                                      # ARO's VG items: the relation's box
+        x, y, w, h = path.crop
+        im = im.crop((round(x), round(y), round(x + w), round(y + h)))
     return fill_box(im, path.box) if getattr(path, "box", None) else im
 
 
@@ -384,7 +531,7 @@ class ImageCache:
         self.size, self.images = size, OrderedDict()
 
     def get(self, path):
-        key = (str(path), getattr(path, "box", None))                         # a masked image is another image
+        key = (str(path), getattr(path, "box", None), getattr(path, "crop", None))  # masked / cropped: another image
         if key in self.images:
             self.images.move_to_end(key)
         else:

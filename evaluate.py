@@ -2,6 +2,8 @@
 
     python evaluate.py --model PATH_OR_ID --dataset comvg --data-root DIR [--output results.json]
     python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
+    python evaluate.py --suite gdbench                     # GDBench / compositional: one table, bias table
+                                                           # (docs/gdbench.md; --prefilter-k, --ties first)
 
 The protocol, read in `run`: load every data set asked for (datasets.REGISTRY; with no --dataset, one sub-folder per
 data set under --data-root, and with none there, the embedded shapes world), then for each method (methods.build, with
@@ -25,10 +27,11 @@ from tqdm import tqdm
 
 import methods
 from common import MAX_LISTED, InputError
-from datasets import REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, tied
+from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, prefer_true, tied
 from tools import runs
 from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, write_json
 from tools.intervals import intervals
+from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
 from tools.resume import item_digest, partial_root, partial_store
 from tools.tables import fmt_ci, render_table, show_differences, summary_line
@@ -115,21 +118,31 @@ def score_all(model, items, pairs, desc, store=None):
     return [(k, records[k]) for k in range(len(items))]
 
 
-def evaluate_items(model, name, items, pairs=16, desc=None, store=None):
+def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="error", misses=()):
     """Score `items` of data set `name`, about `pairs` image-text pairs per scoring call -> {"metrics": {column:
     percent}, "counts", "ci" (95% bootstrap intervals), n_items, unreadable, "items" (id, category, score matrix and
-    flags of each scored item), ...}. Under `accelerate launch` the items are shared out among the processes
-    (`score_all`); every process returns the same results. store: a partial file (`open_partial`)."""
+    flags of each scored item; the texts too where the loader drew them, e.g. ARO's perturbations), ...}. Under
+    `accelerate launch` the items are shared out among the processes (`score_all`); every process returns the same
+    results. store: a partial file (`open_partial`). ties "first": DiffusionITM's rule, the true (first) candidate
+    wins a tie (`datasets.prefer_true`); "error" (default): a tie counts as an error. misses: [(item, score matrix)]
+    of items the --prefilter-k filter lost, counted as scored with that (losing) matrix."""
     records = score_all(model, items, pairs, desc or name, store)
     scored = [(items[k], torch.as_tensor(r["scores"])) for k, r in records if "scores" in r]    # kept: lists
+    scored += list(misses)
+    lost = {id(item) for item, _ in misses}
     unreadable = [(r["id"], r["error"]) for _, r in records if "error" in r]
-    records = [(item, item_metrics(name, s)) for item, s in scored]
+    judge = prefer_true if ties == "first" else (lambda s: s)
+    records = [(item, item_metrics(name, judge(s))) for item, s in scored]
     out = summarize(name, records)
-    ties = [item.id for item, s in scored if tied(name, s)]
+    tied_ids = [item.id for item, s in scored if tied(name, s)]
+    cis = intervals(name, records)
+    cis["ci"] = {**out.pop("ci", {}), **cis["ci"]}                      # set-level columns' intervals from summarize
     out.update(n_items=len(records), unreadable=len(unreadable),
                unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
-               ties=len(ties), tied_items=ties[:MAX_LISTED], **intervals(name, records))
-    out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m)
+               ties=len(tied_ids), tied_items=tied_ids[:MAX_LISTED], tie_rule=ties, **cis)
+    out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m,
+                         **({"texts": list(item.texts)} if item.meta.get("generated") else {}),
+                         **({"prefilter_miss": True} if id(item) in lost else {}))
                     for (item, s), (_, m) in zip(scored, records)]
     return out
 
@@ -147,26 +160,44 @@ def summarize(name, records):
         out["macro_average"] = sum(parts) / len(parts)
     if row.breakdown:
         out[f"per_{row.breakdown.name}"] = {
-            g: {col: accuracy(recs, flag)[0] for col, flag, which in row.columns if which is None} | {"n": len(recs)}
+            g: {col: accuracy(recs, flag)[0] for col, flag, which in row.columns if which is None and flag}
+            | {"n": len(recs)}
             for g, recs in groups_of(name, records).items()}
     if row.metrics:
-        out.update(row.metrics(records))
+        for key, value in row.metrics(records).items():  # set-level columns merge into metrics / counts / ci
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
     return out
 
 
 # ---- the paper's tables ------------------------------------------------------------------------------------------
 
 TABLES = {"table1": "Table 1: accuracy (%)", "table8": "Table 8: accuracy (%)",
-          "coco": "MS-COCO captions: accuracy (%)"}   # each registry row's `table`, in print order
+          "coco": "MS-COCO captions: accuracy (%)",
+          "gdbench": "GDBench tasks (Krojer et al., 2023): R@1 / R@5 or accuracy (%)",
+          "compositional": "Compositional tasks: accuracy (%)"}   # each registry row's `table`, in print order
+SUITE_TITLES = {"gdbench": "GDBench (Krojer et al., 2023): R@1 / R@5 or accuracy (%)",
+                "compositional": "Compositional suite (ARO, SugarCrepe, CLEVR, Winoground, VL-CheckList, ComVG): "
+                                 "accuracy (%)"}
 
 
-def tables(results):
+def tables(results, suite=None):
     """{table: (title, [(group, [(column, percent, count)])])} for the data sets evaluated, in the paper's layout: each
-    data set in its row's table, and a breakdown with a table of its own (Winoground's Table 10) after them."""
+    data set in its row's table, and a breakdown with a table of its own (Winoground's Table 10) after them. suite:
+    one table of the suite's data sets in the suite's order instead (and no breakdown tables)."""
+    def group(n, r, keep=lambda which: True):
+        return (REGISTRY[n].title, [(c, r["metrics"][c], r["counts"][c]) for c, _, which in REGISTRY[n].columns
+                                    if keep(which)])
+    if suite:  # the all-item columns of each data set, then the per-category ones (CLEVR's subtasks, SVO's parts)
+        names = [n for n in SUITES[suite] if n in results and REGISTRY[n].columns]
+        out = {suite: (SUITE_TITLES[suite], [group(n, results[n], lambda w: w is None) for n in names])}
+        parts = [group(n, results[n], lambda w: w is not None) for n in names]
+        if any(cols for _, cols in parts):
+            out[f"{suite}_parts"] = (f"{SUITE_TITLES[suite].split(':')[0]}: per subtask / part, accuracy (%)",
+                                     [g for g in parts if g[1]])
+        return out if names else {}
     out = {}
     for key, title in TABLES.items():
-        groups = [(REGISTRY[n].title, [(c, r["metrics"][c], r["counts"][c]) for c, _, _ in REGISTRY[n].columns])
-                  for n, r in results.items() if REGISTRY[n].table == key]
+        groups = [group(n, r) for n, r in results.items() if REGISTRY[n].table == key]
         if groups:
             out[key] = (title, groups)
     for n, r in results.items():
@@ -196,7 +227,26 @@ def cell_ci(results, key, group, column):
         b = REGISTRY[n].breakdown
         if b and b.table and b.table[0] == key:
             return r[f"per_{b.name}_ci"].get(group, {}).get(column)
-    return results[next(n for n in results if REGISTRY[n].title == group)]["ci"][column]
+    return results[next(n for n in results if REGISTRY[n].title == group)]["ci"].get(column)
+
+
+def bias_table(per_method):
+    """The bias sets' table: one row per pair X-Y; per method its effect size d with the 95% bootstrap interval and
+    the permutation p-value; the image counts. "" without a bias set."""
+    cells, counts = {}, {}
+    for m, r in per_method.items():
+        for n, res in r["datasets"].items():
+            for pair, b in (res.get("bias", {}) if REGISTRY[n].bias else {}).items():
+                ci = f" [{b['ci'][0]:.2f}, {b['ci'][1]:.2f}]" if b["ci"] else ""
+                cells.setdefault(pair, {})[m] = (f"{b['d']:.2f}{ci}", f"{b['p']:.4f}")
+                counts[pair] = f"{b['n_x']} / {b['n_y']}"
+    if not cells:
+        return ""
+    labels = list(per_method)
+    body = [(pair, [x for m in labels for x in c.get(m, ("-", "-"))] + [counts[pair]]) for pair, c in cells.items()]
+    return render_table("Bias test (MMBias): effect size d [95% bootstrap CI], permutation p (two-sided); d > 0: X "
+                        "nearer the pleasant phrases than Y", [(m, ["d", "p"]) for m in labels] +
+                        [("images", ["X / Y"])], body)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
@@ -228,6 +278,18 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(REGISTRY), help="one data set (default: all found under --data-root)")
+    p.add_argument("--suite", choices=tuple(SUITES),
+                   help="every data set of a suite found under --data-root (default data/), one table: gdbench "
+                        f"({', '.join(SUITES['gdbench'])}) or compositional ({', '.join(SUITES['compositional'])}); "
+                        "none found: the embedded shapes world's instance of each, on the tiny model")
+    p.add_argument("--prefilter-k", type=positive_int,
+                   help="full retrieval: CLIP (--clip-model, zero-shot cosine) ranks every candidate of an item and "
+                        "each method re-ranks only the top K (e.g. Flickr30K's Karpathy split: --flickr-karpathy "
+                        "--prefilter-k 20); the filter's recall@K is printed beside R@1 / R@5")
+    p.add_argument("--ties", choices=("error", "first"), default="error",
+                   help="error (default): a tie with a wrong candidate counts as an error; first: DiffusionITM's "
+                        "rule, the true (first) candidate wins a tie (numpy argmax), for items with one image or "
+                        "one text")
     p.add_argument("--data-root", help="the data set's folder with --dataset (default data/NAME), else default data/")
     p.add_argument("--annotations", help="the annotation file (needs --dataset), instead of looking in the folder")
     p.add_argument("--split", help="the split of a data set that ships splits (default its registry row's); 'all' for every split")
@@ -260,14 +322,23 @@ def run(args, argv=()):
     with state.main_process_first():                               # the shapes world is written on first use
         data = runs.load_data(args, roots, rows)                 # {name: (root, split, items, report)}
     runs.check_output(args, rows, data)                          # nor a file the data sets read
+    filtered = {}
+    if args.prefilter_k:                                         # CLIP's top K per item; the rest never scored
+        clip = methods.build("clip", args)
+        for name, (root, split, items, report) in list(data.items()):
+            kept, misses, stats = prefilter(clip, items, args.prefilter_k)
+            data[name], filtered[name] = (root, split, kept, report), (misses, stats)
+        del clip
     per_method = {}
     for label, method, checkpoint in rows:
         model = methods.build(method, args, checkpoint)
         results = {}
         for name, (root, split, items, report) in data.items():
             store = partial_store(args, label, method, checkpoint, model, name, root, split, items)
-            results[name] = evaluate_items(model, name, items, args.pairs_per_call, f"{label} {name}", store)
-            results[name].update(root=root, split=split, report=report)
+            misses, stats = filtered.get(name, ((), None))
+            results[name] = evaluate_items(model, name, items, args.pairs_per_call, f"{label} {name}", store,
+                                           args.ties, misses)
+            results[name].update(root=root, split=split, report=report, **({"prefilter": stats} if stats else {}))
         per_method[label] = dict(method=method, checkpoint=checkpoint, model=getattr(model, "config", {}),
                                  datasets=results)
         del model
@@ -279,7 +350,7 @@ def write_results(args, argv, per_method):
     per data set; OUTPUT (JSON) written, its partial files removed."""
     labels = list(per_method)
     first = per_method[labels[0]]["datasets"]
-    shown = {m: tables(r["datasets"]) for m, r in per_method.items()}
+    shown = {m: tables(r["datasets"], getattr(args, "suite", None)) for m, r in per_method.items()}
     differences, diff_text = show_differences({m: r["datasets"] for m, r in per_method.items()}, labels)
     print()
     for key, (title, column_groups) in shown[labels[0]].items():
@@ -287,17 +358,27 @@ def write_results(args, argv, per_method):
                    for c, _, _ in cols} for m in labels}
         print(show_table(title + " [95% bootstrap CI]", column_groups, {m: shown[m][key][1] for m in labels}, cis)
               + "\n")
-    if len(labels) > 1:
+    if bias_table(per_method):
+        print(bias_table(per_method) + "\n")
+    if len(labels) > 1 and diff_text:
         print(diff_text + "\n")
     for name, res in first.items():
         print(summary_line(name, res, res["report"]))
         for line in res["unreadable_items"]:
             print(f"  unreadable: {line}")
+    for name, res in first.items():
+        if res.get("prefilter"):
+            f = res["prefilter"]
+            print(f"{name}: CLIP pre-filter top {f['k']}: recall@{f['k']} {f['recall']:.2f}% ({f['hits']} of "
+                  f"{f['items']} items kept their true candidate; the rest count as wrong in every row)")
+    for name, why in getattr(args, "skipped", {}).items():
+        print(f"{name}: skipped, not loaded ({why})")
     flat = lambda t: {k: {g: {c: v for c, v, _ in cols} for g, cols in cg} for k, (_, cg) in t.items()}  # noqa
     out = dict(command=["evaluate.py"] + [a for a in argv if a != "--resume"],
                args={k: v for k, v in vars(args).items() if k != "resume"}, model=per_method[labels[0]]["model"],
                datasets=first, tables=flat(shown[labels[0]]),
-               methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()}, differences=differences)
+               methods={m: dict(r, tables=flat(shown[m])) for m, r in per_method.items()}, differences=differences,
+               skipped=getattr(args, "skipped", {}))
     if args.output:
         write_json(args.output, out)
         shutil.rmtree(partial_root(args.output), ignore_errors=True)

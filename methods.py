@@ -19,7 +19,7 @@ from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 from families import lcm
 
-METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
+METHODS = ("discffusion", "diffusion_itm", "clip", "clip_ft", "clip_prompt")  # clip: zero-shot, the plain cosine
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-shapes-sd")
 
@@ -32,6 +32,8 @@ DEFAULTS = {
                layers="all", itm_variant="itm", uncond_attention=False),
     "shapes": dict(model=TINY_MODEL, shots="60", steps=300, lr=3e-3, lam=100.0, itm_timesteps=50,
                    compare="diffusion_itm"),
+    # the suites' embedded instances (benchmarks/embedded.py): the tiny model, 10 DiffusionITM timesteps (minutes)
+    "embedded": dict(model=TINY_MODEL, lam=100.0, itm_timesteps=10),
 }
 
 
@@ -46,8 +48,9 @@ def option(args, key, recorded=None):
     """The value of option `key`: command line, else the --preset's, else `recorded` (a checkpoint's), else the
     data set's, else generic."""
     preset = PRESETS.get(getattr(args, "preset", None) or "paper", {})
+    own = getattr(args, "defaults", None) or getattr(args, "dataset", None)   # "embedded" for a suite's shapes world
     for value in (getattr(args, key, None), preset.get(key), (recorded or {}).get(key),
-                  DEFAULTS.get(getattr(args, "dataset", None), {}).get(key), DEFAULTS[None].get(key)):
+                  DEFAULTS.get(own, {}).get(key), DEFAULTS[None].get(key)):
         if value is not None:
             return value
     return None
@@ -83,7 +86,7 @@ def build(method, args, checkpoint=None):
     meta = read_checkpoint(checkpoint, tensors=False)[0] if checkpoint else {}
     recorded = recorded_options(checkpoint, meta)
     shared = dict(device=args.device, dtype=args.precision, seed=args.seed)
-    if method in ("clip_ft", "clip_prompt"):
+    if method in ("clip", "clip_ft", "clip_prompt"):
         model = ClipMatcher.from_pretrained(args.clip_model or CLIP_MODEL, method=method, **shared)
     else:
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
@@ -135,7 +138,9 @@ def _layers(text):
 
 
 def _timesteps(text):
-    return text if text == "official" else positive_int(text)
+    if text == "official" or (text.startswith("grid:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return text
+    return positive_int(text)
 
 
 # the recorded options `option` takes from a checkpoint, checked as the command line checks them
@@ -179,12 +184,14 @@ def add_model_args(p):
     g.add_argument("--resize-via", type=image_size(),
                    help=f"resize to this size first, 1 to {MAX_SIZE} pixels (224: the paper's Table 2 setting)")
     b = p.add_argument_group("baselines (§5.3, Table 8)")
-    b.add_argument("--clip-model", default=CLIP_MODEL, help=f"CLIP checkpoint for clip_ft / clip_prompt ({CLIP_MODEL})")
+    b.add_argument("--clip-model", default=CLIP_MODEL,
+                   help=f"CLIP checkpoint for clip (zero-shot) / clip_ft / clip_prompt ({CLIP_MODEL})")
     b.add_argument("--itm-variant", choices=("itm", "classifier", "combined"),
                    help="diffusion_itm: normalised (itm), Diffusion Classifier (classifier), or the official code's "
                         "attention + itm sum (combined); default itm")
     b.add_argument("--itm-timesteps", type=_timesteps, help="diffusion_itm: timesteps spread over [10, 990) (default "
-                                                            "10; 50 for the shapes world), or 'official': 989 - 33 k")
+                                                            "10; 50 for the shapes world), 'official': 989 - 33 k, or "
+                                                            "'grid:S': DiffusionITM's range(10, 990, 1000 // S)")
     b.add_argument("--uncond-attention", action="store_true", default=None,
                    help="combined: the attention term is the mean of the text's and the empty prompt's (the public "
                         "code's [uncond, cond] batch)")

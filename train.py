@@ -32,7 +32,7 @@ from tools.cli import ArgumentParser, Interrupted, number, positive, positive_in
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(REGISTRY)} (datasets.REGISTRY)")
-    p.add_argument("--method", default="discffusion", choices=methods.METHODS,
+    p.add_argument("--method", default="discffusion", choices=[m for m in methods.METHODS if m != "clip"],
                    help="discffusion: p^k, p^v (eq. 5) + eq. 6; diffusion_itm: HardNeg LoRA; clip_ft / clip_prompt: "
                         "the CLIP baselines of §5.3 with the same margin loss")
     p.add_argument("--data-root", help="the data set's folder (default data/<dataset>)")

@@ -1,7 +1,8 @@
 """§5.3 Baselines: CLIP few-shot learners for image-text matching (Tables 1, 2, 5).
 
-Two methods, trained on the same few-shot splits with the same margin loss (eq. 6) as Discffusion, images at the
-CLIP processor's size (224x224 for OpenAI CLIP):
+`clip` is CLIP zero-shot: the plain cosine of the pretrained model, nothing trained (the CLIP row of every GDBench and
+compositional task). Two methods, trained on the same few-shot splits with the same margin loss (eq. 6) as Discffusion,
+images at the CLIP processor's size (224x224 for OpenAI CLIP):
   clip_ft     - "fine-tuning CLIP, with the last layer being the only component subject to tuning": the projection
                 heads (visual_projection, text_projection) train, both encoders stay frozen.
   clip_prompt - CoCoOp (Zhou et al. 2022, "Conditional Prompt Learning"): n_ctx learnable context vectors v_1..v_M
@@ -33,7 +34,7 @@ from discffusion import to_rgb
 from families.loading import check_hub
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-METHODS = ("clip_ft", "clip_prompt")
+METHODS = ("clip", "clip_ft", "clip_prompt")   # clip: zero-shot, nothing trained (GDBench's CLIP rows)
 CTX_INIT = "a photo of a"  # CoCoOp's default context; used when it tokenizes to exactly n_ctx tokens
 
 
@@ -52,7 +53,7 @@ class ClipMatcher(nn.Module):
         if method == "clip_ft":
             self.clip.visual_projection.requires_grad_(True)
             self.clip.text_projection.requires_grad_(True)
-        else:
+        elif method == "clip_prompt":
             dim = clip.config.text_config.hidden_size    # ctx_dim: the token embedding width
             vis = clip.config.projection_dim              # the image feature fed to the meta-net
             with torch.random.fork_rng(devices=[]):
@@ -111,12 +112,16 @@ class ClipMatcher(nn.Module):
         return self.trainable_parameters()
 
     def trainable_parameters(self):
+        if self.method == "clip":
+            return []
         if self.method == "clip_ft":
             return [self.clip.visual_projection.weight, self.clip.text_projection.weight]
         return [self.ctx, *self.meta_net.parameters()]
 
     def trained_state(self):
         """The method's own tensors by name: what save_trained writes."""
+        if self.method == "clip":
+            return {}
         if self.method == "clip_ft":
             return {"visual_projection.weight": self.clip.visual_projection.weight,
                     "text_projection.weight": self.clip.text_projection.weight}
@@ -176,7 +181,7 @@ class ClipMatcher(nn.Module):
         texts = [t for _, ts in items for t in ts]
         shapes = [(len(ims), len(ts)) for ims, ts in items]
         img_idx, txt_idx = map(torch.tensor, pair_index(shapes))
-        if self.method == "clip_ft":
+        if self.method in ("clip", "clip_ft"):
             txt = self.text_features_plain(texts)                                             # (sum n_txt, P)
             return split_scores((img[img_idx] * txt[txt_idx]).sum(-1), shapes)                # (P,) cosines
         ids, mask = self.tokenize(texts)

@@ -9,10 +9,12 @@
                 [uncond, cond] at batch size 1
 target = eps, or the velocity (scheduler.get_velocity) for a v-prediction model.
 
-Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g.
-n = 10 -> 59, 157, ..., 941; or "official": the public code's t = 989 - 33 k, k = 0..29 (`official_timesteps`). Default 10: each timestep costs one UNet pass per pair plus one per image (Discffusion's
-ensemble costs 4 per pair), so 10 keeps the baseline within a few times Discffusion's cost; the paper reports gains
-flattening out only after 100-200 random (t, eps) samples, so pass a larger n_timesteps to approach its setting.
+Timesteps: n_timesteps (default 10) midpoints of equal slices of [0.01 T, 0.99 T) = [10, 990) for T = 1000, e.g. n = 10
+-> 59, 157, ..., 941; or "official": the public code's t = 989 - 33 k, k = 0..29 (`official_timesteps`); or "grid:S":
+DiffusionITM's own range(10, 990, 1000 // S) (`itm_grid`; S = 10: 10, 110, ..., 910). Default 10: each timestep costs
+one UNet pass per pair plus one per image (Discffusion's ensemble costs 4 per pair), so 10 keeps the baseline within a
+few times Discffusion's cost; the paper reports gains flattening out only after 100-200 random (t, eps) samples, so pass
+a larger n_timesteps to approach its setting.
 
 Every part comes from the wrapped `Discffusion` (the "core"): image latents and text states (`encode_images`,
 `encode_texts`), eps (`level_noise`: a function of the seed and the timestep's index, never of the batch), t
@@ -48,6 +50,21 @@ def spread_timesteps(n, T):
     return [int(round(lo + (k + 0.5) * (hi - lo) / n)) for k in range(n)]
 
 
+def itm_grid(S, T=1000):
+    """DiffusionITM's own grid (its diffusion_itm.py): range(10, 990, 1000 // S) scaled to T, e.g. S = 10 -> 10, 110,
+    ..., 910 (its Table 1 used S = 250)."""
+    return [round(t * T / 1000) for t in range(10, 990, 1000 // S)]
+
+
+def timestep_list(n_timesteps, T):
+    """n (an int: `spread_timesteps`), "official" (`official_timesteps`) or "grid:S" (`itm_grid`) -> timesteps."""
+    if n_timesteps == "official":
+        return official_timesteps(T)
+    if str(n_timesteps).startswith("grid:"):
+        return itm_grid(int(str(n_timesteps)[5:]), T)
+    return spread_timesteps(int(n_timesteps), T)
+
+
 OFFICIAL_STEPS = 30  # dsd_infer.py's --sampling_time_steps default
 
 
@@ -65,8 +82,8 @@ class DiffusionITM(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise InputError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
-        if n_timesteps != "official" and int(n_timesteps) < 1:
-            raise InputError(f"n_timesteps {n_timesteps}: must be at least 1 (or 'official')")
+        if n_timesteps != "official" and int(str(n_timesteps).removeprefix("grid:")) < 1:
+            raise InputError(f"n_timesteps {n_timesteps}: must be at least 1 (or 'official', or 'grid:S')")
         if uncond_attention and variant != "combined":
             raise InputError(f"uncond_attention: the attention term exists only in variant 'combined', not {variant!r}")
         pred = core.scheduler.config.prediction_type
@@ -74,7 +91,7 @@ class DiffusionITM(nn.Module):
             raise InputError(f"scheduler prediction_type {pred!r}: DiffusionITM needs 'epsilon' or 'v_prediction'")
         self.core, self.variant, self.uncond_attention = core, variant, bool(uncond_attention)
         T = core.scheduler.config.num_train_timesteps
-        self.timesteps = official_timesteps(T) if n_timesteps == "official" else spread_timesteps(int(n_timesteps), T)
+        self.timesteps = timestep_list(n_timesteps, T)
         core.levels = tuple(t / T for t in self.timesteps)          # the core's noise schedule becomes ours
         core.config["levels"] = list(core.levels)
         assert [core.timestep(l) for l in core.levels] == self.timesteps

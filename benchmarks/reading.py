@@ -30,6 +30,17 @@ class Item:
     meta: dict = field(default_factory=dict)
 
 
+class CroppedImage(str):
+    """An image path whose `crop` (x, y, w, h in pixels) `datasets.open_image` cuts out before scoring (ARO's VG)."""
+    crop = None
+
+
+def cropped(path, box):
+    out = CroppedImage(path)
+    out.crop = tuple(float(v) for v in box)
+    return out
+
+
 # ---- shared helpers ----------------------------------------------------------------------------------------------
 
 

@@ -327,3 +327,29 @@ def random_trainable(model, std, seed=0):
         for i, p in enumerate(params):
             p.normal_(0, std, generator=torch.Generator().manual_seed(seed + i))
     return params
+
+
+def write_top10(root, outside):
+    """5 captions (keys 0..4): 0 good, 1 a missing image, 2 malformed (9 paths in a string), 3 a path climbing out to
+    an existing image, 4 good; the images as datasets/flickr30k/images/<id>.jpg."""
+    paths = [f"datasets/flickr30k/images/{k}.jpg" for k in range(10)]
+    for k in range(10):
+        image(os.path.join(root, "images", f"{k}.jpg"), COLORS[k % 4])
+    data = {"a red thing": paths, "a lost thing": ["datasets/flickr30k/images/99.jpg"] + paths[1:],
+            "a bad record": "not a list", "an escape": [os.path.relpath(outside, root)] + paths[1:],
+            "a green thing": paths[1:] + paths[:1]}
+    os.makedirs(root, exist_ok=True)
+    json.dump(data, open(os.path.join(root, "val_top10_RN50x64.json"), "w"))
+    text = {paths[0]: ["a red thing"] + [f"caption {k}" for k in range(9)], paths[1]: "not a list",
+            "datasets/flickr30k/images/99.jpg": ["x"] * 10, "/abs/olute.jpg": ["y"] * 10}
+    json.dump(text, open(os.path.join(root, "val_top10_RN50x64_text.json"), "w"))
+    return root
+
+
+TAGS = {"man": "NN", "horse": "NN", "field": "NN", "red": "JJ", "green": "JJ", "a": "DT", "riding": "VBG",
+        "in": "IN", "the": "DT", "two": "CD", "and": "CC", "dogs": "NNS", "cat": "NN", ".": "."}
+
+
+def tagger(text):
+    """A part-of-speech tagger for the test captions (spaCy's en_core_web_sm cannot be installed here)."""
+    return [(w, TAGS.get(w.lower(), "NN")) for w in text.replace(".", " .").split()]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import ablations
 import evaluate
 import methods
 from common import read_checkpoint, save_tensors
+from tools import ablations
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from baselines.clip_baselines import ClipMatcher
-from tools.sd_configs import make_random_clip
 from common import InputError
+from tools.sd_configs import make_random_clip
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 IMAGES = {c: Image.new("RGB", (40, 40), v) for c, v in COLORS.items()}

@@ -393,7 +393,8 @@ def test_unknown_data_set_is_one_error_line_and_exit_2(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown data set 'imagenet': choose from comvg, refcocog, vqav2, winoground, vlchecklist, coco"]
+        "error: unknown data set 'imagenet': choose from comvg, refcocog, vqav2, winoground, vlchecklist, coco, "
+        "flickr30k, coco_order, flickr30k_order, imagecode, svo, clevr, pets, sugarcrepe"]
 
 
 def test_bad_option_and_hints(capsys):

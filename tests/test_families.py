@@ -17,10 +17,10 @@ from PIL import Image
 import evaluate
 import train
 from attention_capture import CallRecord
-from common import InputError
-from tools.cli import run_cli
 from baselines.diffusion_itm import DiffusionITM
+from common import InputError
 from discffusion import Discffusion
+from tools.cli import run_cli
 from tools.sd_configs import make_random_sd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import pytest
 
 import evaluate
 import train
-from tools.sd_configs import make_random_clip
 from support import write_coco, write_refcocog, write_train_comvg, write_winoground
+from tools.sd_configs import make_random_clip
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 

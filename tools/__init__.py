@@ -12,7 +12,8 @@ the paper results with no file of their own (docs/paper_results.md): `python -m 
 The run machinery of train.py and evaluate.py (no commands), one concept a module: cli.py (exit codes, argparse
 types, signals, output checks), processes.py (accelerate's processes, each one's share, the gathering), resume.py
 (evaluation's partial files and training's checkpoint), intervals.py (bootstrap intervals), tables.py (the printed
-tables), runs.py (which rows and data sets evaluate.py evaluates) and training.py (what train.py needs around Alg. 1);
+tables), runs.py (which rows and data sets evaluate.py evaluates, the suites and their embedded instances),
+prefilter.py (evaluate.py --prefilter-k: CLIP's top K re-ranked) and training.py (what train.py needs around Alg. 1);
 sd_configs.py (no command) builds Stable Diffusion and CLIP
 architectures from configs with random weights, for the tests and the benchmark.
 """

@@ -6,6 +6,10 @@
     python -m tools.download vqav2        # the official code's VQAv2 test files; --with-images: their COCO images
     python -m tools.download refcocog     # refcocog.zip; --with-images --yes: COCO train2014.zip too
     python -m tools.download coco         # COCO 2014 captions; --with-images --yes: COCO train2014.zip too
+    python -m tools.download flickr30k    # DiffusionITM's top-10 lists (both); Flickr30K's images by its form
+    python -m tools.download coco_order --with-images --yes   # ARO's coco_karpathy_test.json + COCO val2014.zip
+    python -m tools.download flickr30k_order / imagecode / clevr / pets / svo / sugarcrepe   # see docs/gdbench.md
+    (vg_relation, vg_attribution, mmbias: not fetched; evaluate.py's error line says where to get them)
 
 Each data set goes into DATA_ROOT/NAME (default data/NAME). Every file is written to <file>.part and renamed only once
 it is complete and checked: sha256 / md5 where known, images must decode with PIL, archives must pass zipfile's CRC

@@ -40,10 +40,10 @@ def intervals(name, records):
     """{"ci": {column: [low, high]}}, and for a data set with a breakdown (Winoground's Table 10) {"per_<name>_ci":
     {group: {column: [low, high]}}} of its all-item columns."""
     row = REGISTRY[name]
-    out = {"ci": {col: percent_ci(_hits(records, flag, which)) for col, flag, which in row.columns}}
+    out = {"ci": {col: percent_ci(_hits(records, flag, which)) for col, flag, which in row.columns if flag}}
     if row.breakdown:
         out[f"per_{row.breakdown.name}_ci"] = {
-            g: {col: percent_ci(_hits(recs, flag)) for col, flag, which in row.columns if which is None}
+            g: {col: percent_ci(_hits(recs, flag)) for col, flag, which in row.columns if which is None and flag}
             for g, recs in groups_of(name, records).items()}
     return out
 
@@ -56,6 +56,9 @@ def paired_differences(name, first, other):
         return None
     out = {}
     for col, flag, which in REGISTRY[name].columns:
+        if flag is None:                                    # a set-level column: no per-item difference
+            out[col] = dict(difference=None, ci=None, n=0)
+            continue
         d = [float(y[flag]) - float(x[flag]) for x, y in zip(a, b) if which is None or which(x["category"])]
         out[col] = dict(difference=100 * sum(d) / len(d) if d else None, ci=percent_ci(d), n=len(d))
     return out

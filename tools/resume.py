@@ -71,7 +71,7 @@ def parse_record(line):
 
 def item_digest(item, hashes):
     """What an item's scores depend on besides the run's options: its id, texts, and its images' bytes (and a
-    --mask-object box). `hashes`: {path: file hash} memo, one read per image file."""
+    --mask-object box, an ARO crop). `hashes`: {path: file hash} memo, one read per image file."""
     def image(path):
         key = str(path)
         if key not in hashes:
@@ -79,7 +79,7 @@ def item_digest(item, hashes):
                 hashes[key] = file_hash(key)[:32]
             except OSError as e:
                 hashes[key] = f"unreadable {type(e).__name__}"
-        return [hashes[key], getattr(path, "box", None)]
+        return [hashes[key], getattr(path, "box", None)] + ([path.crop] if getattr(path, "crop", None) else [])
     content = [item.id, list(item.texts), [image(p) for p in item.images]]
     return hashlib.sha256(json.dumps(content, default=str).encode()).hexdigest()[:32]
 

@@ -8,8 +8,9 @@ from accelerate import PartialState
 
 import methods
 from common import InputError, check_writable, name_fits
-from datasets import REGISTRY, data_inputs, default_root, find_datasets, has_table_data, load_items, loader_options, \
-    split_items
+from benchmarks.embedded import write as write_embedded
+from datasets import SUITES, REGISTRY, DataMissing, data_inputs, default_root, find_datasets, has_table_data, \
+    load_items, loader_options, split_items
 from tools.cli import check_apart
 from tools.resume import partial_root
 
@@ -22,6 +23,9 @@ def default_runs(args, names):
     DiffusionITM zero-shot plus Discffusion few-shot when train.py's deltas are there."""
     if args.methods:
         return [(m, m, checkpoint_for(args, m)) for m in args.methods]
+    if getattr(args, "suite", None):  # the three rows of every task; no CLIP offline in the embedded world
+        rows = ("discffusion", "diffusion_itm") + (() if embedded(args) else ("clip",))
+        return [(m, m, checkpoint_for(args, m)) for m in rows]
     if list(names) != ["shapes"]:
         return [("discffusion", "discffusion", checkpoint_for(args, "discffusion"))]
     runs = [("discffusion zero-shot", "discffusion", None), ("diffusion_itm zero-shot", "diffusion_itm", None)]
@@ -43,10 +47,38 @@ def checkpoint_for(args, method):
     return None
 
 
+def embedded(args):
+    return getattr(args, "defaults", None) == "embedded"
+
+
+def suite_roots(args):
+    """[(data set, its folder)] of --suite: each of its data sets with a non-empty folder under --data-root (default
+    data/); none and no --data-root: the embedded shapes world's instance of each (benchmarks/embedded.py, written on
+    first use to data/embedded_<suite>/<name>/), scored with the tiny model (methods.DEFAULTS["embedded"])."""
+    names, data = SUITES[args.suite], args.data_root or "data"
+    found = [(n, default_root(n, data)) for n in names]
+    found = [(n, r) for n, r in found if os.path.isdir(r) and os.listdir(r)]
+    if found:
+        return found
+    if args.data_root:
+        raise DataMissing(f"no data set of the {args.suite} suite under {data}: looked for "
+                          f"{', '.join(os.path.join(data, n) for n in names)} (docs/gdbench.md says how to get each)")
+    args.defaults = "embedded"
+    out = [(n, os.path.join(data, f"embedded_{args.suite}", n)) for n in names if REGISTRY[n].embedded]
+    print(f"no {args.suite} data set under data/: evaluating the embedded shapes world's instance of "
+          f"{', '.join(n for n, _ in out)} on the tiny model (docs/gdbench.md says how to get the real data)")
+    return out
+
+
 def dataset_roots(args):
-    """[(data set, its folder)]: --dataset with --data-root as its folder, or every data set under --data-root."""
+    """[(data set, its folder)]: --dataset with --data-root as its folder, --suite (`suite_roots`), or every data set
+    under --data-root."""
     if args.annotations and not args.dataset:
         raise InputError("--annotations needs --dataset (it names one data set's annotation file)")
+    if getattr(args, "suite", None):
+        if args.dataset:
+            raise InputError("--suite and --dataset: give one (--dataset runs one data set)")
+        return suite_roots(args)
     if args.dataset:
         return [(args.dataset, args.data_root or default_root(args.dataset))]
     if not args.data_root and not has_table_data("data"):  # a first run: the embedded default, with the way on
@@ -62,11 +94,22 @@ def load_data(args, roots, runs):
 
     The shapes world is evaluated on the held-out split of `train.py --dataset shapes`: the same seed and the --shots
     the runs' checkpoint was trained with (else --shots, else the shapes default)."""
-    out = {}
+    out, args.skipped = {}, {}
     for name, root in roots:
         split = None if args.split == "all" else (args.split or REGISTRY[name].split)
-        items, report = load_items(name, root, args.annotations, seed=args.seed, split=split,
-                                   **loader_options(args, name))
+        options = loader_options(args, name)
+        if embedded(args):                                      # written on first use, read by the same loader
+            options = {**write_embedded(REGISTRY[name].embedded, root), **options}  # seed 0: the data
+        try:
+            items, report = load_items(name, root, args.annotations, seed=args.seed, split=split, **options)
+        except InputError as e:
+            shared = os.path.basename(os.path.normpath(root)).lower().replace("-", "").replace("_", "") != \
+                name.replace("_", "")                            # e.g. flickr30k_order found in data/flickr30k/
+            if not (getattr(args, "suite", None) or (shared and not args.dataset)):
+                raise
+            args.skipped[name] = str(e)        # a suite, or a folder another set shares, goes on without it
+            print(f"skipped {name}: {e}", file=sys.stderr)
+            continue
         if name == "shapes":
             recorded = next((methods.recorded_options(c) for _, _, c in runs if c), {})
             items, split = split_items(items, methods.option(args, "shots", recorded), args.seed)[1], "test"
@@ -77,6 +120,9 @@ def load_data(args, roots, runs):
             if len(report["warnings"]) > 5:
                 print(f"warning: {name}: {len(report['warnings']) - 5} more warnings (all in the JSON)",
                       file=sys.stderr)
+    if not out:
+        raise InputError("no data set could be loaded: "
+                         + "; ".join(f"{n}: {e}" for n, e in args.skipped.items()))
     return out
 
 

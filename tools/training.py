@@ -11,7 +11,7 @@ from accelerate.utils import reduce
 
 import methods
 from common import MAX_LISTED, InputError, check_writable
-from datasets import REGISTRY, data_inputs, load_items, loader_options, split_items
+from datasets import REGISTRY, data_inputs, load_items, loader_options, lookup, split_items
 from evaluate import evaluate_items
 from tools.cli import check_apart, number, positive_int, write_json
 from tools.tables import format_table
@@ -65,6 +65,10 @@ def train_data(args):
     """(train items, test items, the test data set's name, the training data's report): the few-shot split of
     datasets.split_items (or --eval-dataset's items, Table 8), --eval-limit applied; the outputs checked against
     every file the data sets read (before any model)."""
+    for name in (args.dataset, args.eval_dataset):
+        if name and lookup(name).bias:                             # no true candidate: nothing to learn or judge
+            raise InputError(f"{name} is a bias set (an effect size, no right answer): train and test on a "
+                             "matching data set, and evaluate the bias with evaluate.py --dataset " + name)
     check_writable(args.output_dir, folder=True)                   # before any data, model or step
     check_apart(train_outputs(args), methods.model_folders(args) + [(args.annotations, "annotations", "file")])
     state = PartialState()
