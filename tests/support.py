@@ -334,7 +334,7 @@ def write_top10(root, outside):
     an existing image, 4 good; the images as datasets/flickr30k/images/<id>.jpg."""
     paths = [f"datasets/flickr30k/images/{k}.jpg" for k in range(10)]
     for k in range(10):
-        image(os.path.join(root, "images", f"{k}.jpg"), COLORS[k % 4])
+        image(os.path.join(root, "images", f"{k}.jpg"), list(COLORS)[k % 4])   # red, green, blue, yellow
     data = {"a red thing": paths, "a lost thing": ["datasets/flickr30k/images/99.jpg"] + paths[1:],
             "a bad record": "not a list", "an escape": [os.path.relpath(outside, root)] + paths[1:],
             "a green thing": paths[1:] + paths[:1]}

@@ -8,7 +8,6 @@ from benchmarks.flickr30k import load
 from benchmarks.flickr30k_text import load as load_text
 from support import image, write_top10
 
-COLORS = ["red", "green", "blue", "yellow"]
 
 
 def test_image_retrieval_reads_the_frozen_lists(tmp_path):
