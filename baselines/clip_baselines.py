@@ -158,8 +158,8 @@ class ClipMatcher(nn.Module):
         final_layer_norm -> the hidden state at EOS, the last real token (mask.sum - 1, so any pad id works)."""
         text = self.clip.text_model
         hidden = text.embeddings(inputs_embeds=embeds)                                        # (B, L, D)
-        attn = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=mask,
-                                  past_key_values=None)
+        # the cache (None) goes by position: its keyword is past_key_values up to transformers 5.2x, cache after
+        attn = create_causal_mask(text.config, hidden, mask, None)
         hidden = text.encoder(inputs_embeds=hidden, attention_mask=attn, is_causal=True).last_hidden_state
         hidden = text.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(-1) - 1]  # (B, D)

@@ -123,3 +123,14 @@ def test_load_onto_mismatched_model_fails_clearly(tiny_clip, tmp_path):
 def test_bad_clip_model_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="could not load CLIP model"):
         ClipMatcher.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_text_path_uses_no_deprecated_argument(tiny_clip):
+    """The embeddings path calls transformers' create_causal_mask without a deprecated keyword (past_key_values is
+    removed in transformers 5.40): no warning at all from the call."""
+    import warnings
+    m = ClipMatcher.from_pretrained(tiny_clip, method="clip_ft", device="cpu")
+    ids, mask = m.tokenize(["a red circle"])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        m.encode_embeds(m.clip.text_model.embeddings.token_embedding(ids), mask)
