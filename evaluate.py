@@ -29,7 +29,7 @@ import methods
 from common import MAX_LISTED, InputError
 from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, prefer_true, tied
 from tools import runs
-from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, write_json
+from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, use_threads, write_json
 from tools.intervals import intervals
 from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
@@ -388,6 +388,7 @@ def write_results(args, argv, per_method):
 
 def evaluate_cli(argv):
     args = build_parser().parse_args(argv)
+    args.threads = use_threads(args.threads)  # recorded in OUTPUT's args
     try:
         with torch.no_grad():
             run(args, argv)

@@ -161,6 +161,8 @@ def add_model_args(p):
                    help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "
                         "training: autocast, and fp16 scales the loss (GradScaler). bf16 on A100/H100, fp16 on V100")
     p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: the cores not already busy, from "
+                   "the load average, at least 1); few-shot training's rounding, so its numbers, depend on it")
     p.add_argument("--pairs-per-call", "--eval-batch-size", dest="pairs_per_call", type=positive_int, default=16,
                    help="image-text pairs per UNet call, in evaluation and in a training step's forward and backward "
                         "(scores and gradients do not depend on it; memory does); --eval-batch-size is its old name")

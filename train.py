@@ -155,6 +155,7 @@ def build(args):
 def main(argv=None):
     args = parse_args(argv)
     args.processes = processes.processes(args.device).num_processes   # one, or `accelerate launch`'s N
+    args.threads = cli.use_threads(args.threads)                       # recorded in results.json's args
     torch.manual_seed(args.seed)
     train_items, test_items, name, report = training.train_data(args)
     model, params = build(args)

@@ -741,3 +741,26 @@ def test_a_value_of_the_wrong_kind_is_an_error_or_a_counted_skip(case, tiny_sd, 
     else:
         assert run_cli(train.main, ["--dataset", "comvg", "--compare", "diffusion_itm,diffusion_itm"]) == 2
         assert error_line(capsys).startswith("error: --compare: diffusion_itm named twice")
+
+
+# ---- the CPU threads of a run (tools/cli.py): --threads, else the cores the load average leaves free ------------
+
+def test_default_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: 8)
+    for load, expected in ((0.0, 8), (2.4, 6), (5.6, 2), (7.9, 1), (30.0, 1)):
+        monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.default_threads() == expected, load
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: 4)   # never more than torch would use
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli.default_threads() == 4
+
+
+def test_use_threads_sets_torch_and_returns_the_number(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert cli.use_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setattr(cli, "default_threads", lambda: 2)
+        assert cli.use_threads(None) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

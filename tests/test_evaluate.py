@@ -279,3 +279,14 @@ def test_ties_and_duplicates_in_the_summary_and_the_json(tmp_path, monkeypatch, 
     cap = capsys.readouterr()
     assert "warning: 2 duplicate records" in cap.err
     assert "; ties with a wrong candidate (counted wrong): 2; duplicate records (scored as loaded): 2" in cap.out
+
+
+def test_threads_option_is_applied_and_recorded(tmp_path, fake):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    out = str(tmp_path / "r.json")
+    before = torch.get_num_threads()
+    try:
+        assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", out, "--threads", "3"]) == 0
+        assert torch.get_num_threads() == 3 and json.load(open(out))["args"]["threads"] == 3
+    finally:
+        torch.set_num_threads(before)

@@ -43,7 +43,7 @@ from PIL import Image
 import triplet_loss
 from attention_capture import ATTN_LOGGER, CallRecord, CaptureProcessor
 from common import DTYPES, check_writable, default_device
-from tools.cli import ArgumentParser, number, positive_int, run_cli, write_json
+from tools.cli import ArgumentParser, default_threads, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from tools.sd_configs import PRESETS, make_random_sd
 
@@ -92,7 +92,7 @@ def parse_args(argv=None):
     args.device = default_device(args.device)
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.threads is None and not args.device.startswith("cuda"):
-        args.threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(os.getloadavg()[0])))
+        args.threads = default_threads()
     return args
 
 

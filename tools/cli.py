@@ -82,6 +82,20 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
+def default_threads():
+    """torch CPU threads for a run: the cores not already busy (from the load average), at least 1 and at most torch's
+    default; oversubscribed threads stall badly on a shared machine (evaluate.py took 12 min instead of 107 s on 2
+    busy cores)."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - round(os.getloadavg()[0])))
+
+
+def use_threads(threads=None):
+    """Set torch's CPU threads to `threads`, else `default_threads()`; the number set, for the run's record."""
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def number(kind=float, low=None, high=None, above=None):
     """An argparse type: a finite `kind` (int or float) with x > above, low <= x <= high (each bound optional); a bad
     value is a usage error giving the rule, e.g. `argument --lam: must be finite and > 0, got nan`."""
