@@ -1,8 +1,9 @@
 """The tooling around the method, not the method: each module runs from the repository root as `python -m tools.X`
-(`--help` lists its options), and imports the paper's top-level files by plain name. `python -m tools.download NAME`
+(`--help` lists its options), and imports the paper's top-level files by plain name. Every tool writes under runs/
+by default; the committed figures and models (docs/, models/) are rewritten only by naming them (`--out docs`). `python -m tools.download NAME`
 fetches a data set into the layout its loader in benchmarks/ reads (docs/data.md); `python -m tools.benchmark` measures
 speed and memory against the official code's per-pair loop (App. B, §5.5; docs/benchmark.md); `python -m
-tools.figures` draws Fig. 7, 8 and 10 into docs/ (docs/figures.md); `python -m tools.ablations` runs the ablation
+tools.figures` draws Fig. 7, 8 and 10 (docs/figures.md); `python -m tools.ablations` runs the ablation
 sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes world in the ComVG
 format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it (models/tiny-shapes-sd),
 `python -m tools.distill_lcm` distils that into a latent consistency model (models/tiny-shapes-lcm, Table 3);
@@ -17,3 +18,9 @@ prefilter.py (evaluate.py --prefilter-k: CLIP's top K re-ranked) and training.py
 sd_configs.py (no command) builds Stable Diffusion and CLIP
 architectures from configs with random weights, for the tests and the benchmark.
 """
+import logging
+
+# transformers' once-per-run notice that an image processor falls back to PIL without torchvision (diffusers'
+# pipelines import CLIPImageProcessor): not something a user of these tools can act on, so not printed before --help
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())

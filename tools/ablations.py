@@ -395,7 +395,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m tools.ablations", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="*", default=["all"], help=f"any of {' '.join(SWEEPS)}, or all (default)")
-    p.add_argument("--out", default=os.path.join("docs", "ablations"), help="figures, tables, JSON (docs/ablations)")
+    p.add_argument("--out", default=os.path.join("runs", "ablations", "report"),
+                   help="figures, tables, JSON (default runs/ablations/report; docs/ablations.md: --out docs/ablations)")
     p.add_argument("--runs", default=os.path.join("runs", "ablations"), help="training runs (runs/ablations)")
     p.add_argument("--dataset", default="shapes", choices=sorted(REGISTRY), help="default: the shapes world")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")

@@ -121,7 +121,7 @@ def sample(folder, captions, n=6, steps=4, guidance=4.0, seed=0):
 def build_parser():
     p = ArgumentParser(prog="python -m tools.distill_lcm", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="models/tiny-shapes-sd", help="a Stable Diffusion folder in diffusers layout")
-    p.add_argument("--out", default="models/tiny-shapes-lcm")
+    p.add_argument("--out", default="runs/tiny-shapes-lcm", help="default %(default)s (the committed one: models/tiny-shapes-lcm)")
     p.add_argument("--seed", type=number(int, low=0), default=0)
     p.add_argument("--images", type=positive_int, default=4000, help="shapes-world training images (drawn once)")
     p.add_argument("--steps", type=positive_int, default=160)
@@ -136,7 +136,8 @@ def build_parser():
     p.add_argument("--loss", choices=("l2", "huber"), default="l2")
     p.add_argument("--huber-c", type=number(above=0), default=1e-3)
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads")
-    p.add_argument("--grid", default="docs/shapes_lcm_grid.png", help="4-step samples of the saved model ('' none)")
+    p.add_argument("--grid", default="runs/shapes_lcm_grid.png", help="4-step samples of the saved model ('' none; "
+                   "default %(default)s)")
     p.add_argument("--grid-steps", type=positive_int, default=4)
     p.add_argument("--grid-guidance", type=number(low=1), default=4.0, help="the pipeline's guidance_scale (w + 1)")
     return p

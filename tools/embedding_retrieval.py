@@ -50,7 +50,7 @@ from tools.runs import SHAPES_RUN
 from tools.tables import format_table, summary_line
 
 DEFAULT_DELTAS = os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
-DEFAULT_OUTPUT = os.path.join("docs", "table4_embedding.json")
+DEFAULT_OUTPUT = os.path.join("runs", "table4_embedding.json")  # docs/paper_results.md: --output docs/...
 
 
 class DiscffusionEmbedding:

@@ -124,7 +124,8 @@ def build_parser():
     p.add_argument("--row", help="its row (default: the first Discffusion row with a checkpoint, else the first "
                                  "Discffusion row)")
     p.add_argument("-n", type=positive_int, default=4, help="failure cases to draw (default 4)")
-    p.add_argument("--out", default="docs", help="folder for fig11_failures.png / .json (default docs)")
+    p.add_argument("--out", default=os.path.join("runs", "failures"),
+                   help="folder for fig11_failures.png / .json (default runs/failures; the docs' figure: --out docs)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     return p
 

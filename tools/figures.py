@@ -202,6 +202,7 @@ def draw_blocks(blocks, path, title):
                 else:
                     axes[r, c].axis("off")
         sub.colorbar(im, ax=axes, shrink=0.9, label="attention probability\n(mean over heads, layers, noise levels)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
@@ -685,7 +686,8 @@ def parse_args(argv):
     c.add_argument("files", nargs="*", default=[DEFAULT_RESULTS])
     sub.add_parser("all", help="every default figure (the same as no command)")
     for s in (a, d, c, sub.choices["all"]):
-        s.add_argument("--out", default="docs", help="output folder (default docs/)")
+        s.add_argument("--out", default=os.path.join("runs", "figures"),
+                       help="output folder (default runs/figures; the docs' figures: --out docs)")
     args = p.parse_args(argv)
     if args.command is None:
         args = p.parse_args(["all", *(argv or [])])

@@ -376,7 +376,8 @@ def build_parser():
                    help="FID / IS features: inception (torchmetrics' default, needs torch-fidelity; default for real "
                         "data), thumbnail (4x4 thumbnails, FID only: the shapes world's default), none")
     p.add_argument("--batch", type=positive_int, default=8, help="prompts per pipeline call")
-    p.add_argument("--out", default="docs", help="folder for the PNGs and table12_generation.json (default docs)")
+    p.add_argument("--out", default=os.path.join("runs", "generation"), help="folder for the PNGs and "
+                   "table12_generation.json (default runs/generation; the docs' figures: --out docs)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--seed", type=int, default=0, help="first seed; Table 12's captions and seeds follow from it")

@@ -182,7 +182,7 @@ def draw_grid(images, captions, path, scale=3):
 
 def build_parser():
     p = ArgumentParser(prog="python -m tools.pretrain_shapes", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="models/tiny-shapes-sd")
+    p.add_argument("--out", default="runs/tiny-shapes-sd", help="default %(default)s (the committed one: models/tiny-shapes-sd)")
     p.add_argument("--seed", type=number(int, low=0), default=0)
     p.add_argument("--images", type=positive_int, default=20000, help="training images (drawn once, encoded once)")
     p.add_argument("--vae-steps", type=positive_int, default=400)
@@ -196,7 +196,8 @@ def build_parser():
     p.add_argument("--p-empty", type=number(low=0, high=1), default=0.1,
                    help="fraction of empty captions (for the unconditional)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads (fixed, for a reproducible model)")
-    p.add_argument("--grid", default="docs/shapes_grid.png", help="where to draw samples of the saved model")
+    p.add_argument("--grid", default="runs/shapes_grid.png", help="where to draw samples of the saved model "
+                   "(default %(default)s)")
     p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
     return p
 

@@ -1,5 +1,7 @@
 """Stable Diffusion architectures built from configs, with random weights, saved in diffusers layout.
 
+    python -m tools.sd_configs tiny --out runs/random-tiny     # any preset below; loads with --model runs/random-tiny
+
 Not a paper section: the scaffolding that lets tests, `tools/benchmark.py` and `tools/shapes.py` load a model through
 the very `Discffusion.from_pretrained(folder)` path that real SD 2.1-base weights use, offline. Presets:
   tiny     - a few thousand parameters, 7 cross-attention layers (tests).
@@ -14,10 +16,12 @@ real one (`write_sd21_tokenizer`, committed as tests/fixtures/sd21_tokenizer).
 """
 import json
 import os
+import sys
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from tools.cli import ArgumentParser, number, run_cli
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
@@ -257,3 +261,17 @@ def make_random_clip(folder, words=None, seed=0, image_size=32):
     CLIPImageProcessor(size={"shortest_edge": image_size},
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="python -m tools.sd_configs", description=__doc__.splitlines()[0])
+    p.add_argument("preset", choices=tuple(PRESETS), help="the architecture (module docstring)")
+    p.add_argument("--out", help="the diffusers folder to write (default runs/random-PRESET)")
+    p.add_argument("--seed", type=number(int, low=0), default=0, help="the random weights")
+    a = p.parse_args(argv)
+    print(f"wrote {make_random_sd(a.preset, a.out or os.path.join('runs', 'random-' + a.preset), a.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
