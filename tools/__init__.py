@@ -15,8 +15,8 @@ types, signals, output checks), processes.py (accelerate's processes, each one's
 (evaluation's partial files and training's checkpoint), intervals.py (bootstrap intervals), tables.py (the printed
 tables), runs.py (which rows and data sets evaluate.py evaluates, the suites and their embedded instances),
 prefilter.py (evaluate.py --prefilter-k: CLIP's top K re-ranked) and training.py (what train.py needs around Alg. 1);
-sd_configs.py (no command) builds Stable Diffusion and CLIP
-architectures from configs with random weights, for the tests and the benchmark.
+`python -m tools.sd_configs PRESET` builds a Stable Diffusion
+architecture from its config with random weights (for the tests and the benchmark; make_random_clip the CLIP's).
 """
 import logging
 
