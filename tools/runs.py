@@ -19,8 +19,8 @@ SHAPES_RUN = os.path.join("runs", "shapes")  # train.py --dataset shapes writes 
 
 
 def default_runs(args, names):
-    """[(row label, method, checkpoint)]: --methods (with --checkpoint), or for the shapes world Discffusion and
-    DiffusionITM zero-shot plus Discffusion few-shot when train.py's deltas are there."""
+    """[(row label, method, checkpoint)]: --methods (with --checkpoint), or for the shapes world the rows of
+    train.py's table in its order: Discffusion zero-shot, few-shot (when train.py's deltas are there), DiffusionITM."""
     if args.methods:
         return [(m, m, checkpoint_for(args, m)) for m in args.methods]
     if getattr(args, "suite", None):  # the three rows of every task; no CLIP offline in the embedded world
@@ -28,11 +28,10 @@ def default_runs(args, names):
         return [(m, m, checkpoint_for(args, m)) for m in rows]
     if list(names) != ["shapes"]:
         return [("discffusion", "discffusion", checkpoint_for(args, "discffusion"))]
-    runs = [("discffusion zero-shot", "discffusion", None), ("diffusion_itm zero-shot", "diffusion_itm", None)]
     deltas = checkpoint_for(args, "discffusion") or os.path.join(SHAPES_RUN, "prompt_deltas.safetensors")
-    if os.path.exists(deltas):
-        runs.append(("discffusion few-shot", "discffusion", deltas))
-    return runs
+    few_shot = [("discffusion few-shot", "discffusion", deltas)] if os.path.exists(deltas) else []
+    return [("discffusion zero-shot", "discffusion", None)] + few_shot + [("diffusion_itm zero-shot", "diffusion_itm",
+                                                                            None)]
 
 
 def checkpoint_for(args, method):
