@@ -110,3 +110,16 @@ def test_benchmark_train_steps_side_by_side_and_fp16_check(tiny_sd, capsys):
     assert fc["fp16"]["left_at_zero"] <= fc["fp16_unscaled"]["left_at_zero"]
     with pytest.raises(InputError, match="at least 2"):
         benchmark.parse_args(["--train-texts", "1,10"])
+
+
+def test_quick_workload_is_not_judged_against_the_targets():
+    from types import SimpleNamespace
+    res = {"config": {"sd2_architecture": False}, "throughput": {"ratio": 1.5, "ratio_cpu_time": 1.4},
+           "capture_overhead": {"capture_overhead": 0.5, "capture_overhead_cpu_time": 0.4}}
+    for quick, verdict, met in ((False, "MISSED", False), (True, "not judged (--quick)", None)):
+        args = SimpleNamespace(device="cpu", precision="fp32", quick=quick)
+        for t in benchmark.targets(res, args).values():
+            assert (t["met"], t["verdict"]) == (met, verdict)
+    res["throughput"]["ratio"], res["capture_overhead"]["capture_overhead"] = 3.5, 0.05
+    args = SimpleNamespace(device="cpu", precision="fp32", quick=False)
+    assert all(t["verdict"] == "met" for t in benchmark.targets(res, args).values())
