@@ -210,3 +210,55 @@ def test_overflowing_fp16_step_is_skipped_not_an_error(sd2_layout, tmp_path, mon
     assert all(not d[k].any() for k in d if k.startswith("delta_"))                      # nothing moved
     ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ck["history"][0]["skipped"] is True and ck["scaler"]["scale"] == 2.0 ** 99
+
+
+# ---- the README's few-shot row: mean and range of measured runs ----------------------------------------------------
+
+def readme_few_shot_row(path="README.md"):
+    """{column: (mean, low, high)} of the few-shot row of a page's shapes table."""
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    line = next(ln for ln in open(os.path.join(root, path))
+                if ln.startswith("| Discffusion few-shot (eq. 3-4, lambda 100"))
+    cells = re.findall(r"([\d.]+)\**\s+\(([\d.]+)-([\d.]+)\)", line)
+    return dict(zip(("Subjects", "Objects", "Predicate", "Average"), [tuple(map(float, c)) for c in cells]))
+
+
+def few_shot_runs():
+    import json
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "few_shot_runs.json")) as f:
+        return json.load(f), root
+
+
+def test_readme_few_shot_row_is_the_measured_mean_and_range():
+    """README and docs/results.md state the mean (range) of the recorded runs, one per thread count 1-4."""
+    record, _ = few_shot_runs()
+    runs = [r for r in record["runs"] if r["pairs_per_call"] == 16]
+    assert sorted(r["threads"] for r in runs) == [1, 2, 3, 4]
+    for page in ("README.md", "docs/results.md"):
+        row = readme_few_shot_row(page)
+        assert set(row) == {"Subjects", "Objects", "Predicate", "Average"}, page
+        for col, (mean, low, high) in row.items():
+            values = [r["few_shot"][col] for r in runs]
+            assert (low, high) == (min(values), max(values)), (page, col)
+            assert mean == pytest.approx(sum(values) / len(values), abs=0.006), (page, col)
+            assert record["summary"][col] == dict(mean=mean, min=low, max=high)
+
+
+def test_recorded_deltas_score_their_rows_inside_the_readme_range(tmp_path):
+    """The cheap half of a rerun: the deltas of the 1-thread and 2-thread runs (committed), scored by today's
+    evaluate.py on the same 90 held-out items, give their recorded rows, inside the README's range. (Training 300 steps
+    is not cheap; its rounding is the recorded spread.)"""
+    import json
+    import evaluate
+    record, root = few_shot_runs()
+    row = readme_few_shot_row()
+    for run in [r for r in record["runs"] if r["deltas"]]:
+        out = tmp_path / f"{run['threads']}.json"
+        assert evaluate.main(["--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--methods",
+                              "discffusion", "--checkpoint", os.path.join(root, "docs", run["deltas"]), "--threads",
+                              "1", "--output", str(out)]) == 0
+        metrics = json.loads(out.read_text())["datasets"]["shapes"]["metrics"]
+        for col, (mean, low, high) in row.items():
+            assert round(metrics[col], 2) == run["few_shot"][col] and low <= round(metrics[col], 2) <= high, col

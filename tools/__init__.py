@@ -1,6 +1,6 @@
 """The tooling around the method, not the method: each module runs from the repository root as `python -m tools.X`
-(`--help` lists its options), and imports the paper's top-level files by plain name. Every tool writes under runs/
-by default; the committed figures and models (docs/, models/) are rewritten only by naming them (`--out docs`). `python -m tools.download NAME`
+(`--help` lists its options), and imports the paper's top-level files by plain name. Every tool writes under
+runs/ by default; the committed figures and models (docs/, models/) are rewritten only by naming them (`--out docs`). `python -m tools.download NAME`
 fetches a data set into the layout its loader in benchmarks/ reads (docs/data.md); `python -m tools.benchmark` measures
 speed and memory against the official code's per-pair loop (App. B, §5.5; docs/benchmark.md); `python -m
 tools.figures` draws Fig. 7, 8 and 10 (docs/figures.md); `python -m tools.ablations` runs the ablation

@@ -396,7 +396,7 @@ def parse_args(argv=None):
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="*", default=["all"], help=f"any of {' '.join(SWEEPS)}, or all (default)")
     p.add_argument("--out", default=os.path.join("runs", "ablations", "report"),
-                   help="figures, tables, JSON (default runs/ablations/report; docs/ablations.md: --out docs/ablations)")
+                   help="figures, tables, JSON (default runs/ablations/report; the docs': --out docs/ablations)")
     p.add_argument("--runs", default=os.path.join("runs", "ablations"), help="training runs (runs/ablations)")
     p.add_argument("--dataset", default="shapes", choices=sorted(REGISTRY), help="default: the shapes world")
     p.add_argument("--data-root", help="the data set's folder (default data/NAME)")

@@ -121,7 +121,8 @@ def sample(folder, captions, n=6, steps=4, guidance=4.0, seed=0):
 def build_parser():
     p = ArgumentParser(prog="python -m tools.distill_lcm", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="models/tiny-shapes-sd", help="a Stable Diffusion folder in diffusers layout")
-    p.add_argument("--out", default="runs/tiny-shapes-lcm", help="default %(default)s (the committed one: models/tiny-shapes-lcm)")
+    p.add_argument("--out", default="runs/tiny-shapes-lcm",
+                   help="default %(default)s (the committed one: models/tiny-shapes-lcm)")
     p.add_argument("--seed", type=number(int, low=0), default=0)
     p.add_argument("--images", type=positive_int, default=4000, help="shapes-world training images (drawn once)")
     p.add_argument("--steps", type=positive_int, default=160)

@@ -182,7 +182,8 @@ def draw_grid(images, captions, path, scale=3):
 
 def build_parser():
     p = ArgumentParser(prog="python -m tools.pretrain_shapes", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/tiny-shapes-sd", help="default %(default)s (the committed one: models/tiny-shapes-sd)")
+    p.add_argument("--out", default="runs/tiny-shapes-sd",
+                   help="default %(default)s (the committed one: models/tiny-shapes-sd)")
     p.add_argument("--seed", type=number(int, low=0), default=0)
     p.add_argument("--images", type=positive_int, default=20000, help="training images (drawn once, encoded once)")
     p.add_argument("--vae-steps", type=positive_int, default=400)
