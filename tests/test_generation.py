@@ -1,17 +1,21 @@
 """tools/generation.py (App. G, Fig. 9, Table 12): the deltas merged into W^k, W^v, seeded samples, FID / IS, the
 shapes pixel reader, the command line; on tiny random models."""
 import json
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn as nn
+from diffusers import DDPMScheduler
 from PIL import Image
 
+from baselines.diffusion_itm import DiffusionITM
 from benchmarks import shapes
 from discffusion import Discffusion
 from families.loading import load_components
+from methods import TINY_MODEL
 from support import scenes
 from tools import generation
 
@@ -116,3 +120,25 @@ def test_generation_cli_writes_fig9_and_table12(tiny_sd, deltas_file, tmp_path, 
     assert np.isfinite(rows["Discffusion"]["fid"])
     assert (tmp_path / "fig9_generation.png").exists() and "Table 12" in capsys.readouterr().out
     assert generation.main(["--model", tiny_sd, "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+
+
+# ---- the committed model's scheduler: steps_offset 1 (Stable Diffusion's), so the DDIM pipeline loads without the
+# outdated-config deprecation; Discffusion's and DiffusionITM's scores (DDPM add_noise at chosen t) do not read it ----
+
+def test_committed_model_loads_into_the_ddim_pipeline_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = generation.load_pipeline(TINY_MODEL, device="cpu")
+    assert pipe.scheduler.config.steps_offset == 1     # what the pipeline itself set when the file said 0
+
+
+def test_scores_do_not_depend_on_steps_offset():
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    texts = ["a red circle left of a blue square", "a blue square left of a red circle"]
+    for make in (lambda: Discffusion.from_pretrained(TINY_MODEL, device="cpu", lam=100),
+                 lambda: DiffusionITM.from_pretrained(TINY_MODEL, device="cpu", n_timesteps=4)):
+        a, b = make(), make()
+        core = getattr(b, "core", b)
+        core.scheduler = DDPMScheduler.from_config(core.scheduler.config, steps_offset=0)
+        assert getattr(a, "core", a).scheduler.config.steps_offset == 1
+        assert torch.equal(a.score(images, texts), b.score(images, texts))

@@ -117,7 +117,7 @@ PRESETS.update({
 })
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="epsilon", clip_sample=False)
+                 prediction_type="epsilon", clip_sample=False, steps_offset=1)  # SD's; a DDIM pipeline warns at 0
 
 
 def write_tokenizer(folder, words=WORDS, max_length=16, pad_token="<|endoftext|>"):
