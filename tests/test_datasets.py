@@ -313,3 +313,12 @@ def test_a_tie_is_reported_and_counted_wrong(name, s, flag):
     if flag:
         true = torch.eye(*s.shape) if name == "winoground" else torch.zeros_like(s).index_put_((T(0), T(0)), T(1.))
         assert not datasets.item_metrics(name, s)[flag] and datasets.item_metrics(name, s + 1e-3 * true)[flag]
+
+
+def test_an_empty_folder_is_not_a_data_set(tmp_path):
+    """A failed download's empty data/comvg: a bare evaluate.py still falls back to the shapes world."""
+    from datasets import found_under, has_table_data
+    (tmp_path / "comvg").mkdir()
+    assert not has_table_data(str(tmp_path)) and found_under(str(tmp_path)) == []
+    (tmp_path / "comvg" / "comvg.csv").write_text("x\n")
+    assert has_table_data(str(tmp_path)) and found_under(str(tmp_path)) == [("comvg", str(tmp_path / "comvg"))]
