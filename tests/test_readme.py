@@ -135,7 +135,7 @@ def test_bash_blocks_are_read_with_their_continuations():
 def test_the_readme_reads_in_order_within_its_first_80_lines():
     lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
     head = "\n".join(lines[:80])
-    at = {s: head.find(s) for s in ("torch==2.13.0", "pip install -e .", "python -m pytest -q",
+    at = {s: head.find(s) for s in ("torch==2.13.0", "pip install -r requirements.txt", "python -m pytest -q",
                                     "python train.py --dataset shapes", "| Discffusion few-shot",
                                     "## Reading the code beside the paper")}
     assert all(v >= 0 for v in at.values()), [s for s, v in at.items() if v < 0]
