@@ -175,7 +175,7 @@ class AttentionCapture(nn.Module):
         self.all_layers = cross_attention_layers(unet) if all_layers is None else list(all_layers)
         self.layers = select_layers(self.all_layers, layers)
         self.pooling, self.lam, self.keep_maps = pooling, float(lam), keep_maps
-        self.proj, self.reading = tuple(proj), reading   # eq. 5's projections; joint attention's reading of A
+        self.proj, self.reading = proj, reading   # eq. 5's projections (per layer: a dict); joint attention's A
         self.heads = {n: unet.get_submodule(n).heads for n in self.layers}
         # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
         self.head_logits = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})

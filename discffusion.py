@@ -27,7 +27,7 @@ from PIL import Image
 import prompt_delta
 from attention_capture import AttentionCapture, CallRecord
 from common import InputError, default_device, pair_index, resolve_dtype, split_scores
-from families import family_of, lcm
+from families import family_of
 from families.loading import DEFAULT_MODEL, load_components
 from joint_capture import READINGS
 
@@ -37,7 +37,7 @@ LEVELS = (0.2, 0.4, 0.6, 0.8)
 class Discffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
-                 tokenizer_2=None, text_encoder_2=None, guidance_scale=lcm.GUIDANCE, lora=None,
+                 tokenizer_2=None, text_encoder_2=None, guidance_scale=None, lora=None,
                  force_zeros_for_empty_prompt=False, tokenizer_3=None, text_encoder_3=None, max_sequence_length=None,
                  reading="text"):
         super().__init__()
@@ -55,7 +55,7 @@ class Discffusion(nn.Module):
         missing = [p for p in self.fam.PARTS if getattr(self, p) is None]
         if missing:
             raise InputError(f"model {name!r}: a {self.family} UNet needs {', '.join(p + '/' for p in missing)}")
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)  # None: the family's
         self.levels = tuple(float(l) for l in levels)
         if not self.levels or not all(0 < l <= 1 for l in self.levels):
             raise InputError(f"noise levels {levels}: each must be in (0, 1]")
@@ -64,7 +64,8 @@ class Discffusion(nn.Module):
         self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps, reading=reading,
                                         **self.fam.capture_kwargs(unet))  # `with model.capture:` installs it
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.resolution = int(resolution or unet.config.sample_size * self.vae_scale)
+        # Flux's transformer has no sample_size: FluxPipeline's default_sample_size, 128 latents (1024 px)
+        self.resolution = int(resolution or unet.config.get("sample_size", 128) * self.vae_scale)
         self.resize_via, self.pairs_per_call, self.seed, self.name = resize_via, int(pairs_per_call), int(seed), name
         self._warned_truncation = False
         self.config = dict(model=name, levels=list(self.levels), lam=float(lam), pooling=pooling,

@@ -1,4 +1,4 @@
-"""§4.3 on an MMDiT (SD3, SD3.5): the cross-attention map A read from a joint-attention layer, eq. 3-5.
+"""§4.3 on an MMDiT (SD3, SD3.5, Flux): the cross-attention map A read from a joint-attention layer, eq. 3-5.
 
     processor = JointCaptureProcessor("transformer_blocks.3.attn", capture)   # installed by AttentionCapture
 
@@ -12,6 +12,7 @@ text stream's add_k_proj / add_v_proj. Two readings of A (B, heads, N_img, L), t
 The layer's output is the stock processor's own computation, op for op (scaled_dot_product_attention over the joint
 sequence), so the transformer returns exactly what it returns with the stock processor; A is computed beside it in
 fp32 and pooled (lse_pool.pool) into the call's CallRecord, as attention_capture.CaptureProcessor does for a UNet.
+`FluxCaptureProcessor` does the same for Flux's FluxAttnProcessor (text first, rotary embedding, single-stream blocks).
 """
 import torch
 import torch.nn.functional as F
@@ -74,3 +75,58 @@ class JointCaptureProcessor:
         if not attn.context_pre_only:
             c = attn.to_add_out(c)
         return attn.to_out[1](attn.to_out[0](out)), c
+
+
+class FluxCaptureProcessor:
+    """FluxAttnProcessor with eq. 5 and A recorded, for Flux's dual-stream blocks (text in encoder_hidden_states,
+    projected by add_k_proj / add_v_proj) and single-stream blocks (one sequence [text; image], projected by to_k /
+    to_v: p^k, p^v act on the text rows only, their number L read from the record's mask). Text comes first in the
+    joint sequence; A is read after the RMS norms and the rotary embedding, as the stock processor computes q and k."""
+    _attention_backend = None  # the stock processor's defaults: dispatch_attention_fn's native SDPA
+    _parallel_config = None
+
+    def __init__(self, name, capture):
+        self.name, self.capture = name, capture
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 record=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        cap, deltas = self.capture, self.capture.deltas
+        x, c = hidden_states, encoder_hidden_states
+        dual = c is not None
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)                    # (B, S, h * d)
+        if deltas is not None and not dual:                                   # eq. 5 on the text rows [:L]
+            L = record.mask.shape[1]
+            k = torch.cat([k[:, :L] + deltas.term("k", self.name, x[:, :L]), k[:, L:]], 1)
+            v = torch.cat([v[:, :L] + deltas.term("v", self.name, x[:, :L]), v[:, L:]], 1)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))     # (B, S, h, d)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if dual:
+            if deltas is None:
+                ck, cv = attn.add_k_proj(c), attn.add_v_proj(c)
+            else:                                                              # eq. 5 on the text stream
+                ck = deltas.project("k", self.name, attn.add_k_proj, c)
+                cv = deltas.project("v", self.name, attn.add_v_proj, c)
+            cq, ck, cv = (t.unflatten(-1, (-1, attn.head_dim)) for t in (attn.add_q_proj(c), ck, cv))
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)  # (B, L + N, h, d)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        if record is not None:
+            L = record.mask.shape[1]
+            qh, kh = q.transpose(1, 2), k.transpose(1, 2)                     # (B, h, L + N, d)
+            A, logits = text_attention(qh[:, :, L:], kh[:, :, L:], kh[:, :, :L], attn.head_dim ** -0.5, cap.reading)
+            record.pooled[self.name] = pool(cap.pooling, A, record.mask, cap.lam, logits, x[:, -A.shape[2]:],
+                                            c if dual else x[:, :L])          # (B, h)
+            if cap.keep_maps:
+                record.maps[self.name] = A.detach()
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(q.dtype)
+        if not dual:
+            return out
+        c, out = out.split_with_sizes([c.shape[1], out.shape[1] - c.shape[1]], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(c.contiguous())

@@ -89,7 +89,7 @@ def build(method, args, checkpoint=None):
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.pairs_per_call, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
-                    guidance_scale=option(args, "guidance_scale", recorded) or lcm.GUIDANCE)
+                    guidance_scale=option(args, "guidance_scale", recorded))
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)

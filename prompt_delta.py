@@ -19,20 +19,27 @@ FORMAT = "discffusion-prompt-deltas-v1"
 
 class PromptDeltas(nn.Module):
     """Zero-initialised p^k, p^v for each named attention layer of `unet`, shaped like its text key / value
-    projections `proj` (a UNet's attn2: to_k, to_v; an MMDiT's joint attention: add_k_proj, add_v_proj)."""
+    projections `proj` (a UNet's attn2: to_k, to_v; an MMDiT's joint attention: add_k_proj, add_v_proj; a dict: per
+    layer, as on Flux's single-stream blocks, whose to_k, to_v project the text rows too)."""
 
     def __init__(self, unet, layers, proj=("to_k", "to_v")):
         super().__init__()
         self.k, self.v = nn.ParameterDict(), nn.ParameterDict()
         for name in layers:
             attn = unet.get_submodule(name)
-            for store, p in zip((self.k, self.v), proj):
+            for store, p in zip((self.k, self.v), proj[name] if isinstance(proj, dict) else proj):
                 store[layer_key(name)] = nn.Parameter(torch.zeros_like(getattr(attn, p).weight, dtype=torch.float32))
 
     def project(self, which, name, linear, x):
         """eq. 5: x (B, L, D) through `linear` (to_k or to_v) with weight W + p -> (B, L, inner)."""
         delta = (self.k if which == "k" else self.v)[layer_key(name)]
         return F.linear(x, linear.weight + delta.to(linear.weight.dtype), linear.bias)
+
+    def term(self, which, name, x):
+        """eq. 5's added term alone, p x: x (B, L, D) -> (B, L, inner) (Flux's single-stream blocks add it to the text
+        rows of a projection of the whole sequence; zero p adds exact zeros)."""
+        delta = (self.k if which == "k" else self.v)[layer_key(name)]
+        return F.linear(x, delta.to(x.dtype))
 
 
 def state(capture):

@@ -1,6 +1,7 @@
-"""SD3 / SD3.5 (MMDiT) architectures built from configs, with random weights, saved in diffusers layout.
+"""SD3 / SD3.5 and Flux (MMDiT) architectures built from configs, with random weights, saved in diffusers layout.
 
     make_random_mmdit("tiny-sd3", folder)      # then Discffusion.from_pretrained(folder), offline
+    make_random_flux("tiny-flux", folder)
 
 Not a paper section: the scaffolding of tools/sd_configs.py for the joint-attention families (families/sd3.py). A
 tiny SD3 is three tiny text encoders (CLIP-L and CLIP-G with projections, and a T5 encoder), a 16-channel VAE with a
@@ -8,8 +9,9 @@ shift_factor, an SD3Transformer2DModel and a FlowMatchEulerDiscreteScheduler wit
 `StableDiffusion3Pipeline`. The CLIP tokenizers are sd_configs' hand-made BPE ones; the T5 tokenizer is a `tokenizers`
 Unigram model with a Metaspace pre-tokenizer and "</s>" appended, as T5's SentencePiece one is, wrapped in
 T5TokenizerFast. Presets: tiny-sd3 (SD3-medium's topology), tiny-sd35 (SD3.5: RMS query / key norms, MMDiT-X blocks
-with a second, image-only self-attention); sd3-medium, sd35-medium, sd35-large: the real transformers' configs
-(parameter counts on the meta device).
+with a second, image-only self-attention); tiny-flux, tiny-flux-schnell (Flux.1-dev with the guidance embedding and
+the dynamic shift, schnell without either: a CLIP-L and a T5 encoder, dual- and single-stream blocks); sd3-medium,
+sd35-medium, sd35-large, flux-dev: the real transformers' configs (parameter counts on the meta device).
 """
 import json
 import os
@@ -46,7 +48,24 @@ PRESETS = {
                                         attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
                                         caption_projection_dim=2432, pooled_projection_dim=2048,
                                         pos_embed_max_size=192, qk_norm="rms_norm")),
+    # black-forest-labs/FLUX.1-dev: 19 dual-stream + 38 single-stream blocks, guidance embedding, rotary axes (16, 56, 56);
+    # FLUX.1-schnell: the same without guidance_embeds, a static shift (1.0) instead of the dynamic one
+    "tiny-flux": dict(flux=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+                      text=dict(_CLIP, projection_dim=16), t5=_T5),
+    "tiny-flux-schnell": dict(flux=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4)),
+                              text=dict(_CLIP, projection_dim=16), t5=_T5,
+                              scheduler=dict(use_dynamic_shifting=False, shift=1.0)),
+    "flux-dev": dict(flux=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                               guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
+# FluxPipeline's scheduler (FLUX.1-dev's scheduler_config.json): dynamic shifting over 256 .. 4096 image tokens
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
 
 
 def write_t5_tokenizer(folder, words=WORDS, max_length=512):
@@ -78,9 +97,48 @@ def calibrate_latents(vae, size=32):
     vae.register_to_config(shift_factor=mean.mean().item(), scaling_factor=1.0 / mean.std().item())
 
 
+def tiny_vae():
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        norm_num_groups=8, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
+    calibrate_latents(vae)
+    return vae
+
+
+def save_pipeline(folder, pipeline, parts, tokenizers):
+    """The parts and tokenizers (already written to folder) in diffusers layout with a model_index.json."""
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **tokenizers}
+    for name, part in parts.items():
+        part.save_pretrained(os.path.join(folder, name))
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
+
+
+def make_random_flux(preset, folder, seed=0, words=WORDS):
+    """A tiny Flux (CLIP-L text encoder, T5, 16-channel VAE, FluxTransformer2DModel) in FluxPipeline's layout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    cfg = PRESETS[preset]
+    torch.manual_seed(seed)
+    tok = write_tokenizer(os.path.join(folder, "tokenizer"), words, cfg["text"]["max_position_embeddings"])
+    tok_2 = write_t5_tokenizer(os.path.join(folder, "tokenizer_2"), words)
+    parts = dict(text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"], vocab_size=len(tok),
+                                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                           pad_token_id=tok.pad_token_id)),
+                 text_encoder_2=T5EncoderModel(T5Config(**cfg["t5"], vocab_size=len(tok_2), pad_token_id=0,
+                                                        eos_token_id=1, decoder_start_token_id=0)),
+                 vae=tiny_vae(), transformer=FluxTransformer2DModel(**cfg["flux"]),
+                 scheduler=FlowMatchEulerDiscreteScheduler(**dict(FLUX_SCHEDULER, **cfg.get("scheduler", {}))))
+    return save_pipeline(folder, "FluxPipeline", parts, {"tokenizer": ["transformers", "CLIPTokenizer"],
+                                                         "tokenizer_2": ["transformers", "T5TokenizerFast"]})
+
+
 def make_random_mmdit(preset, folder, seed=0, words=WORDS):
     """Build the preset with random weights (seeded) and save it in StableDiffusion3Pipeline's layout; -> folder."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     cfg = PRESETS[preset]
     torch.manual_seed(seed)
@@ -95,19 +153,9 @@ def make_random_mmdit(preset, folder, seed=0, words=WORDS):
     tok_3 = write_t5_tokenizer(os.path.join(folder, "tokenizer_3"), words)
     parts["text_encoder_3"] = T5EncoderModel(T5Config(**cfg["t5"], vocab_size=len(tok_3), pad_token_id=0,
                                                       eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        norm_num_groups=8, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
-    calibrate_latents(vae)
-    parts.update(vae=vae, transformer=SD3Transformer2DModel(**cfg["transformer"]),
+    parts.update(vae=tiny_vae(), transformer=SD3Transformer2DModel(**cfg["transformer"]),
                  scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
-             "feature_extractor": [None, None]}
-    for name, part in parts.items():
-        part.save_pretrained(os.path.join(folder, name))
-        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
-    return folder
+    return save_pipeline(folder, "StableDiffusion3Pipeline", parts, {
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
+        "feature_extractor": [None, None]})
