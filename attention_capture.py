@@ -170,7 +170,7 @@ class AttentionCapture(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-        self.__dict__["unet"] = unet              # the denoiser it acts on (UNet or MMDiT), not a submodule of the capture
+        self.__dict__["unet"] = unet          # the denoiser it acts on (UNet or MMDiT), not a submodule of the capture
         # the family's attention layers and processor (families/): a UNet's attn2 by default, an MMDiT's joint ones
         self.all_layers = cross_attention_layers(unet) if all_layers is None else list(all_layers)
         self.layers = select_layers(self.all_layers, layers)

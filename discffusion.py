@@ -138,7 +138,7 @@ class Discffusion(nn.Module):
 
     # ---- noise: one draw per level, shared by every pair ------------------------------------------------------
     def timestep(self, level):
-        """Noise level l in (0, 1] -> the timestep the denoiser gets (the family's: round(l * T), or flow matching's)."""
+        """Noise level l in (0, 1] -> the timestep the denoiser gets (the family's: round(l * T), or the flow's)."""
         return self.fam.timestep(self, level)
 
     def level_noise(self, shape):
@@ -152,8 +152,8 @@ class Discffusion(nn.Module):
         return self.fam.add_noise(self, latents, eps, t)
 
     def target(self, latents, eps, ts):
-        """What the denoiser predicts for z_t = add_noise(latents, eps, ts): eps, the velocity (v-prediction, SD 2.1-768)
-        or the flow eps - z (SD3); (R, C, h, w). Every denoising loss and error uses it."""
+        """What the denoiser predicts for z_t = add_noise(latents, eps, ts): eps, the velocity (v-prediction,
+        SD 2.1-768) or the flow eps - z (SD3, Flux); (R, C, h, w). Every denoising loss and error uses it."""
         return self.fam.target(self, latents, eps, ts)
 
     # ---- the score --------------------------------------------------------------------------------------------

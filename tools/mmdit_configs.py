@@ -48,7 +48,7 @@ PRESETS = {
                                         attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
                                         caption_projection_dim=2432, pooled_projection_dim=2048,
                                         pos_embed_max_size=192, qk_norm="rms_norm")),
-    # black-forest-labs/FLUX.1-dev: 19 dual-stream + 38 single-stream blocks, guidance embedding, rotary axes (16, 56, 56);
+    # black-forest-labs/FLUX.1-dev: 19 dual-stream + 38 single-stream blocks, guidance embedding, rotary (16, 56, 56);
     # FLUX.1-schnell: the same without guidance_embeds, a static shift (1.0) instead of the dynamic one
     "tiny-flux": dict(flux=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
@@ -59,9 +59,9 @@ PRESETS = {
                                         pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4)),
                               text=dict(_CLIP, projection_dim=16), t5=_T5,
                               scheduler=dict(use_dynamic_shifting=False, shift=1.0)),
-    "flux-dev": dict(flux=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                               guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    "flux-dev": dict(flux=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                               pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
 # FluxPipeline's scheduler (FLUX.1-dev's scheduler_config.json): dynamic shifting over 256 .. 4096 image tokens
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
