@@ -1,4 +1,4 @@
-"""SD 1.x / 2.x: one CLIP text encoder whose last hidden states are the UNet's encoder_hidden_states (§4.2), DDPM noise.
+"""SD 1.x / 2.x: one CLIP text encoder's last hidden states are the UNet's encoder_hidden_states (§4.2); DDPM noise.
 
     hidden = encode_texts(model, ids, texts)   # (M, L, D)
     kw = unet_kwargs(model, hidden)            # {"encoder_hidden_states": (R, L, D)}

@@ -1,4 +1,4 @@
-"""SD3 and SD3.5 (MMDiT): three text encoders, joint attention, flow matching, as StableDiffusion3Pipeline computes them.
+"""SD3 and SD3.5 (MMDiT): three text encoders, joint attention, flow matching, as StableDiffusion3Pipeline has them.
 
     hidden = encode_texts(model, ids, texts)   # (M, L_clip + L_t5, D + P): the joint text sequence, pooled alongside
     z_t, ts = add_noise(model, z, eps, timestep(model, level));  v = denoise(model, z_t, ts, hidden, record)

@@ -49,7 +49,8 @@ def test_capture_returns_exactly_the_stock_output(preset, dtype):
             again = tr(z, **kw, joint_attention_kwargs={"record": CallRecord(mask)}).sample
     assert torch.equal(stock, got) and torch.equal(stock, again)
     assert set(record.pooled) == set(cap.layers)
-    assert all(v.shape == (2, tr.config.num_attention_heads) and torch.isfinite(v).all() for v in record.pooled.values())
+    heads = tr.config.num_attention_heads
+    assert all(v.shape == (2, heads) and torch.isfinite(v).all() for v in record.pooled.values())
     if preset == "tiny-sd35":                                              # MMDiT-X: attn2 exists, is not captured
         assert tr.transformer_blocks[0].attn2 is not None and tr.transformer_blocks[0].attn.norm_q is not None
         assert not any("attn2" in n for n in cap.all_layers)
