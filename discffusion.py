@@ -59,6 +59,7 @@ class Discffusion(nn.Module):
         self.levels = tuple(float(l) for l in levels)
         if not self.levels or not all(0 < l <= 1 for l in self.levels):
             raise InputError(f"noise levels {levels}: each must be in (0, 1]")
+        reading = reading or READINGS[0]                                           # joint attention: "text"
         if reading not in READINGS:
             raise InputError(f"reading {reading!r}: choose from {', '.join(READINGS)}")
         self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps, reading=reading,

@@ -1,5 +1,5 @@
 """families/flux.py and joint_capture.FluxCaptureProcessor on tiny random Flux.1-dev / schnell built from configs:
-the captured transformer returns the stock output bit for bit (fp32, bf16), the map is a direct computation from q and
+the captured transformer returns the stock output bit for bit (fp32, bf16, fp16), the map is a direct computation from q and
 k after the RMS norms and the rotary embedding, eq. 5 on single-stream blocks acts on the text rows only, the
 conditioning / packing / timestep are FluxPipeline's, and train.py / evaluate.py run on it."""
 import json
@@ -62,7 +62,7 @@ def models(folders):
             for p, f in folders.items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_capture_returns_exactly_the_stock_output(dtype):
     tr = transformer(dtype)
     kw, mask = inputs(tr, dtype)

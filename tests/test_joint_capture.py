@@ -1,5 +1,5 @@
 """joint_capture.py on tiny random SD3 / SD3.5 transformers built from configs: the captured transformer returns what
-the stock JointAttnProcessor2_0 returns, bit for bit (fp32, bf16), with zero p^k, p^v too; the recorded map equals a
+the stock JointAttnProcessor2_0 returns, bit for bit (fp32, bf16, fp16), with zero p^k, p^v too; the recorded map equals a
 direct computation from the layer's q and k in both readings; eq. 5 equals editing add_k_proj / add_v_proj."""
 import pytest
 import torch
@@ -34,7 +34,7 @@ def capture(tr, reading="text", keep_maps=True):
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_capture_returns_exactly_the_stock_output(preset, dtype):
     tr = transformer(preset, dtype)
     z, kw, mask = inputs(tr, dtype=dtype)

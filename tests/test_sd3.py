@@ -187,9 +187,11 @@ def test_train_and_evaluate_on_sd3(folders, tmp_path):
     assert meta["family"] == "sd3"
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.startswith("delta_k."))
     result = str(tmp_path / "eval.json")
-    assert evaluate.main(base + ["--limit", "2", "--itm-timesteps", "2", "--output", result, "--checkpoint", path]) == 0
+    assert evaluate.main(base + ["--limit", "2", "--itm-timesteps", "2", "--output", result, "--checkpoint", path,
+                                 "--reading", "joint", "--max-sequence-length", str(T5_LEN)]) == 0
     ev = json.load(open(result))
     assert ev["datasets"]["shapes"]["n_items"] == 2 and ev["model"]["family"] == "sd3"
+    assert ev["model"]["reading"] == "joint" and ev["model"]["max_sequence_length"] == T5_LEN
 
 
 def test_real_size_presets_have_the_published_parameter_counts():
