@@ -29,7 +29,7 @@ from attention_capture import AttentionCapture, CallRecord
 from common import InputError, default_device, pair_index, resolve_dtype, split_scores
 from families import family_of
 from families.loading import DEFAULT_MODEL, load_components
-from joint_capture import READINGS
+from families.joint_capture import READINGS
 
 LEVELS = (0.2, 0.4, 0.6, 0.8)
 

@@ -18,7 +18,7 @@ from common import DTYPES, InputError, meta_value, read_checkpoint
 from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
 from families import flux, lcm
-from joint_capture import READINGS
+from families.joint_capture import READINGS
 
 METHODS = ("discffusion", "diffusion_itm", "clip_ft", "clip_prompt")
 CLIP_MODEL = "openai/clip-vit-base-patch32"

@@ -18,7 +18,7 @@ import math
 import torch
 
 from families import sd3
-from joint_capture import FluxCaptureProcessor
+from families.joint_capture import FluxCaptureProcessor
 
 NAME = "flux"
 LORA_PIPELINE = None

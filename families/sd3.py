@@ -11,14 +11,14 @@ each caption word appears once in each half, and eq. 4 averages over all of them
 of the training schedule, t = round(l * T), as for the UNets; the scheduler's own table (with SD3's shift 3.0) makes
 it sigma = shift * s / (1 + (shift - 1) * s), s = t / T, and the timestep the pipeline passes, sigma * T; z_t = (1 -
 sigma) z + sigma eps as FlowMatchEulerDiscreteScheduler.scale_noise computes it; the transformer predicts the flow
-eps - z (the `target`). The capture reads A on every block's joint attention (joint_capture.py); eq. 5's p^k, p^v sit
-on the text stream's add_k_proj / add_v_proj. SD3.5's query / key RMS norms and MMDiT-X blocks (a second, image-only
-self-attention, attn2, not captured) are inside the stock transformer.
+eps - z (the `target`). The capture reads A on every block's joint attention (families/joint_capture.py); eq. 5's
+p^k, p^v sit on the text stream's add_k_proj / add_v_proj. SD3.5's query / key RMS norms and MMDiT-X blocks (a
+second, image-only self-attention, attn2, not captured) are inside the stock transformer.
 """
 import torch
 import torch.nn.functional as F
 
-from joint_capture import JointCaptureProcessor
+from families.joint_capture import JointCaptureProcessor
 
 NAME = "sd3"
 LORA_PIPELINE = None  # a LoRA on an MMDiT is not supported yet

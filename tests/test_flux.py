@@ -1,6 +1,6 @@
-"""families/flux.py and joint_capture.FluxCaptureProcessor on tiny random Flux.1-dev / schnell built from configs:
-the captured transformer returns the stock output bit for bit (fp32, bf16, fp16), the map is a direct computation from q and
-k after the RMS norms and the rotary embedding, eq. 5 on single-stream blocks acts on the text rows only, the
+"""families/flux.py and families/joint_capture.py on tiny random Flux.1-dev / schnell built from configs: the captured
+transformer returns the stock output bit for bit (fp32, bf16, fp16), the map is a direct computation from q and k
+after the RMS norms and the rotary embedding, eq. 5 on single-stream blocks acts on the text rows only, the
 conditioning / packing / timestep are FluxPipeline's, and train.py / evaluate.py run on it."""
 import json
 import os

@@ -1,6 +1,7 @@
-"""joint_capture.py on tiny random SD3 / SD3.5 transformers built from configs: the captured transformer returns what
-the stock JointAttnProcessor2_0 returns, bit for bit (fp32, bf16, fp16), with zero p^k, p^v too; the recorded map equals a
-direct computation from the layer's q and k in both readings; eq. 5 equals editing add_k_proj / add_v_proj."""
+"""families/joint_capture.py on tiny random SD3 / SD3.5 transformers built from configs: the captured transformer
+returns what the stock JointAttnProcessor2_0 returns, bit for bit (fp32, bf16, fp16), with zero p^k, p^v too; the
+recorded map equals a direct computation from the layer's q and k in both readings; eq. 5 equals editing add_k_proj /
+add_v_proj."""
 import pytest
 import torch
 
