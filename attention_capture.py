@@ -65,6 +65,8 @@ def select_layers(all_layers, layers):
     if layers in (None, "all"):
         return list(all_layers)
     if layers == "official":
+        if not official_layers(all_layers):
+            raise ValueError("layers='official': the public code's six layers exist in a UNet, not in this model")
         return official_layers(all_layers)
     if isinstance(layers, str) and layers.isdigit():
         layers = int(layers)

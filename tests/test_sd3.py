@@ -138,6 +138,10 @@ def test_joint_reading_is_an_option(folders, models):
     assert not torch.allclose(joint.score(images(1), TEXTS), models["tiny-sd3"].score(images(1), TEXTS))
     with pytest.raises(InputError, match="reading"):
         Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", reading="both")
+    with pytest.raises(InputError, match="official"):
+        Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", layers="official")
+    last = Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", max_sequence_length=T5_LEN, layers=1)
+    assert last.capture.layers == ["transformer_blocks.1.attn"]
 
 
 def test_zero_deltas_keep_scores_and_a_family_mismatch_is_refused(models, tmp_path):
