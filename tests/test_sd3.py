@@ -210,3 +210,29 @@ def test_real_size_presets_have_the_published_parameter_counts():
         n = sum(p.numel() for p in tr.parameters())
         assert round(n / 1e9, 2) == billions, (preset, n)
         assert len(sd3.capture_kwargs(tr)["all_layers"]) == n_layers
+
+
+@pytest.mark.parametrize("make", ["sd3", "flux"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, make):
+    """A training step's gradients on p^k, p^v with the transformer's gradient checkpointing (the capture held across
+    forward and backward, its processors re-run in backward) equal those without; more rows than pairs_per_call go
+    through CachedScores."""
+    from support import random_trainable
+    from tools.mmdit_configs import make_random_flux
+    folder = make_random_mmdit("tiny-sd3", str(tmp_path / "m")) if make == "sd3" else \
+        make_random_flux("tiny-flux", str(tmp_path / "m"))
+    grads = []
+    for checkpointing in (False, True):
+        m = Discffusion.from_pretrained(folder, device="cpu", max_sequence_length=T5_LEN, resolution=16,
+                                        pairs_per_call=2)
+        params = random_trainable(m, 0.02)
+        if checkpointing:
+            m.unet.enable_gradient_checkpointing()
+        with m.capture:
+            S = m.score_items([(images(1), TEXTS)], train=True, generator=torch.Generator().manual_seed(0))[0]
+            S.log_softmax(-1)[0, 0].backward()
+        # None: p^v of the last layer, whose values feed no later attention map (the score reads maps only)
+        grads.append([None if p.grad is None else p.grad.clone() for p in params])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
+    assert [g is None for g in grads[0]] == [g is None for g in grads[1]]
+    assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
