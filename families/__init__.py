@@ -4,6 +4,7 @@ denoiser's config (the UNet's, or the MMDiT transformer's).
     fam = family_of(unet.config)                 # families.sdxl, .lcm or .sd: the first whose `matches` holds
     hidden = fam.encode_texts(model, ids, texts)  # (M, L, D) text conditioning, rows indexed like the texts
     kw = fam.unet_kwargs(model, hidden)           # the UNet's keyword arguments for those rows
+    pred = fam.denoise(model, z_t, ts, hidden, record)   # one denoiser call inside the capture
 
 The core (discffusion.py) asks its family for these, the real-token mask over its text sequence (`text_mask`), the
 denoiser call (`denoise`), the noise (`timestep`, `add_noise`, `target`: DDPM in sd.py, flow matching in sd3.py) and
