@@ -15,7 +15,8 @@ gradient caching), so memory is bounded by `pairs_per_call`, not by the candidat
 over the noise levels, `unet_pass` one level's UNet passes inside the capture (attention_capture.py). What differs per
 model family (SD 1.x / 2.x, LCM, SDXL: the text conditioning and the UNet's keyword arguments; SD3 / SD3.5 and Flux:
 an MMDiT transformer in the UNet's place, flow-matching noise z_t = (1 - sigma) z + sigma eps, the joint-attention
-capture) is one file each in families/, loading in families/loading.py. Training attaches p^k, p^v with `add_trainable()`.
+capture) is one file each in families/, loading in families/loading.py. Training attaches p^k, p^v with
+`add_trainable()`.
 """
 import functools
 import warnings
