@@ -1,4 +1,4 @@
-"""Model families: what differs between SD 1.x / 2.x, LCM, SDXL, SD3 / SD3.5 and Flux, one file each, told apart by the
+"""Model families: what differs between SD 1.x / 2.x, LCM, SDXL, SD3 / SD3.5, Flux and PixArt-Sigma, one file each, told apart by the
 denoiser's config (the UNet's, or the MMDiT transformer's).
 
     fam = family_of(unet.config)                 # families.sdxl, .lcm or .sd: the first whose `matches` holds
@@ -12,9 +12,9 @@ the capture's layers and processor (`capture_kwargs`); loading (families/loading
 (`components`) and which pipeline's LoRA loader fits (`LORA_PIPELINE`). A new family is one file here with those
 names, NAME, PARTS, matches and config, and one entry in FAMILIES.
 """
-from families import flux, lcm, sd, sd3, sdxl
+from families import flux, lcm, pixart, sd, sd3, sdxl
 
-FAMILIES = (flux, sd3, sdxl, lcm, sd)  # checked in order; sd matches every UNet
+FAMILIES = (flux, sd3, pixart, sdxl, lcm, sd)  # checked in order; sd matches every UNet
 
 
 def family_of(config):

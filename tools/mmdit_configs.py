@@ -2,6 +2,7 @@
 
     make_random_mmdit("tiny-sd3", folder)      # then Discffusion.from_pretrained(folder), offline
     make_random_flux("tiny-flux", folder)
+    make_random_pixart(folder)                 # PixArt-Sigma: a DiT with cross-attention, T5
 
 Not a paper section: the scaffolding of tools/sd_configs.py for the joint-attention families (families/sd3.py). A
 tiny SD3 is three tiny text encoders (CLIP-L and CLIP-G with projections, and a T5 encoder), a 16-channel VAE with a
@@ -159,3 +160,24 @@ def make_random_mmdit(preset, folder, seed=0, words=WORDS):
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
         "feature_extractor": [None, None]})
+
+
+def make_random_pixart(folder, seed=0, words=WORDS):
+    """A tiny PixArt-Sigma (T5, 4-channel VAE, PixArtTransformer2DModel with learned variance, DPM-Solver scheduler) in
+    PixArtSigmaPipeline's layout."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    from tools.sd_configs import PRESETS as SD_PRESETS, calibrate_latent_scale
+    torch.manual_seed(seed)
+    tok = write_t5_tokenizer(os.path.join(folder, "tokenizer"), words)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, **SD_PRESETS["tiny"]["vae"])
+    calibrate_latent_scale(vae)
+    parts = dict(text_encoder=T5EncoderModel(T5Config(**_T5, vocab_size=len(tok), pad_token_id=0, eos_token_id=1,
+                                                      decoder_start_token_id=0)),
+                 vae=vae, transformer=PixArtTransformer2DModel(
+                     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                     cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32,
+                     use_additional_conditions=False, interpolation_scale=1),
+                 scheduler=DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"))
+    return save_pipeline(folder, "PixArtSigmaPipeline", parts, {"tokenizer": ["transformers", "T5TokenizerFast"]})
