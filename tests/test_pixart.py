@@ -70,3 +70,24 @@ def test_scores_without_batch_mixing_and_zero_deltas(model):
     assert model.score([ims[1]], [TEXTS[2]])[0, 0].item() == pytest.approx(S[1, 2].item(), abs=1e-5)
     model.add_trainable()
     assert torch.equal(model.score(ims, TEXTS), S)
+
+
+def test_train_and_evaluate_on_pixart(folder, tmp_path):
+    import json
+    import os
+
+    import evaluate
+    import train
+    from common import read_checkpoint
+    from tools.cli import run_cli
+    base = ["--dataset", "shapes", "--model", folder, "--data-root", str(tmp_path / "shapes"), "--device", "cpu",
+            "--max-sequence-length", str(T5_LEN)]
+    out = str(tmp_path / "run")
+    assert run_cli(train.main, base + ["--shots", "4", "--steps", "2", "--batch-size", "2", "--eval-limit", "2",
+                                       "--itm-timesteps", "2", "--output-dir", out]) == 0
+    path = os.path.join(out, "prompt_deltas.safetensors")
+    meta, tensors = read_checkpoint(path)
+    assert meta["family"] == "pixart" and any(v.abs().sum() > 0 for k, v in tensors.items() if k.startswith("delta_k"))
+    result = str(tmp_path / "eval.json")
+    assert evaluate.main(base + ["--limit", "2", "--itm-timesteps", "2", "--output", result, "--checkpoint", path]) == 0
+    assert json.load(open(result))["model"]["family"] == "pixart"
