@@ -27,14 +27,18 @@ def heads(x, attn):
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
-def text_attention(q, k_img, k_txt, scale, reading):
-    """q (B, h, N, d), k_img (B, h, N, d), k_txt (B, h, L, d) -> A (B, h, N, L) in fp32 and the text logits."""
-    logits = (q.float() @ k_txt.float().transpose(-1, -2)) * scale           # (B, h, N, L)
-    if reading == "text":
-        return logits.softmax(-1), logits
-    img = (q.float() @ k_img.float().transpose(-1, -2)) * scale              # (B, h, N, N)
-    lse = torch.logsumexp(torch.cat([img, logits], dim=-1), dim=-1, keepdim=True)  # the joint softmax's denominator
-    return (logits - lse).exp(), logits
+def text_attention(q, k_img, k_txt, scale, reading, keep_logits=False):
+    """q (B, h, N, d), k_img (B, h, N, d), k_txt (B, h, L, d) -> A (B, h, N, L) in fp32 and the text logits (only
+    when kept: the official pooling's input; each is (B, h, N, L) fp32, 131 MB per row and layer at 1024 px). fp32 also
+    under autocast (training), which would run these matmuls in bf16 / fp16."""
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.float() @ k_txt.float().transpose(-1, -2)) * scale       # (B, h, N, L)
+        if reading == "text":
+            A = logits.softmax(-1)
+        else:
+            img = (q.float() @ k_img.float().transpose(-1, -2)) * scale      # (B, h, N, N)
+            A = (logits - torch.logsumexp(torch.cat([img, logits], dim=-1), dim=-1, keepdim=True)).exp()
+    return A, logits if keep_logits else None
 
 
 class JointCaptureProcessor:
@@ -63,7 +67,7 @@ class JointCaptureProcessor:
         if attn.norm_added_k is not None:
             ck = attn.norm_added_k(ck)
         if record is not None:
-            A, logits = text_attention(q, k, ck, attn.scale, cap.reading)      # (B, h, N, L)
+            A, logits = text_attention(q, k, ck, attn.scale, cap.reading, cap.pooling == "official")  # (B, h, N, L)
             record.pooled[self.name] = pool(cap.pooling, A, record.mask, cap.lam, logits,
                                             hidden_states, c)                  # (B, h)
             if cap.keep_maps:
@@ -117,7 +121,8 @@ class FluxCaptureProcessor:
         if record is not None:
             L = record.mask.shape[1]
             qh, kh = q.transpose(1, 2), k.transpose(1, 2)                     # (B, h, L + N, d)
-            A, logits = text_attention(qh[:, :, L:], kh[:, :, L:], kh[:, :, :L], attn.head_dim ** -0.5, cap.reading)
+            A, logits = text_attention(qh[:, :, L:], kh[:, :, L:], kh[:, :, :L], attn.head_dim ** -0.5, cap.reading,
+                                       cap.pooling == "official")             # (B, h, N, L)
             record.pooled[self.name] = pool(cap.pooling, A, record.mask, cap.lam, logits, x[:, -A.shape[2]:],
                                             c if dual else x[:, :L])          # (B, h)
             if cap.keep_maps:

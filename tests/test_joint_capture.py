@@ -128,3 +128,24 @@ def test_prompt_deltas_act_as_edited_text_projections():
         assert torch.allclose(got, want, atol=1e-5)
         cap.combine(record).sum().backward()
     assert all(p.grad is not None for p in params[:2]) and params[0].grad.abs().sum() > 0
+
+
+def test_map_stays_fp32_under_autocast_and_official_pooling_reads_the_text_logits():
+    """Under bf16 autocast (training) A is still the fp32 softmax of the layer's q, k; the official pooling gets the
+    image-query x text-key logits: logsumexp over all text keys, mean over image tokens."""
+    tr = transformer("tiny-sd3")
+    z, kw, mask = inputs(tr)
+    name = "transformer_blocks.0.attn"
+    attn = tr.get_submodule(name)
+    hooks = QK(attn)
+    cap = AttentionCapture(tr, "all", "official", 1.0, True, **sd3.capture_kwargs(tr))
+    with torch.no_grad(), cap, torch.autocast("cpu", dtype=torch.bfloat16):
+        record = CallRecord(mask)
+        tr(z, **kw, joint_attention_kwargs={"record": record})
+    h = attn.heads
+    q = hooks.out["to_q"].float().unflatten(-1, (h, -1)).transpose(1, 2)
+    ck = hooks.out["add_k_proj"].float().unflatten(-1, (h, -1)).transpose(1, 2)
+    logits = q @ ck.transpose(-1, -2) / q.shape[-1] ** 0.5                # (B, h, N, L)
+    assert record.maps[name].dtype == torch.float32
+    assert torch.allclose(record.maps[name], logits.softmax(-1), atol=1e-6)
+    assert torch.allclose(record.pooled[name], torch.logsumexp(logits, -1).mean(-1), atol=1e-5)
