@@ -65,6 +65,8 @@ def select_layers(all_layers, layers):
     if layers in (None, "all"):
         return list(all_layers)
     if layers == "official":
+        if not official_layers(all_layers):
+            raise ValueError("layers='official': the public code's six layers exist in a UNet, not in this model")
         return official_layers(all_layers)
     if isinstance(layers, str) and layers.isdigit():
         layers = int(layers)
@@ -165,18 +167,21 @@ class AttentionCapture(nn.Module):
     caller can hold it open across forward and backward (gradient checkpointing re-runs the processors in backward).
     While active, diffusers' warning about the `record` argument is dropped (`quiet`)."""
 
-    def __init__(self, unet, layers, pooling, lam, keep_maps=False):
+    def __init__(self, unet, layers, pooling, lam, keep_maps=False, all_layers=None, processor=CaptureProcessor,
+                 proj=("to_k", "to_v"), reading="text"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-        self.__dict__["unet"] = unet                            # the UNet it acts on, not a submodule of the capture
-        self.all_layers = cross_attention_layers(unet)
+        self.__dict__["unet"] = unet          # the denoiser it acts on (UNet or MMDiT), not a submodule of the capture
+        # the family's attention layers and processor (families/): a UNet's attn2 by default, an MMDiT's joint ones
+        self.all_layers = cross_attention_layers(unet) if all_layers is None else list(all_layers)
         self.layers = select_layers(self.all_layers, layers)
         self.pooling, self.lam, self.keep_maps = pooling, float(lam), keep_maps
+        self.proj, self.reading = proj, reading   # eq. 5's projections (per layer: a dict); joint attention's A
         self.heads = {n: unet.get_submodule(n).heads for n in self.layers}
         # dynamic attention head weighting: softmax over each layer's heads of zero-initialised logits
         self.head_logits = nn.ParameterDict({layer_key(n): nn.Parameter(torch.zeros(h)) for n, h in self.heads.items()})
-        self.processors = {f"{n}.processor": CaptureProcessor(n, self) for n in self.layers}
+        self.processors = {f"{n}.processor": processor(n, self) for n in self.layers}
         self.deltas = None                                                   # eq. 5, from add_trainable
         self.depth, self.originals = 0, None
 
@@ -211,7 +216,7 @@ class AttentionCapture(nn.Module):
     def add_trainable(self):
         """Attach zero-initialised p^k, p^v (eq. 5) unless attached; -> every trainable tensor."""
         if self.deltas is None:
-            self.deltas = PromptDeltas(self.unet, self.layers)
+            self.deltas = PromptDeltas(self.unet, self.layers, self.proj)
         return self.trainable_parameters()
 
     def trainable_parameters(self):

@@ -13,8 +13,10 @@ alone; eps depends only on the seed and the level, so a pair's score never depen
 call go through the UNet together, `pairs_per_call` at a time, in a training step's backward too (`CachedScores`,
 gradient caching), so memory is bounded by `pairs_per_call`, not by the candidates. `ensemble` is eq. 4's f averaged
 over the noise levels, `unet_pass` one level's UNet passes inside the capture (attention_capture.py). What differs per
-model family (SD 1.x / 2.x, LCM, SDXL: the text conditioning and the UNet's keyword arguments) is one file each in
-families/, loading in families/loading.py. Training attaches p^k, p^v with `add_trainable()`.
+model family (SD 1.x / 2.x, LCM, SDXL: the text conditioning and the UNet's keyword arguments; SD3 / SD3.5 and Flux:
+an MMDiT transformer in the UNet's place, flow-matching noise z_t = (1 - sigma) z + sigma eps, the joint-attention
+capture) is one file each in families/, loading in families/loading.py. Training attaches p^k, p^v with
+`add_trainable()`.
 """
 import functools
 import warnings
@@ -27,8 +29,9 @@ from PIL import Image
 import prompt_delta
 from attention_capture import AttentionCapture, CallRecord
 from common import InputError, default_device, pair_index, resolve_dtype, split_scores
-from families import family_of, lcm
+from families import family_of
 from families.loading import DEFAULT_MODEL, load_components
+from families.joint_capture import READINGS
 
 LEVELS = (0.2, 0.4, 0.6, 0.8)
 
@@ -36,28 +39,36 @@ LEVELS = (0.2, 0.4, 0.6, 0.8)
 class Discffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, levels=LEVELS, lam=1.0, pooling="lse",
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
-                 tokenizer_2=None, text_encoder_2=None, guidance_scale=lcm.GUIDANCE, lora=None,
-                 force_zeros_for_empty_prompt=False):
+                 tokenizer_2=None, text_encoder_2=None, guidance_scale=None, lora=None,
+                 force_zeros_for_empty_prompt=False, tokenizer_3=None, text_encoder_3=None, max_sequence_length=None,
+                 reading="text"):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
-            tokenizer, text_encoder, vae, unet, scheduler)
-        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2          # SDXL's second encoder
+            tokenizer, text_encoder, vae, unet, scheduler)  # unet: the denoiser (an MMDiT transformer for SD3)
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2          # SDXL's, SD3's second encoder
+        self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3          # SD3's T5
+        self.max_sequence_length = max_sequence_length and int(max_sequence_length)  # SD3: T5 tokens (None: 256)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)      # SDXL: "" -> zero embeddings
-        for m in (text_encoder, vae, unet, text_encoder_2):
+        for m in (text_encoder, vae, unet, text_encoder_2, text_encoder_3):
             if m is not None:
                 m.requires_grad_(False).eval()
-        self.fam = family_of(unet.config)                    # families.sd, .lcm or .sdxl: conditioning per family
+        self.fam = family_of(unet.config)              # families.sd, .lcm, .sdxl or .sd3: conditioning, noise, capture
         self.family = self.fam.NAME
         missing = [p for p in self.fam.PARTS if getattr(self, p) is None]
         if missing:
             raise InputError(f"model {name!r}: a {self.family} UNet needs {', '.join(p + '/' for p in missing)}")
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)  # None: the family's
         self.levels = tuple(float(l) for l in levels)
         if not self.levels or not all(0 < l <= 1 for l in self.levels):
             raise InputError(f"noise levels {levels}: each must be in (0, 1]")
-        self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps)  # `with model.capture:` installs it
+        reading = reading or READINGS[0]                                           # joint attention: "text"
+        if reading not in READINGS:
+            raise InputError(f"reading {reading!r}: choose from {', '.join(READINGS)}")
+        self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps, reading=reading,
+                                        **self.fam.capture_kwargs(unet))  # `with model.capture:` installs it
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.resolution = int(resolution or unet.config.sample_size * self.vae_scale)
+        # Flux's transformer has no sample_size: FluxPipeline's default_sample_size, 128 latents (1024 px)
+        self.resolution = int(resolution or unet.config.get("sample_size", 128) * self.vae_scale)
         self.resize_via, self.pairs_per_call, self.seed, self.name = resize_via, int(pairs_per_call), int(seed), name
         self._warned_truncation = False
         self.config = dict(model=name, levels=list(self.levels), lam=float(lam), pooling=pooling,
@@ -89,12 +100,13 @@ class Discffusion(nn.Module):
     # ---- encoders: once per image, once per text --------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images):
-        """PIL images -> VAE latent means times the scaling factor, (N, 4, h, w)."""
+        """PIL images -> VAE latent means, less the shift factor (SD3's VAE), times the scaling factor, (N, C, h, w)."""
         x = preprocess(images, self.resolution, self.resize_via)               # (N, 3, R, R)
         out = []
         for chunk in x.split(self.pairs_per_call):
             dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
-            out.append(dist.mean * self.vae.config.scaling_factor)             # (b, 4, h, w)
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            out.append((dist.mean - shift) * self.vae.config.scaling_factor)   # (b, C, h, w)
         return torch.cat(out).to(self.dtype)
 
     def tokenize(self, tokenizer, texts):
@@ -119,6 +131,7 @@ class Discffusion(nn.Module):
         ids = tok.input_ids                                                    # (M, L)
         special = (ids == self.tokenizer.bos_token_id) | (ids == self.tokenizer.eos_token_id)
         mask = tok.attention_mask.bool() & ~special                            # (M, L) caption tokens only
+        mask = self.fam.text_mask(self, mask, texts)                          # over the family's text sequence
         hidden = self.fam.encode_texts(self, ids, texts)                      # (M, L, D)
         return hidden.to(self.dtype), mask.to(self.device)
 
@@ -128,8 +141,8 @@ class Discffusion(nn.Module):
 
     # ---- noise: one draw per level, shared by every pair ------------------------------------------------------
     def timestep(self, level):
-        T = self.scheduler.config.num_train_timesteps
-        return min(int(round(level * T)), T - 1)
+        """Noise level l in (0, 1] -> the timestep the denoiser gets (the family's: round(l * T), or the flow's)."""
+        return self.fam.timestep(self, level)
 
     def level_noise(self, shape):
         """eps for each ensemble level, (n_levels, *shape), a function of the seed alone."""
@@ -137,22 +150,14 @@ class Discffusion(nn.Module):
         return torch.randn((len(self.levels), *shape), generator=g)
 
     def add_noise(self, latents, eps, t):
-        """z_t for latents (P, 4, h, w), eps broadcastable to them, integer timestep t."""
-        ts = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
-        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
-        return self.scheduler.add_noise(latents, eps, ts), ts
+        """z_t for latents (P, C, h, w), eps broadcastable to them, timestep t -> z_t and the timesteps (P,): DDPM's
+        sqrt(a_t) z + sqrt(1 - a_t) eps, or flow matching's (1 - sigma) z + sigma eps (the family's)."""
+        return self.fam.add_noise(self, latents, eps, t)
 
     def target(self, latents, eps, ts):
-        """What the UNet predicts for z_t = add_noise(latents, eps, ts): eps, or for a v-prediction model (SD 2.1-768)
-        the velocity sqrt(a_t) eps - sqrt(1 - a_t) z; (R, 4, h, w). Every denoising loss and error uses it."""
-        eps = eps.to(latents.device, latents.dtype).expand_as(latents)
-        pred = self.scheduler.config.prediction_type
-        if pred == "v_prediction":
-            return self.scheduler.get_velocity(latents, eps, ts)
-        if pred != "epsilon":
-            raise InputError(f"scheduler prediction_type {pred!r}: a denoising target needs 'epsilon' or "
-                             "'v_prediction'")
-        return eps
+        """What the denoiser predicts for z_t = add_noise(latents, eps, ts): eps, the velocity (v-prediction,
+        SD 2.1-768) or the flow eps - z (SD3, Flux); (R, C, h, w). Every denoising loss and error uses it."""
+        return self.fam.target(self, latents, eps, ts)
 
     # ---- the score --------------------------------------------------------------------------------------------
     def unet_pass(self, z_t, ts, hidden, mask, maps=None):
@@ -168,8 +173,8 @@ class Discffusion(nn.Module):
         with self.capture:
             for s in range(0, z_t.shape[0], chunk):
                 record = CallRecord(mask[s:s + chunk])                         # this call's token mask (b, L)
-                pred.append(self.unet(z_t[s:s + chunk], ts[s:s + chunk], **self.unet_kwargs(hidden[s:s + chunk]),
-                                      cross_attention_kwargs={"record": record}).sample)  # Alg. 1 l.12-14
+                pred.append(self.fam.denoise(self, z_t[s:s + chunk], ts[s:s + chunk], hidden[s:s + chunk],
+                                             record))                          # Alg. 1 l.12-14
                 att.append(self.capture.combine(record))                      # (b,)  Alg. 1 l.15 at this level
                 records.append(record)
         if maps is not None:
@@ -243,11 +248,11 @@ class Discffusion(nn.Module):
 
     def save_trained(self, path, training_args=None):
         self.add_trainable()
-        prompt_delta.save(path, self.capture, self.name, training_args)
+        prompt_delta.save(path, self.capture, self.name, training_args, self.family)
 
     def load_trained(self, path):
         self.add_trainable()
-        return prompt_delta.load(path, self.capture)
+        return prompt_delta.load(path, self.capture, self.family)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

@@ -17,7 +17,8 @@ from baselines.diffusion_itm import DiffusionITM
 from common import DTYPES, InputError, meta_value, read_checkpoint
 from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
-from families import lcm
+from families import flux, lcm
+from families.joint_capture import READINGS
 
 METHODS = ("discffusion", "diffusion_itm", "clip", "clip_ft", "clip_prompt")  # clip: zero-shot, the plain cosine
 CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -92,7 +93,8 @@ def build(method, args, checkpoint=None):
         opts = dict(layers=option(args, "layers"), resolution=args.resolution, resize_via=args.resize_via,
                     pairs_per_call=args.pairs_per_call, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
-                    guidance_scale=option(args, "guidance_scale", recorded) or lcm.GUIDANCE)
+                    guidance_scale=option(args, "guidance_scale", recorded), reading=option(args, "reading", recorded),
+                    max_sequence_length=option(args, "max_sequence_length", recorded))
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
@@ -155,7 +157,8 @@ def add_model_args(p):
     p.add_argument("--lora", help="a LoRA merged into the UNet before scoring or training: a .safetensors file, a "
                                   "folder or a hub id (e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5)")
     p.add_argument("--guidance-scale", type=positive, help=f"LCM models (a UNet with time_cond_proj_dim): the "
-                   f"guidance scale w whose embedding conditions the UNet (default {lcm.GUIDANCE}, the LCM pipeline's)")
+                   f"guidance scale w whose embedding conditions the UNet (default {lcm.GUIDANCE}, the LCM pipeline's);"
+                   f" Flux.1-dev: its guidance embedding (default {flux.GUIDANCE}, FluxPipeline's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--precision", "--dtype", dest="precision", choices=tuple(DTYPES),
                    help="weights and activations (default fp16 on CUDA, fp32 on CPU); learned tensors stay fp32; "
@@ -183,6 +186,12 @@ def add_model_args(p):
                    + ",".join(map(str, LEVELS)) + ")")
     g.add_argument("--resolution", type=image_size(8), help="input resolution in pixels, a multiple of 8 up to "
                                                             f"{MAX_SIZE} (default: the model's native size)")
+    g.add_argument("--reading", choices=READINGS,
+                   help="SD3 / Flux (joint attention): A as the softmax over the text keys alone (text, default) or "
+                        "the text columns of the joint softmax over image and text keys (joint)")
+    g.add_argument("--max-sequence-length", type=positive_int,
+                   help="SD3 / Flux: T5 tokens of the text sequence (default the pipeline's: 256 SD3, 512 Flux; 256 "
+                        "for FLUX.1-schnell)")
     g.add_argument("--resize-via", type=image_size(),
                    help=f"resize to this size first, 1 to {MAX_SIZE} pixels (224: the paper's Table 2 setting)")
     b = p.add_argument_group("baselines (§5.3, Table 8)")

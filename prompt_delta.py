@@ -18,20 +18,28 @@ FORMAT = "discffusion-prompt-deltas-v1"
 
 
 class PromptDeltas(nn.Module):
-    """Zero-initialised p^k, p^v for each named attn2 layer of `unet`."""
+    """Zero-initialised p^k, p^v for each named attention layer of `unet`, shaped like its text key / value
+    projections `proj` (a UNet's attn2: to_k, to_v; an MMDiT's joint attention: add_k_proj, add_v_proj; a dict: per
+    layer, as on Flux's single-stream blocks, whose to_k, to_v project the text rows too)."""
 
-    def __init__(self, unet, layers):
+    def __init__(self, unet, layers, proj=("to_k", "to_v")):
         super().__init__()
         self.k, self.v = nn.ParameterDict(), nn.ParameterDict()
         for name in layers:
             attn = unet.get_submodule(name)
-            self.k[layer_key(name)] = nn.Parameter(torch.zeros_like(attn.to_k.weight, dtype=torch.float32))
-            self.v[layer_key(name)] = nn.Parameter(torch.zeros_like(attn.to_v.weight, dtype=torch.float32))
+            for store, p in zip((self.k, self.v), proj[name] if isinstance(proj, dict) else proj):
+                store[layer_key(name)] = nn.Parameter(torch.zeros_like(getattr(attn, p).weight, dtype=torch.float32))
 
     def project(self, which, name, linear, x):
         """eq. 5: x (B, L, D) through `linear` (to_k or to_v) with weight W + p -> (B, L, inner)."""
         delta = (self.k if which == "k" else self.v)[layer_key(name)]
         return F.linear(x, linear.weight + delta.to(linear.weight.dtype), linear.bias)
+
+    def term(self, which, name, x):
+        """eq. 5's added term alone, p x: x (B, L, D) -> (B, L, inner) (Flux's single-stream blocks add it to the text
+        rows of a projection of the whole sequence; zero p adds exact zeros)."""
+        delta = (self.k if which == "k" else self.v)[layer_key(name)]
+        return F.linear(x, delta.to(x.dtype))
 
 
 def state(capture):
@@ -45,19 +53,24 @@ def state(capture):
     return out
 
 
-def save(path, capture, base_model, training_args=None):
-    """One safetensors file: p^k, p^v, head logits per layer, and metadata describing where they belong."""
+def save(path, capture, base_model, training_args=None, family=None):
+    """One safetensors file: p^k, p^v, head logits per layer, and metadata describing where they belong (the model
+    family too: families/)."""
     save_tensors(path, state(capture), {
-        "format": FORMAT, "base_model": base_model, "layers": capture.layers,
+        "format": FORMAT, "base_model": base_model, "family": family, "layers": capture.layers,
         "scorer": {"lam": capture.lam, "pooling": capture.pooling},  # the deltas were learned under these
         "training_args": training_args or {}})
 
 
-def load(path, capture):
-    """Load a file written by `save` into the capture's deltas; a layer or shape mismatch is an InputError naming it."""
+def load(path, capture, family=None):
+    """Load a file written by `save` into the capture's deltas; a family, layer or shape mismatch is an InputError
+    naming it (a file without a family, written before families were recorded, loads wherever its layers fit)."""
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
+    if family and meta.get("family") and meta["family"] != family:
+        raise InputError(f"checkpoint {path} was trained on a {meta['family']} model (base model "
+                         f"{meta.get('base_model')}), not on this {family} model")
     saved_layers = meta_value(path, meta, "layers", list, "a list of layer names")
     for key in ("scorer", "training_args"):
         meta_value(path, {key: {}, **meta}, key, dict, "a dict")

@@ -48,7 +48,7 @@ def diffusion_loss(model, items, generator):
     T = model.scheduler.config.num_train_timesteps
     t = int(torch.randint(T, (1,), generator=generator))
     eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    z_t, ts = model.add_noise(latents, eps, t)
+    z_t, ts = model.add_noise(latents, eps, model.timestep(t / T))   # t itself for DDPM; shifted for flow
     _, eps_pred = model.unet_pass(z_t, ts, hidden, mask)
     return F.mse_loss(eps_pred.float(), model.target(latents, eps, ts).float())
 

@@ -86,15 +86,16 @@ class DiffusionITM(nn.Module):
             raise InputError(f"n_timesteps {n_timesteps}: must be at least 1 (or 'official', or 'grid:S')")
         if uncond_attention and variant != "combined":
             raise InputError(f"uncond_attention: the attention term exists only in variant 'combined', not {variant!r}")
-        pred = core.scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction"):
+        pred = core.scheduler.config.get("prediction_type", "flow")      # a flow-matching scheduler has none (SD3)
+        if pred not in ("epsilon", "v_prediction", "flow"):
             raise InputError(f"scheduler prediction_type {pred!r}: DiffusionITM needs 'epsilon' or 'v_prediction'")
         self.core, self.variant, self.uncond_attention = core, variant, bool(uncond_attention)
         T = core.scheduler.config.num_train_timesteps
         self.timesteps = timestep_list(n_timesteps, T)
         core.levels = tuple(t / T for t in self.timesteps)          # the core's noise schedule becomes ours
         core.config["levels"] = list(core.levels)
-        assert [core.timestep(l) for l in core.levels] == self.timesteps
+        # what the denoiser gets for each: the same t (DDPM), or the flow scheduler's shifted sigma * T (SD3)
+        self.denoiser_t = {t: core.timestep(l) for t, l in zip(self.timesteps, core.levels)}
         self.lora = None                                             # {rank, alpha, targets} once add_lora ran
 
     @classmethod
@@ -128,7 +129,7 @@ class DiffusionITM(nn.Module):
         core = {k: v for k, v in self.core.config.items() if k != "levels"}
         return dict(core, method="diffusion_itm", variant=self.variant, n_timesteps=len(self.timesteps),
                     timesteps=list(self.timesteps), uncond_attention=self.uncond_attention,
-                    prediction_type=self.core.scheduler.config.prediction_type, lora=self.lora)
+                    prediction_type=self.core.scheduler.config.get("prediction_type", "flow"), lora=self.lora)
 
     # ---- the denoising error ---------------------------------------------------------------------------------
     def target(self, latents, eps, ts):
@@ -138,7 +139,7 @@ class DiffusionITM(nn.Module):
     def errors(self, latents, hidden, mask, t, eps):
         """Rows at one timestep: latents (R, 4, h, w), hidden (R, L, D), mask (R, L), eps (4, h, w) or (1, 4, h, w)
         -> attention term (R,), e = ||target - eps_theta||_2 (R,), float32."""
-        z_t, ts = self.core.add_noise(latents, eps, t)
+        z_t, ts = self.core.add_noise(latents, eps, self.denoiser_t[t])
         att, pred = self.core.unet_pass(z_t, ts, hidden, mask)
         err = (self.target(latents, eps, ts).float() - pred.float()).flatten(1).norm(dim=1)
         return att.float(), err
@@ -306,7 +307,7 @@ def hardneg_loss(m, items, generator):
     t = torch.randint(T, (B,), generator=generator)
     eps = torch.randn((B, *latents.shape[1:]), generator=generator)
     z0 = torch.stack([latents[[b, neg_img[b]]] for b in range(B)]).flatten(0, 1)      # (2B, 4, h, w): pos, neg, ...
-    noisy = [core.add_noise(z0[2 * b:2 * b + 2], eps[b], int(t[b])) for b in range(B)]
+    noisy = [core.add_noise(z0[2 * b:2 * b + 2], eps[b], core.timestep(int(t[b]) / T)) for b in range(B)]
     z_t, ts = torch.cat([z for z, _ in noisy]), torch.cat([s for _, s in noisy])
     eps2 = eps.repeat_interleave(2, dim=0)                                            # (2B, 4, h, w)
     _, pred = core.unet_pass(z_t, ts, hidden, mask)

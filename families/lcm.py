@@ -15,10 +15,17 @@ NAME = "lcm"
 GUIDANCE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale
 LORA_PIPELINE, PARTS = sd.LORA_PIPELINE, sd.PARTS
 components, encode_texts = sd.components, sd.encode_texts
+capture_kwargs, text_mask, denoise, timestep, add_noise, target = (
+    sd.capture_kwargs, sd.text_mask, sd.denoise, sd.timestep, sd.add_noise, sd.target)
 
 
 def matches(config):
     return bool(config.get("time_cond_proj_dim"))
+
+
+def guidance(model):
+    """The model's guidance_scale, GUIDANCE unless given."""
+    return GUIDANCE if model.guidance_scale is None else model.guidance_scale
 
 
 def guidance_embedding(w, dim):
@@ -30,10 +37,10 @@ def guidance_embedding(w, dim):
 
 def unet_kwargs(model, hidden):
     """hidden (R, L, D) -> SD's conditioning plus the guidance embedding of w = guidance_scale - 1 for R rows."""
-    w = torch.full((hidden.shape[0],), model.guidance_scale - 1)
+    w = torch.full((hidden.shape[0],), guidance(model) - 1)
     emb = guidance_embedding(w, model.unet.config.time_cond_proj_dim)          # (R, time_cond_proj_dim)
     return dict(encoder_hidden_states=hidden, timestep_cond=emb.to(hidden.device, hidden.dtype))
 
 
 def config(model):
-    return dict(guidance_scale=model.guidance_scale)
+    return dict(guidance_scale=guidance(model))

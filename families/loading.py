@@ -88,14 +88,17 @@ def load_lora(unet, lora, pipeline, online):
 
 def load_components(model, dtype, lora=None):
     """The components of a hub id or a local folder in diffusers layout, as its family (read from the UNet's config)
-    lists them: tokenizer, text encoder, VAE, UNet, scheduler, and SDXL's second tokenizer and text encoder.
+    lists them: tokenizer, text encoder, VAE, UNet, scheduler, and SDXL's second tokenizer and text encoder; SD3's
+    three and its transformer (under the key `unet`: the core's denoiser).
     lora: a LoRA merged into the UNet (`load_lora`)."""
     if os.path.isdir(model):
-        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        denoiser = "transformer" if os.path.isdir(os.path.join(model, "transformer")) else "unet"
+        missing = [s for s in (denoiser, "vae", "text_encoder", "tokenizer", "scheduler")
                    if not os.path.isdir(os.path.join(model, s))]
         if missing:
             raise InputError(f"model folder {model} is not in diffusers layout: no {', '.join(m + '/' for m in missing)}"
-                             " (expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+                             " (expected model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
+                             "scheduler/)")
         online = False
     elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
         raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
@@ -122,8 +125,12 @@ def load_components(model, dtype, lora=None):
         part = subfolder + "/" if subfolder else "model_index.json"
         return read_config(model, subfolder, online)
     try:
-        fam = family_of(read("unet"))
+        if not os.path.isdir(model):  # a hub id: its model_index.json names the denoiser (UNet or MMDiT transformer)
+            denoiser = "transformer" if "transformer" in read(None) else "unet"
+        fam = family_of(read(denoiser))
         parts = fam.components(load, read, dtype)
+        if lora and fam.LORA_PIPELINE is None:
+            raise InputError(f"LoRA {lora!r}: merging a LoRA into a {fam.NAME} model is not supported")
         if lora:
             part = None
             load_lora(parts["unet"], lora, fam.LORA_PIPELINE, lora_online)

@@ -17,6 +17,8 @@ from families import sd
 NAME = "sdxl"
 LORA_PIPELINE = "StableDiffusionXLPipeline"
 PARTS = ("tokenizer_2", "text_encoder_2")
+capture_kwargs, text_mask, denoise, timestep, add_noise, target = (
+    sd.capture_kwargs, sd.text_mask, sd.denoise, sd.timestep, sd.add_noise, sd.target)
 
 
 def matches(config):

@@ -152,7 +152,8 @@ def partial_store(args, label, method, checkpoint, model, name, root, split, ite
 # (results.json's args and the trained file's training_args), with the step it took effect from.
 RESUME_FIXED = ("method", "dataset", "shots", "seed", "batch_size", "grad_accum", "lam", "pooling", "layers", "levels",
                 "preset", "resolution", "resize_via", "itm_variant", "itm_timesteps", "uncond_attention", "split_by",
-                "ref_negatives", "mask_object", "vlc_max_per_file", "precision", "lora", "guidance_scale")
+                "ref_negatives", "mask_object", "vlc_max_per_file", "precision", "lora", "guidance_scale", "reading",
+                "max_sequence_length")
 
 
 RESUME_APPLIED = ("lr", "weight_decay", "grad_clip", "margin", "negatives", "loss", "steps", "epochs")
