@@ -17,7 +17,8 @@ signals, output checks), processes.py (accelerate's processes, each one's share,
 tables), runs.py (which rows and data sets evaluate.py evaluates, the suites and their embedded instances),
 prefilter.py (evaluate.py --prefilter-k: CLIP's top K re-ranked) and training.py (what train.py needs around Alg. 1);
 `python -m tools.sd_configs PRESET` builds a Stable Diffusion architecture from its config with random weights (for
-the tests and the benchmark; make_random_clip the CLIP's).
+the tests and the benchmark; make_random_clip the CLIP's), `python -m tools.mmdit_configs PRESET` the same for SD3,
+SD3.5, Flux and PixArt-Sigma.
 """
 import logging
 

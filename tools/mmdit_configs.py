@@ -16,9 +16,11 @@ sd35-medium, sd35-large, flux-dev: the real transformers' configs (parameter cou
 """
 import json
 import os
+import sys
 
 import torch
 
+from tools.cli import ArgumentParser, number, run_cli
 from tools.sd_configs import WORDS, write_tokenizer
 
 _TINY = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
@@ -181,3 +183,26 @@ def make_random_pixart(folder, seed=0, words=WORDS):
                      use_additional_conditions=False, interpolation_scale=1),
                  scheduler=DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"))
     return save_pipeline(folder, "PixArtSigmaPipeline", parts, {"tokenizer": ["transformers", "T5TokenizerFast"]})
+
+
+def main(argv=None):
+    tiny = [k for k in PRESETS if k.startswith("tiny-")] + ["tiny-pixart"]
+    p = ArgumentParser(prog="python -m tools.mmdit_configs", description=__doc__.splitlines()[0])
+    p.add_argument("preset", choices=tiny, help="the architecture (module docstring); the real-size presets are "
+                                                "configs only (parameter counts), not written")
+    p.add_argument("--out", help="the diffusers folder to write (default runs/random-PRESET)")
+    p.add_argument("--seed", type=number(int, low=0), default=0, help="the random weights")
+    a = p.parse_args(argv)
+    out = a.out or os.path.join("runs", "random-" + a.preset)
+    if a.preset == "tiny-pixart":
+        make_random_pixart(out, a.seed)
+    elif "flux" in a.preset:
+        make_random_flux(a.preset, out, a.seed)
+    else:
+        make_random_mmdit(a.preset, out, a.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
