@@ -24,6 +24,9 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_LISTED = 20  # names listed in a report or message (all are counted)
+# the only formats an image file is opened as (Image.open(path, formats=RASTER_FORMATS)): never by what its bytes
+# claim, so a PostScript file named .jpg is refused, not handed to Ghostscript by PIL's EPS plugin
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class InputError(Exception):

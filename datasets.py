@@ -44,7 +44,7 @@ from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, fli
                         imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation,
                         vlchecklist, vqav2, winoground)
 from benchmarks.reading import DataMissing, Item, read_json  # noqa: F401 - the loaders' item, re-exported
-from common import InputError
+from common import RASTER_FORMATS, InputError
 
 
 # ---- how an item is judged (§5.1; Tables 1, 8, 10) ----------------------------------------------------------------
@@ -516,7 +516,7 @@ def fill_box(image, box):
 
 def open_image(path):
     """A decoded image (a RefCOCOg path with a `box`: that box masked, Table 6; a path with a `crop`: that region)."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=RASTER_FORMATS) as im:
         im.load()  # decode now: a corrupt file fails here, not inside the model
     if getattr(path, "crop", None):                                      # ARO's VG items: the relation's box
         x, y, w, h = path.crop

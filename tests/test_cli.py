@@ -764,3 +764,28 @@ def test_use_threads_sets_torch_and_returns_the_number(monkeypatch):
         assert cli.use_threads(None) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+# ---- images open as raster formats only: a PostScript file named .jpg never reaches Ghostscript ------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto showpage\n"
+
+
+@pytest.mark.parametrize("where", ["evaluate", "figures", "download check"])
+def test_eps_named_jpg_is_never_opened_as_postscript(where, tmp_path, monkeypatch, capsys):
+    from PIL import EpsImagePlugin
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self.fp))
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    eps = os.path.join(root, "VG_100K", "10.jpg")
+    pathlib.Path(eps).write_bytes(EPS)
+    if where == "evaluate":
+        monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+        assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", str(tmp_path / "r.json")]) == 0
+        res = json.loads((tmp_path / "r.json").read_text())["datasets"]["comvg"]
+        assert res["n_items"] == 1 and res["unreadable"] == 2           # items 1 and 3 use 10.jpg: skipped, counted
+    elif where == "figures":
+        with pytest.raises(common.InputError, match="is not a readable image"):
+            figures.load_image(eps)
+    else:
+        from benchmarks.fetching import image_check
+        assert image_check(eps).startswith("not a readable image")
+    assert opened == []                                                   # PIL's EPS plugin (Ghostscript) never ran
