@@ -9,6 +9,8 @@ family (families/) is read from its UNet's config and says which components to l
 fits. The stabilityai SD 2.1 repositories were removed from the hub in November 2025; MIRRORS hold the same files.
 """
 import os
+import pickle
+import re
 import warnings
 
 from safetensors import SafetensorError
@@ -61,6 +63,35 @@ def first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+# what a component's, LoRA's or CLIP model's weights may fail with: OSError / ValueError (missing or foreign files),
+# SafetensorError (truncated or corrupt), RuntimeError (sizes that do not fit the config), UnpicklingError (a pickled
+# .bin that torch.load(weights_only=True) refuses: it names a class or function, so nothing in it ran)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)
+
+
+def load_failure(e):
+    """A load error (LOAD_ERRORS) as the end of one line; a refused pickle is named even where the library wrapped it
+    (diffusers: `Unable to load weights from checkpoint file`)."""
+    cause = e
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        named = re.search(r"GLOBAL (\S+)", str(cause))
+        return ("a pickled weight file (.bin) that is not plain tensors" + (f": it names {named.group(1)}" if named
+                else "") + "; refused, not run (pickles are read with torch.load(weights_only=True))")
+    return first_line(e)
+
+
+def warn_pickles(folder, what):
+    """A local folder whose weights are pickles (.bin, .pt, .ckpt) and no safetensors: said once; they load with
+    torch.load(weights_only=True), tensors only."""
+    for d, _, files in os.walk(folder):
+        if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files) and \
+                not any(f.endswith(".safetensors") for f in files):
+            warnings.warn(f"{what} {d}: its weights are pickles, read with torch.load(weights_only=True) (plain "
+                          "tensors only; a pickle naming a class or function is refused)")
+
+
 def read_config(model, subfolder, online):
     """A component's config.json (hub id or local folder) as a dict; subfolder None: the pipeline's model_index.json."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -100,11 +131,14 @@ def load_components(model, dtype, lora=None):
                              " (expected model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
                              "scheduler/)")
         online = False
+        warn_pickles(model, "model")
     elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
         raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
     else:
         online = check_hub(model)
     lora_online = False
+    if lora and os.path.isdir(lora):
+        warn_pickles(lora, "LoRA")
     if lora and not os.path.exists(lora):
         if lora.count("/") != 1 or lora.startswith((".", "/")):
             raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
@@ -134,7 +168,7 @@ def load_components(model, dtype, lora=None):
         if lora:
             part = None
             load_lora(parts["unet"], lora, fam.LORA_PIPELINE, lora_online)
-    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+    except LOAD_ERRORS as e:
         what = f"LoRA {lora!r} for model {model!r}" if part is None else f"model {model!r} ({part})"
-        raise InputError(f"could not load {what}: {first_line(e)}") from None
+        raise InputError(f"could not load {what}: {load_failure(e)}") from None
     return parts

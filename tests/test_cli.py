@@ -789,3 +789,38 @@ def test_eps_named_jpg_is_never_opened_as_postscript(where, tmp_path, monkeypatc
         from benchmarks.fetching import image_check
         assert image_check(eps).startswith("not a readable image")
     assert opened == []                                                   # PIL's EPS plugin (Ghostscript) never ran
+
+
+# ---- pickled weights: read with torch.load(weights_only=True); one naming a function is refused, never run --------
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))                               # what a crafted pickle would do on load
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "lora", "clip"])
+def test_crafted_pickled_weights_are_refused_not_run(part, tiny_sd, tmp_path):
+    from baselines.clip_baselines import ClipMatcher
+    from tools.sd_configs import make_random_clip
+    marker = str(tmp_path / "ran")
+    if part == "clip":
+        folder = make_random_clip(str(tmp_path / "clip"))
+    else:
+        folder = shutil.copytree(tiny_sd, tmp_path / "sd")
+    where = {"text_encoder": "sd/text_encoder/pytorch_model.bin", "unet": "sd/unet/diffusion_pytorch_model.bin",
+             "lora": "lora/pytorch_lora_weights.bin", "clip": "clip/pytorch_model.bin"}[part]
+    path = tmp_path / where
+    os.makedirs(path.parent, exist_ok=True)
+    for f in path.parent.glob("*.safetensors"):
+        f.unlink()                                                      # the pickle is the only weight file there
+    torch.save({"w": RunsCode(marker)}, path)
+    with pytest.raises(common.InputError) as e, pytest.warns(UserWarning, match="weights are pickles"):
+        if part == "clip":
+            ClipMatcher.from_pretrained(str(folder), device="cpu")
+        else:
+            Discffusion.from_pretrained(str(folder), device="cpu", lora=str(path.parent) if part == "lora" else None)
+    assert "it names posix.mkdir; refused, not run" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(marker)
