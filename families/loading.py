@@ -100,6 +100,55 @@ def read_config(model, subfolder, online):
     return UNet2DConditionModel.load_config(model, subfolder=subfolder, local_files_only=not online)
 
 
+MAX_RESOLUTION = 2048  # pixels: the largest image side a config may ask for (--resolution's bound, tools/cli.MAX_SIZE)
+MAX_TIMESTEPS = 100_000  # a scheduler's num_train_timesteps (SD: 1000); its betas are allocated at load
+MAX_TOKENS = 4096  # a tokenizer's model_max_length where the text encoder has no position table (T5)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_sizes(unet, vae, scheduler):
+    """Before any weights are read: the configs ask for nothing beyond what a run needs, or a reason (str). unet /
+    vae / scheduler: their config dicts. The image side is sample_size x the VAE's scale; the scheduler allocates
+    num_train_timesteps betas at load."""
+    size = unet.get("sample_size")                                 # an MMDiT transformer may have none
+    sizes = size if isinstance(size, (list, tuple)) else [] if size is None else [size]
+    scale = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
+    if (size is not None and not sizes) or not all(is_int(x) and 1 <= x * scale <= MAX_RESOLUTION for x in sizes):
+        return (f"unet/config.json: sample_size {size!r} (x {scale}, the VAE's scale) must be a whole number of "
+                f"latent pixels for an image side from 1 to {MAX_RESOLUTION}")
+    T = scheduler.get("num_train_timesteps", 1000)
+    if not (is_int(T) and 2 <= T <= MAX_TIMESTEPS):
+        return f"scheduler: num_train_timesteps {T!r} must be a whole number from 2 to {MAX_TIMESTEPS}"
+    betas = scheduler.get("trained_betas")
+    if betas is not None:
+        ok = isinstance(betas, list) and len(betas) == T and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)
+        return None if ok else f"scheduler: trained_betas must be {T} numbers in (0, 1) (num_train_timesteps)"
+    if scheduler.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        return (f"scheduler: beta_schedule {scheduler.get('beta_schedule')!r} is not one of "
+                f"{', '.join(BETA_SCHEDULES)}")
+    for key in ("beta_start", "beta_end"):
+        b = scheduler.get(key, 0.01)
+        if not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1):
+            return f"scheduler: {key} {b!r} must be a number in (0, 1)"
+    return None
+
+
+def check_tokenizer(tokenizer, text_encoder, part):
+    """The tokenizer pads to model_max_length: it must be set (transformers' default is 1e30) and fit the text
+    encoder's positions (T5's relative positions: MAX_TOKENS), or a reason (str)."""
+    n = tokenizer.model_max_length                                 # T5 (relative positions): no table, MAX_TOKENS
+    positions = getattr(text_encoder.config, "max_position_embeddings", None) or MAX_TOKENS
+    if not (is_int(n) and 1 <= n <= positions):
+        return (f"{part}tokenizer_config.json: model_max_length {n if n < 1e9 else 'not set'} must be from 1 to the text "
+                f"encoder's max_position_embeddings {positions}")
+    return None
+
+
 def load_lora(unet, lora, pipeline, online):
     """Load a LoRA (a diffusers/peft or kohya file, a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5)
     into the UNet the way `pipeline.load_lora_weights(lora); pipeline.fuse_lora()` does, then drop the adapter
@@ -161,8 +210,20 @@ def load_components(model, dtype, lora=None):
     try:
         if not os.path.isdir(model):  # a hub id: its model_index.json names the denoiser (UNet or MMDiT transformer)
             denoiser = "transformer" if "transformer" in read(None) else "unet"
-        fam = family_of(read(denoiser))
+        denoiser_config = read(denoiser)
+        fam = family_of(denoiser_config)
+        from diffusers import DDPMScheduler
+        part = "scheduler/"
+        sched = DDPMScheduler.load_config(model, subfolder="scheduler", local_files_only=not online)
+        why = check_sizes(denoiser_config, read("vae"), sched)
+        if why:
+            raise InputError(f"model {model!r}: {why}")
         parts = fam.components(load, read, dtype)
+        for k in ("", "_2", "_3"):
+            why = f"text_encoder{k}" in parts and check_tokenizer(parts[f"tokenizer{k}"], parts[f"text_encoder{k}"],
+                                                                 f"tokenizer{k}/")
+            if why:
+                raise InputError(f"model {model!r}: {why}")
         if lora and fam.LORA_PIPELINE is None:
             raise InputError(f"LoRA {lora!r}: merging a LoRA into a {fam.NAME} model is not supported")
         if lora:

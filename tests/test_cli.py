@@ -824,3 +824,35 @@ def test_crafted_pickled_weights_are_refused_not_run(part, tiny_sd, tmp_path):
             Discffusion.from_pretrained(str(folder), device="cpu", lora=str(path.parent) if part == "lora" else None)
     assert "it names posix.mkdir; refused, not run" in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(marker)
+
+
+# ---- model configs: sizes bounded before anything is allocated; a bad config is one line --------------------------
+
+CONFIGS = {  # case: (file, {key: value} to set, None to delete; what the line names)
+    "timesteps 2e9": ("scheduler/scheduler_config.json", {"num_train_timesteps": 2_000_000_000}, "num_train_timesteps"),
+    "timesteps 0": ("scheduler/scheduler_config.json", {"num_train_timesteps": 0}, "num_train_timesteps"),
+    "timesteps 1": ("scheduler/scheduler_config.json", {"num_train_timesteps": 1}, "num_train_timesteps"),
+    "beta schedule": ("scheduler/scheduler_config.json", {"beta_schedule": "cubic"}, "beta_schedule 'cubic'"),
+    "bad betas": ("scheduler/scheduler_config.json", {"trained_betas": [0.5, -1]}, "trained_betas"),
+    "beta_end": ("scheduler/scheduler_config.json", {"beta_end": 7}, "beta_end 7"),
+    "sample_size 2048": ("unet/config.json", {"sample_size": 2048}, "sample_size 2048"),
+    "no model_max_length": ("tokenizer/tokenizer_config.json", {"model_max_length": None}, "model_max_length not set"),
+    "sizes unlike the weights": ("text_encoder/config.json", {"hidden_size": 48}, "text_encoder/"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_model_config_bounds_and_errors(case, tiny_sd, tmp_path, monkeypatch):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    folder = shutil.copytree(tiny_sd, tmp_path / "sd")
+    file, changes, named = CONFIGS[case]
+    config = json.loads((folder / file).read_text())
+    for k, v in changes.items():
+        config.pop(k) if v is None else config.__setitem__(k, v)
+    (folder / file).write_text(json.dumps(config))
+    if "model_max_length" not in case and case != "sizes unlike the weights":  # refused before any weights are read
+        monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", None)
+        monkeypatch.setattr(DDPMScheduler, "from_pretrained", None)
+    with pytest.raises(common.InputError) as e:
+        Discffusion.from_pretrained(str(folder), device="cpu")
+    assert named in str(e.value) and "\n" not in str(e.value), e.value
