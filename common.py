@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -31,6 +32,24 @@ RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 class InputError(Exception):
     """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
+
+
+CHARS_PER_TOKEN = 64  # no CLIP BPE token spans more characters; a whitespace run is one space to its tokenizer
+
+
+def cut_text(text, n_tokens):
+    """The caption's start that holds its first n_tokens tokens (whitespace runs as one space, as CLIP's tokenizer
+    reads them), so a 32 MB caption line is never tokenized in full before the cut. Short captions are unchanged."""
+    limit = n_tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    words, n = [], 0
+    for m in re.finditer(r"\S+", text):                                  # lazily: no list of every word
+        words.append(m.group())
+        n += len(words[-1]) + 1
+        if n > limit:
+            break
+    return " ".join(words)[:limit]
 
 
 def resolve_dtype(dtype, device):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
-from common import (InputError, check_tensors, copy_tensors, default_device, pair_index, read_checkpoint,
+from common import (InputError, check_tensors, copy_tensors, cut_text, default_device, pair_index, read_checkpoint,
                     resolve_dtype, save_tensors, split_scores)
 from discffusion import to_rgb
 from families.loading import LOAD_ERRORS, check_hub, load_failure, warn_pickles
@@ -141,7 +141,8 @@ class ClipMatcher(nn.Module):
     def tokenize(self, texts):
         """Captions -> ids, mask (M, L); truncated so that BOS + n_ctx + caption + EOS fits the position table."""
         max_len = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len - self.n_ctx,
+        tok = self.tokenizer([cut_text(t, max_len) for t in texts], padding=True, truncation=True,
+                             max_length=max_len - self.n_ctx,
                              return_tensors="pt")
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 

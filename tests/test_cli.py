@@ -11,6 +11,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -856,3 +857,28 @@ def test_model_config_bounds_and_errors(case, tiny_sd, tmp_path, monkeypatch):
     with pytest.raises(common.InputError) as e:
         Discffusion.from_pretrained(str(folder), device="cpu")
     assert named in str(e.value) and "\n" not in str(e.value), e.value
+
+
+# ---- a long caption line (32 MB in the issue): only the start the 77-token cut keeps is tokenized ------------------------------------
+
+@pytest.mark.parametrize("caption", ["a red circle " * 20_000, "a" + " " * 300_000 + "red circle"],
+                         ids=["words", "whitespace"])
+def test_huge_caption_tokenizes_only_what_the_cut_keeps(caption, tiny_sd):
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    tok = model.tokenizer
+    seen = []
+    real = type(tok).__call__
+
+    def spy(self, texts, *a, **k):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, *a, **k)
+    L = tok.model_max_length
+    direct = tok([caption], padding="max_length", max_length=L, truncation=True).input_ids
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(tok), "__call__", spy)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            model.encode_texts([caption])
+    assert any("truncated" in str(w.message) for w in warned) == (len(caption.split()) > L)  # the cut told
+    assert max(seen) <= (L + 1) * common.CHARS_PER_TOKEN                    # never the whole 32 MB line
+    assert model.tokenize(tok, [common.cut_text(caption, L + 1)]).input_ids.tolist() == direct  # the same ids
