@@ -882,3 +882,17 @@ def test_huge_caption_tokenizes_only_what_the_cut_keeps(caption, tiny_sd):
     assert any("truncated" in str(w.message) for w in warned) == (len(caption.split()) > L)  # the cut told
     assert max(seen) <= (L + 1) * common.CHARS_PER_TOKEN                    # never the whole 32 MB line
     assert model.tokenize(tok, [common.cut_text(caption, L + 1)]).input_ids.tolist() == direct  # the same ids
+
+
+# ---- the image cache is bounded in pixels, not only in count ---------------------------------------------------------
+
+def test_image_cache_holds_a_bounded_number_of_pixels(tmp_path):
+    paths = [image(str(tmp_path / f"{i}.png"), color, size=64) for i, color in enumerate(["red", "green", "blue"] * 3)]
+    cache = datasets.ImageCache(size=64, pixels=3 * 64 * 64)              # room for three 64 x 64 images
+    for p in paths:
+        im = cache.get(p)
+        assert list(im.getdata()) == list(datasets.open_image(p).getdata())  # what open_image gives
+        assert sum(i.width * i.height for i in cache.images.values()) <= 3 * 64 * 64
+    assert [k for k, _ in cache.images] == paths[-3:]                     # the most recently used kept
+    big = datasets.ImageCache(size=64, pixels=10)                          # one image over the budget: still served
+    assert big.get(paths[0]).size == (64, 64) and len(big.images) == 1
