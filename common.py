@@ -73,12 +73,16 @@ def default_device(device=None):
 
 # ---- files: written atomically; trained tensors as one safetensors file with JSON metadata ----------------------
 
+TMP_LONGEST = ".tmp-4194304-0123abcd"  # atomic_write's temporary suffix at its longest (Linux's largest pid)
+
+
 def atomic_write(path, write):
-    """write(tmp), then rename it over `path`: a reader never sees a half-written file. Any failure (disk full,
-    read-only, not a folder) removes the temporary file, keeps the previous `path`, and is an InputError naming the
-    path and the cause."""
+    """write(tmp), then rename it over `path`: a reader never sees a half-written file. The temporary name is this
+    writer's own (PATH.tmp-PID-RANDOM), so two writers of one path never write into each other's file. Any failure
+    (disk full, read-only, not a folder) removes the temporary file, keeps the previous `path`, and is an InputError
+    naming the path and the cause."""
     path = str(path)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
@@ -102,7 +106,7 @@ def check_writable(path, folder=False):
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
     if not folder:
-        name_fits(path, ".tmp")  # atomic_write's temporary name is the longest one
+        name_fits(path, TMP_LONGEST)  # atomic_write's temporary name is the longest one
     created, d = [], where                                          # the folders makedirs adds, deepest first
     while not os.path.lexists(d) and os.path.dirname(d) != d:
         created.append(d)

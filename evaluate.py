@@ -29,7 +29,7 @@ import methods
 from common import MAX_LISTED, InputError
 from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, prefer_true, tied
 from tools import runs
-from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, use_threads, write_json
+from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, held, positive_int, run_cli, use_threads, write_json
 from tools.intervals import intervals
 from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
@@ -390,7 +390,7 @@ def evaluate_cli(argv):
     args = build_parser().parse_args(argv)
     args.threads = use_threads(args.threads)  # recorded in OUTPUT's args
     try:
-        with torch.no_grad():
+        with torch.no_grad(), held(args.output, "--output"):          # a second live run on OUTPUT is refused
             run(args, argv)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, under run_cli): one line, the partial files kept
         raise Interrupted(interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),

@@ -896,3 +896,36 @@ def test_image_cache_holds_a_bounded_number_of_pixels(tmp_path):
     assert [k for k, _ in cache.images] == paths[-3:]                     # the most recently used kept
     big = datasets.ImageCache(size=64, pixels=10)                          # one image over the budget: still served
     assert big.get(paths[0]).size == (64, 64) and len(big.images) == 1
+
+
+# ---- two runs on one output: their own temporary names, and the second live run refused ----------------------------
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
+    path = tmp_path / "r.json"
+
+    def outer(tmp):
+        pathlib.Path(tmp).write_text("outer, first half")
+        common.atomic_write(path, lambda t: pathlib.Path(t).write_text("inner"))   # another writer, meanwhile
+        with open(tmp, "a") as f:
+            f.write(", second half")
+    common.atomic_write(path, outer)
+    assert path.read_text() == "outer, first half, second half"
+    assert os.listdir(tmp_path) == ["r.json"]                             # no temporary file left
+
+
+@pytest.mark.parametrize("cli_name", ["evaluate", "train"])
+def test_second_live_run_on_one_output_is_refused(cli_name, tmp_path, no_model, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    out = tmp_path / ("r.json" if cli_name == "evaluate" else "run")
+    with cli.held(str(tmp_path / "link" / ".." / out.name), "--output"):  # the first run, still live (another spelling)
+        if cli_name == "evaluate":
+            code = evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", str(out)])
+        else:
+            code = run_cli(train.main, train_argv(str(tmp_path / "no-model"), root, out))
+        assert code == 2
+        line = error_line(capsys)
+        assert line.startswith(f"error: --output{'-dir' if cli_name == 'train' else ''} {out}: another run is "
+                               "writing it now"), line
+    assert not os.path.exists(out)                                        # the refused run wrote nothing
+    with cli.held(str(out), "--output"):                                  # the hold ends with its run
+        pass

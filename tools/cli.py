@@ -5,12 +5,15 @@ Ctrl-C and SIGTERM as clean stops with the command that resumes, outputs that ne
 """
 import argparse
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
 import pathlib
 import shlex
 import signal
+import socket
 import sys
 import threading
 
@@ -165,6 +168,32 @@ def check_apart(outputs, inputs):
                 how = "is" if o == i else "holds" if inside_out else "lies inside"
                 raise InputError(f"cannot write {path}: it {how} the {what} {inp}; an output never replaces an "
                                  "input: choose another output")
+
+
+@contextlib.contextmanager
+def held(path, option):
+    """Within: this run holds `path` (an --output or --output-dir), and a second live run on it is refused with one
+    line (two runs writing one output would mix their results). The hold is an abstract Unix socket named after the
+    path with its symlinks resolved: no file is left, and the kernel lets go when the process ends, however it ends.
+    Under `accelerate launch` only the main process holds it; where no such socket can be made, nothing is held."""
+    if not path or int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    key = hashlib.sha256(os.path.realpath(str(path)).encode()).hexdigest()[:40]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(f"\0discffusion-output-{key}")
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"{option} {path}: another run is writing it now (two runs on one output would mix "
+                             "their results); wait for it to end, or choose another output") from None
+        s = None
+    try:
+        yield
+    finally:
+        if s is not None:
+            s.close()
 
 
 def write_json(path, obj):
