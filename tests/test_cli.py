@@ -929,3 +929,30 @@ def test_second_live_run_on_one_output_is_refused(cli_name, tmp_path, no_model, 
     assert not os.path.exists(out)                                        # the refused run wrote nothing
     with cli.held(str(out), "--output"):                                  # the hold ends with its run
         pass
+
+
+# ---- partial files belong to their output: results.txt never deletes results.json's scores -----------------------
+
+class StopsAfterOne(FakeModel):
+    def score_items(self, items):
+        if self.calls:
+            raise KeyboardInterrupt                                       # Ctrl-C during the second call
+        return super().score_items(items)
+
+
+def test_another_outputs_stem_cannot_delete_partial_files(tmp_path, monkeypatch, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    argv = ["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1"]
+    monkeypatch.setattr(methods, "build", lambda *a, **k: StopsAfterOne())
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.json")]) == 130        # killed: 1 item kept
+    kept = sorted(str(p) for p in (tmp_path / "r.items").rglob("part-*.jsonl"))
+    assert kept and (tmp_path / "r.items" / "owner.json").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.txt")]) == 2            # same stem, another output
+    assert error_line(capsys).startswith(f"error: --output {tmp_path / 'r.txt'}: {tmp_path / 'r.items'} holds the "
+                                         f"partial scores of another output, {tmp_path / 'r.json'}")
+    assert sorted(str(p) for p in (tmp_path / "r.items").rglob("part-*.jsonl")) == kept
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.json"), "--resume"]) == 0  # its own run resumes
+    out = capsys.readouterr().out
+    assert "1 of 3 items already scored" in out and not (tmp_path / "r.items").exists()
