@@ -14,6 +14,7 @@ accuracy with its 95% bootstrap interval over items, and the item counts. The ru
 and --resume, signals, output checks) is in tools/; docs/reliability.md and docs/scaleout.md describe it.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -107,9 +108,15 @@ def score_all(model, items, pairs, desc, store=None):
                 for item, e in unreadable]
         mine.extend(new)
         if out:
-            out.write("".join(json.dumps({**r, "scores": r["scores"].tolist()} if "scores" in r else r) + "\n"
-                              for r in new))
-            out.flush()                                            # a kill loses at most the group in flight
+            try:
+                out.write("".join(json.dumps({**r, "scores": r["scores"].tolist()} if "scores" in r else r) + "\n"
+                                  for r in new))
+                out.flush()                                        # a kill loses at most the group in flight
+            except OSError as e:                                   # a full disk: the records before are kept
+                with contextlib.suppress(OSError):
+                    out.close()
+                raise InputError(f"cannot write {out.name}: {e.strerror.lower() if e.strerror else e}; the items "
+                                 "scored before are kept there: free some space, then rerun with --resume") from None
 
     score_groups(model, my_share(groups), desc, on_group=record)
     if out:

@@ -956,3 +956,39 @@ def test_another_outputs_stem_cannot_delete_partial_files(tmp_path, monkeypatch,
     assert evaluate.main(argv + ["--output", str(tmp_path / "r.json"), "--resume"]) == 0  # its own run resumes
     out = capsys.readouterr().out
     assert "1 of 3 items already scored" in out and not (tmp_path / "r.items").exists()
+
+
+# ---- a full disk while appending partial records: one line, the records before kept for --resume -------------------
+
+def test_disk_full_appending_partial_records(tmp_path, monkeypatch, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    argv = ["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1", "--output", str(tmp_path / "r.json")]
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    real_open = open
+
+    class FillsUp:                                                        # room for one record, then ENOSPC
+        def __init__(self, *a, **k):
+            self.f, self.writes, self.name = real_open(*a, **k), 0, a[0]
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes > 1:
+                self.f.write(text[:7])                                    # half a line reaches the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+    monkeypatch.setattr(resume, "open", FillsUp, raising=False)
+    assert evaluate.main(argv) == 2
+    part = next((tmp_path / "r.items").rglob("part-0.jsonl"))
+    assert error_line(capsys) == (f"error: cannot write {part}: no space left on device; the items scored before "
+                                  "are kept there: free some space, then rerun with --resume")
+    monkeypatch.undo()
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    assert evaluate.main(argv + ["--resume"]) == 0                        # the half line dropped, one item kept
+    assert "1 of 3 items already scored" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["datasets"]["comvg"]["n_items"] == 3
