@@ -30,7 +30,8 @@ import methods
 from common import MAX_LISTED, InputError
 from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, prefer_true, tied
 from tools import runs
-from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, held, positive_int, run_cli, use_threads, write_json
+from tools.cli import (SIGNAL_NAMES, ArgumentParser, Interrupted, held, positive_int, run_cli, stops_ignored,
+                       use_threads, write_json)
 from tools.intervals import intervals
 from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
@@ -400,8 +401,9 @@ def evaluate_cli(argv):
         with torch.no_grad(), held(args.output, "--output"):          # a second live run on OUTPUT is refused
             run(args, argv)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, under run_cli): one line, the partial files kept
-        raise Interrupted(interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),
-                          getattr(e, "signum", signal.SIGINT)) from None
+        with stops_ignored():                                      # a second Ctrl-C meanwhile: no traceback
+            line = interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT))
+        raise Interrupted(line, getattr(e, "signum", signal.SIGINT)) from None
 
 
 def main(argv=None):

@@ -992,3 +992,63 @@ def test_disk_full_appending_partial_records(tmp_path, monkeypatch, capsys):
     assert evaluate.main(argv + ["--resume"]) == 0                        # the half line dropped, one item kept
     assert "1 of 3 items already scored" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["datasets"]["comvg"]["n_items"] == 3
+
+
+# ---- SIGHUP (a closed terminal) stops training like SIGTERM; a second Ctrl-C while the first is handled -----------
+
+def test_sighup_in_training_checkpoints_the_finished_step(tiny_sd, tmp_path, monkeypatch, capsys):
+    import signal
+    root = write_train_comvg(str(tmp_path / "comvg"))
+    out = tmp_path / "run"
+    real, calls = torch.optim.AdamW.step, []
+    before = signal.getsignal(signal.SIGHUP)
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)                          # the terminal closes during step 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert run_cli(train.main, train_argv(tiny_sd, root, out, "--steps", "3", "--save-every", "100")) == 129
+    err = capsys.readouterr().err
+    assert "SIGHUP: stopping after this step" in err and "Traceback" not in err
+    assert f"interrupted at step 1 of 3 (checkpoint {out}/checkpoint.pt); resume with:" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1 and len(calls) == 1
+    assert signal.getsignal(signal.SIGHUP) == before                      # the handler given back
+
+
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Interrupted", "evaluate"])
+def test_second_ctrl_c_while_the_first_is_handled(stop, tmp_path, monkeypatch):
+    import signal
+    import sys
+    written = []
+
+    class Stderr:                                                         # the second Ctrl-C comes as the line prints
+        def write(self, text):
+            if not written:
+                os.kill(os.getpid(), signal.SIGINT)
+            written.append(text)
+
+        def flush(self):
+            pass
+    if stop == "evaluate":
+        root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+        monkeypatch.setattr(methods, "build", lambda *a, **k: StopsAfterOne())
+        real_line = evaluate.interrupted_line                            # a second Ctrl-C while the line is made
+        monkeypatch.setattr(evaluate, "interrupted_line", lambda *a: os.kill(os.getpid(), signal.SIGINT) or real_line(*a))
+        monkeypatch.setattr(sys, "stderr", Stderr())
+        code = evaluate.main(["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1",
+                              "--output", str(tmp_path / "r.json")])
+        monkeypatch.undo()
+        assert code == 130 and "".join(written).startswith("interrupted (Ctrl-C): the items scored so far are kept")
+        return
+
+    def main(argv):
+        if stop == "Interrupted":
+            raise cli.Interrupted("interrupted at step 1 of 3 (checkpoint c.pt)")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    code = run_cli(main, [])
+    monkeypatch.undo()
+    assert code == 130 and len(written) >= 1 and "interrupted" in written[0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards

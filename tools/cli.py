@@ -33,11 +33,17 @@ class Interrupted(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, containers, `timeout`) raised as an exception, where Ctrl-C raises KeyboardInterrupt."""
+    """SIGTERM (schedulers, containers, `timeout`) or SIGHUP (a closed terminal or ssh session) raised as an exception,
+    where Ctrl-C raises KeyboardInterrupt."""
     signum = signal.SIGTERM
 
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+RAISED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raised as Terminated under run_cli, as Ctrl-C is
 
 
 @contextlib.contextmanager
@@ -49,12 +55,28 @@ def sigterm_raises():
         return
 
     def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
+        raise Terminated(signum)
+    previous = {s: signal.signal(s, handler) for s in RAISED_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stops_ignored():
+    """Within: Ctrl-C, SIGTERM and SIGHUP are ignored (a second Ctrl-C while the first one's line is being made and
+    printed would end in a traceback); the previous handlers are back afterwards. Off the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *RAISED_SIGNALS)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def run_cli(main, argv=None):
@@ -69,11 +91,13 @@ def run_cli(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        with stops_ignored():                                      # a second Ctrl-C now: no traceback
+            print(e, file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
+        with stops_ignored():
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
         return 128 + signum
 
 
@@ -204,7 +228,7 @@ def write_json(path, obj):
 
 # ---- stops: Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; schedulers, containers and `timeout`
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; schedulers, containers, `timeout`; a closed terminal
 
 
 @contextlib.contextmanager
