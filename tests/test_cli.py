@@ -1052,3 +1052,70 @@ def test_second_ctrl_c_while_the_first_is_handled(stop, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert code == 130 and len(written) >= 1 and "interrupted" in written[0]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+
+
+# ---- VQAv2's paper files: a BOM, other encodings, an id like '²'; wrong JSON types in VQAv2, RefCOCOg, COCO ---------
+
+def test_vqav2_test_txt_with_a_bom_loads_every_item(tmp_path):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    items, report = datasets.load_items("vqav2", root)
+    path = os.path.join(root, "test.txt")
+    pathlib.Path(path).write_bytes(b"\xef\xbb\xbf" + pathlib.Path(path).read_bytes())
+    bom_items, bom_report = datasets.load_items("vqav2", root)
+    assert [it.id for it in bom_items] == [it.id for it in items] and bom_report["malformed"] == report["malformed"]
+
+
+@pytest.mark.parametrize("file", ["test.txt", "vqa_text_test.csv"])
+def test_vqav2_paper_file_not_utf8_is_one_line(file, tmp_path, capsys):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    path = os.path.join(root, file)
+    with open(path, "ab") as f:
+        f.write(b"COCO_val2014_000000000001.jpg*caf\xe9\n")
+    assert main_of(evaluate, ["--dataset", "vqav2", "--data-root", root]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: VQAv2 {path} is not UTF-8 text: byte 0xe9 at offset "), line
+
+
+def test_vqav2_image_id_in_other_digits_is_malformed(tmp_path):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    path = os.path.join(root, "vqa_text_test.csv")
+    items, report = datasets.load_items("vqav2", root)
+    rows = list(csv.reader(open(path, encoding="utf-8")))
+    rows.append(["²"] + rows[1][1:] if rows[0][0] == "pos_image_id" else
+                [("²" if c == "pos_image_id" else v) for c, v in zip(rows[0], rows[1])])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    items2, report2 = datasets.load_items("vqav2", root)
+    assert len(items2) == len(items) and report2["malformed"] == report["malformed"] + 1
+
+
+WRONG_TYPES = {  # data set: (file under root, how the JSON is spoiled)
+    "vqav2 top level a list": ("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", lambda d: [d]),
+    "vqav2 question_id a list": ("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json",
+                                 lambda d: dict(d, questions=[dict(d["questions"][0], question_id=[1])] + d["questions"])),
+    "vqav2 annotation question_id a dict": ("vqav2", "v2_mscoco_val2014_annotations.json",
+                                            lambda d: dict(d, annotations=[dict(d["annotations"][0], question_id={})]
+                                                           + d["annotations"])),
+    "coco images a number": ("coco", "annotations/captions_train2014.json", lambda d: dict(d, images=7)),
+    "coco image_id a list": ("coco", "annotations/captions_train2014.json",
+                             lambda d: dict(d, annotations=d["annotations"] + [dict(image_id=[1], id=5, caption="a")])),
+    "coco image id a list": ("coco", "annotations/captions_train2014.json",
+                             lambda d: dict(d, images=d["images"] + [dict(id=[2], file_name="x.jpg")])),
+    "refcocog instances a list": ("refcocog", "refcocog/instances.json", lambda d: [d]),
+    "refcocog image id a dict": ("refcocog", "refcocog/instances.json",
+                                 lambda d: dict(d, images=d["images"] + [dict(id={}, file_name=3)])),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+def test_wrong_json_types_in_annotation_files(case, tmp_path, capsys):
+    name, file, spoil = WRONG_TYPES[case]
+    root = {"vqav2": write_vqav2, "coco": write_coco, "refcocog": write_refcocog}[name](str(tmp_path / name))
+    path = os.path.join(root, file)
+    pathlib.Path(path).write_text(json.dumps(spoil(json.loads(pathlib.Path(path).read_text()))))
+    try:
+        items, report = datasets.load_items(name, root)
+    except common.InputError as e:                                       # the file as a whole is unusable
+        assert "\n" not in str(e) and (file.split("/")[-1] in str(e) or "records" in str(e)), e
+        return
+    assert report["malformed"] >= 1 or "instances.json" in file or "images" in case
