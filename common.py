@@ -207,10 +207,13 @@ def check_tensors(path, saved, own, about=""):
         raise InputError(f"checkpoint {path}{about} does not fit this model: not in this model {extra[:3]}, "
                          f"not in the checkpoint {lacking[:3]}")
     for k, t in own.items():
+        if not saved[k].is_floating_point():                      # int, bool, complex: copy_ would coerce silently
+            raise InputError(f"checkpoint {path}{about}: {k} is {str(saved[k].dtype).replace('torch.', '')}, not a "
+                             "real floating-point tensor (the trained files hold float32)")
         if saved[k].shape != t.shape:
             raise InputError(f"checkpoint {path}{about}: {k} has shape {tuple(saved[k].shape)} in the file, "
                              f"{tuple(t.shape)} in this model")
-        if saved[k].is_floating_point() and not torch.isfinite(saved[k]).all():
+        if not torch.isfinite(saved[k]).all():
             raise InputError(f"checkpoint {path}{about}: {k} holds non-finite values (NaN or inf)")
 
 

@@ -254,7 +254,7 @@ class Discffusion(nn.Module):
 
     def load_trained(self, path):
         self.add_trainable()
-        return prompt_delta.load(path, self.capture, self.family)
+        return prompt_delta.load(path, self.capture, self.family, self.name)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

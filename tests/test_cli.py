@@ -1119,3 +1119,53 @@ def test_wrong_json_types_in_annotation_files(case, tmp_path, capsys):
         assert "\n" not in str(e) and (file.split("/")[-1] in str(e) or "records" in str(e)), e
         return
     assert report["malformed"] >= 1 or "instances.json" in file or "images" in case
+
+
+# ---- trained files: real float tensors only, another base model warned about, a LoRA rank the tensors have --------
+
+def respoiled(path, out, tensors=None, **meta):
+    """A copy of a safetensors file with some tensors and metadata replaced."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        raw, saved = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(dict(saved, **(tensors or {})), str(out), metadata=dict(raw, **{k: json.dumps(v) for k, v in meta.items()}))
+    return str(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, torch.float16])
+def test_deltas_of_other_dtypes(dtype, tiny_sd, random_deltas, tmp_path):
+    path = random_deltas(scale=0.3, seed=3)
+    key = next(k for k in load_file(path) if k.startswith("delta_k"))
+    t = load_file(path)[key]
+    bad = respoiled(path, tmp_path / "d.safetensors", {key: (t * 3).to(dtype)})
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    if dtype == torch.float16:                                           # a real float: loads as float32
+        model.load_trained(bad)
+        return
+    with pytest.raises(common.InputError, match=f"{key} is {str(dtype).replace('torch.', '')}, not a real floating"):
+        model.load_trained(bad)
+
+
+def test_deltas_for_another_base_model_warn(tiny_sd, random_deltas, tmp_path):
+    path = random_deltas(scale=0.3, seed=3)
+    other = respoiled(path, tmp_path / "d.safetensors", base_model="someone/other-model")
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    with pytest.warns(UserWarning, match="trained on 'someone/other-model', loading onto"):
+        model.load_trained(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Discffusion.from_pretrained(tiny_sd, device="cpu").load_trained(path)   # its own base model: silent
+
+
+def test_lora_file_claiming_a_huge_rank_is_refused_before_allocating(tiny_sd, tmp_path, monkeypatch):
+    from baselines.diffusion_itm import DiffusionITM
+    m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    m.add_lora(rank=2)
+    path = str(tmp_path / "lora.safetensors")
+    m.save_trained(path)
+    lora = dict(m.lora, rank=100_000_000)
+    bad = respoiled(path, tmp_path / "bad.safetensors", lora=lora)
+    fresh = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    monkeypatch.setattr(DiffusionITM, "add_lora", None)                  # nothing may be allocated first
+    with pytest.raises(common.InputError, match="metadata says LoRA rank 100000000, its lora_A tensors have rank"):
+        fresh.load_trained(bad)
