@@ -1169,3 +1169,24 @@ def test_lora_file_claiming_a_huge_rank_is_refused_before_allocating(tiny_sd, tm
     monkeypatch.setattr(DiffusionITM, "add_lora", None)                  # nothing may be allocated first
     with pytest.raises(common.InputError, match="metadata says LoRA rank 100000000, its lora_A tensors have rank"):
         fresh.load_trained(bad)
+
+
+# ---- VL-CheckList: a blank caption is a malformed record; --vlc-max-per-file must be >= 0 ---------------------------
+
+def test_vlchecklist_blank_caption_is_counted_malformed(tmp_path, monkeypatch):
+    root = write_vlchecklist(str(tmp_path / "vlc"))
+    items, report = datasets.load_items("vlchecklist", root)
+    path = os.path.join(root, "data", "Attribute", "vg", "color.json")
+    data = json.loads(pathlib.Path(path).read_text())
+    data.append(["VG_100K/1.jpg", {"POS": ["  \t"], "NEG": ["a blue ball"]}])
+    pathlib.Path(path).write_text(json.dumps(data))
+    items2, report2 = datasets.load_items("vlchecklist", root)
+    assert len(items2) == len(items) and report2["malformed"] == report["malformed"] + 1
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())     # the run goes on past it
+    assert evaluate.main(["--dataset", "vlchecklist", "--data-root", root, "--output", str(tmp_path / "r.json")]) == 0
+
+
+def test_vlc_max_per_file_negative_is_a_usage_error(tmp_path, no_model, capsys):
+    root = write_vlchecklist(str(tmp_path / "vlc"))
+    assert evaluate.main(["--dataset", "vlchecklist", "--data-root", root, "--vlc-max-per-file", "-1"]) == 2
+    assert error_line(capsys) == "error: argument --vlc-max-per-file: must be >= 0 (0 = all), got -1 (see --help)"
