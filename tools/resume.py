@@ -202,7 +202,28 @@ def read_state(path):
     lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
     if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
         raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
+    wrong = next((k for k, ok in FIELD_TYPES.items() if not ok(ck.get(k) if k in STATE_KEYS else ck["args"].get(k))),
+                 None)
+    if wrong:
+        held = ck.get(wrong) if wrong in STATE_KEYS else ck["args"].get(wrong)
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote: its {wrong!r} is a "
+                         f"{type(held).__name__} {str(held)[:40]!r}; rerun without --resume to start over")
     return ck
+
+
+def _whole(x, low=0):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# what each field of the state (and of its args) must be before it is used (a step "3" or a batch size "2" would be
+# repeated, not multiplied)
+FIELD_TYPES = {
+    "step": _whole, "optimizer": lambda x: isinstance(x, dict),
+    "rng": lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.uint8,
+    "history": lambda x: isinstance(x, list) and all(isinstance(h, dict) for h in x),
+    "batch_size": lambda x: _whole(x, 1), "processes": lambda x: x is None or _whole(x, 1),
+    "changes": lambda x: x is None or isinstance(x, list),
+}
 
 
 def check_params(path, saved, params):
