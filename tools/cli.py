@@ -200,7 +200,7 @@ def held(path, option):
     line (two runs writing one output would mix their results). The hold is an abstract Unix socket named after the
     path with its symlinks resolved: no file is left, and the kernel lets go when the process ends, however it ends.
     Under `accelerate launch` only the main process holds it; where no such socket can be made, nothing is held."""
-    if not path or int(os.environ.get("RANK", 0)) != 0:
+    if not path or os.environ.get("RANK", "0").strip() not in ("", "0"):
         yield
         return
     key = hashlib.sha256(os.path.realpath(str(path)).encode()).hexdigest()[:40]
