@@ -144,8 +144,9 @@ def check_tokenizer(tokenizer, text_encoder, part):
     n = tokenizer.model_max_length                                 # T5 (relative positions): no table, MAX_TOKENS
     positions = getattr(text_encoder.config, "max_position_embeddings", None) or MAX_TOKENS
     if not (is_int(n) and 1 <= n <= positions):
-        return (f"{part}tokenizer_config.json: model_max_length {n if n < 1e9 else 'not set'} must be from 1 to the text "
-                f"encoder's max_position_embeddings {positions}")
+        shown = "not set" if isinstance(n, (int, float)) and n >= 1e9 else repr(n)   # transformers' 1e30 default
+        return (f"{part}tokenizer_config.json: model_max_length {shown} must be from 1 to the text encoder's "
+                f"max_position_embeddings {positions}")
     return None
 
 
