@@ -893,7 +893,7 @@ def test_image_cache_holds_a_bounded_number_of_pixels(tmp_path):
         im = cache.get(p)
         assert list(im.getdata()) == list(datasets.open_image(p).getdata())  # what open_image gives
         assert sum(i.width * i.height for i in cache.images.values()) <= 3 * 64 * 64
-    assert [k for k, _ in cache.images] == paths[-3:]                     # the most recently used kept
+    assert [k[0] for k in cache.images] == paths[-3:]                   # the most recently used kept
     big = datasets.ImageCache(size=64, pixels=10)                          # one image over the budget: still served
     assert big.get(paths[0]).size == (64, 64) and len(big.images) == 1
 
