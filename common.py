@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -24,10 +25,31 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_LISTED = 20  # names listed in a report or message (all are counted)
+# the only formats an image file is opened as (Image.open(path, formats=RASTER_FORMATS)): never by what its bytes
+# claim, so a PostScript file named .jpg is refused, not handed to Ghostscript by PIL's EPS plugin
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class InputError(Exception):
     """Bad user input (missing file, malformed data, bad option): the CLIs print it as one line and exit 2."""
+
+
+CHARS_PER_TOKEN = 64  # no CLIP BPE token spans more characters; a whitespace run is one space to its tokenizer
+
+
+def cut_text(text, n_tokens):
+    """The caption's start that holds its first n_tokens tokens (whitespace runs as one space, as CLIP's tokenizer
+    reads them), so a 32 MB caption line is never tokenized in full before the cut. Short captions are unchanged."""
+    limit = n_tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    words, n = [], 0
+    for m in re.finditer(r"\S+", text):                                  # lazily: no list of every word
+        words.append(m.group())
+        n += len(words[-1]) + 1
+        if n > limit:
+            break
+    return " ".join(words)[:limit]
 
 
 def resolve_dtype(dtype, device):
@@ -51,12 +73,16 @@ def default_device(device=None):
 
 # ---- files: written atomically; trained tensors as one safetensors file with JSON metadata ----------------------
 
+TMP_LONGEST = ".tmp-4194304-0123abcd"  # atomic_write's temporary suffix at its longest (Linux's largest pid)
+
+
 def atomic_write(path, write):
-    """write(tmp), then rename it over `path`: a reader never sees a half-written file. Any failure (disk full,
-    read-only, not a folder) removes the temporary file, keeps the previous `path`, and is an InputError naming the
-    path and the cause."""
+    """write(tmp), then rename it over `path`: a reader never sees a half-written file. The temporary name is this
+    writer's own (PATH.tmp-PID-RANDOM), so two writers of one path never write into each other's file. Any failure
+    (disk full, read-only, not a folder) removes the temporary file, keeps the previous `path`, and is an InputError
+    naming the path and the cause."""
     path = str(path)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
@@ -80,7 +106,7 @@ def check_writable(path, folder=False):
     if not folder and os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
     if not folder:
-        name_fits(path, ".tmp")  # atomic_write's temporary name is the longest one
+        name_fits(path, TMP_LONGEST)  # atomic_write's temporary name is the longest one
     created, d = [], where                                          # the folders makedirs adds, deepest first
     while not os.path.lexists(d) and os.path.dirname(d) != d:
         created.append(d)
@@ -181,10 +207,13 @@ def check_tensors(path, saved, own, about=""):
         raise InputError(f"checkpoint {path}{about} does not fit this model: not in this model {extra[:3]}, "
                          f"not in the checkpoint {lacking[:3]}")
     for k, t in own.items():
+        if not saved[k].is_floating_point():                      # int, bool, complex: copy_ would coerce silently
+            raise InputError(f"checkpoint {path}{about}: {k} is {str(saved[k].dtype).replace('torch.', '')}, not a "
+                             "real floating-point tensor (the trained files hold float32)")
         if saved[k].shape != t.shape:
             raise InputError(f"checkpoint {path}{about}: {k} has shape {tuple(saved[k].shape)} in the file, "
                              f"{tuple(t.shape)} in this model")
-        if saved[k].is_floating_point() and not torch.isfinite(saved[k]).all():
+        if not torch.isfinite(saved[k]).all():
             raise InputError(f"checkpoint {path}{about}: {k} holds non-finite values (NaN or inf)")
 
 

@@ -44,7 +44,7 @@ from benchmarks import (clevr, coco, coco_order, comvg, embedded, flickr30k, fli
                         imagecode, mmbias, pets, refcocog, shapes, sugarcrepe, svo, vg_attribution, vg_relation,
                         vlchecklist, vqav2, winoground)
 from benchmarks.reading import DataMissing, Item, read_json  # noqa: F401 - the loaders' item, re-exported
-from common import InputError
+from common import RASTER_FORMATS, InputError
 
 
 # ---- how an item is judged (§5.1; Tables 1, 8, 10) ----------------------------------------------------------------
@@ -516,7 +516,7 @@ def fill_box(image, box):
 
 def open_image(path):
     """A decoded image (a RefCOCOg path with a `box`: that box masked, Table 6; a path with a `crop`: that region)."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=RASTER_FORMATS) as im:
         im.load()  # decode now: a corrupt file fails here, not inside the model
     if getattr(path, "crop", None):                                      # ARO's VG items: the relation's box
         x, y, w, h = path.crop
@@ -525,10 +525,11 @@ def open_image(path):
 
 
 class ImageCache:
-    """Decoded images by path, the `size` most recently used kept (training revisits items every epoch)."""
+    """Decoded images by path, the `size` most recently used kept, and no more than `pixels` pixels in all (the one
+    just read always): 64 legal 49-Mpx photos would otherwise hold 9 GB (training revisits items every epoch)."""
 
-    def __init__(self, size=64):
-        self.size, self.images = size, OrderedDict()
+    def __init__(self, size=64, pixels=2 ** 26):
+        self.size, self.pixels, self.images = size, pixels, OrderedDict()
 
     def get(self, path):
         key = (str(path), getattr(path, "box", None), getattr(path, "crop", None))  # masked / cropped: another image
@@ -536,8 +537,10 @@ class ImageCache:
             self.images.move_to_end(key)
         else:
             self.images[key] = open_image(path)
-            if len(self.images) > self.size:
-                self.images.popitem(last=False)
+            held = sum(im.width * im.height for im in self.images.values())
+            while len(self.images) > 1 and (len(self.images) > self.size or held > self.pixels):
+                _, im = self.images.popitem(last=False)
+                held -= im.width * im.height
         return self.images[key]
 
     def load(self, paths):

@@ -28,7 +28,7 @@ from PIL import Image
 
 import prompt_delta
 from attention_capture import AttentionCapture, CallRecord
-from common import InputError, default_device, pair_index, resolve_dtype, split_scores
+from common import InputError, cut_text, default_device, pair_index, resolve_dtype, split_scores
 from families import family_of
 from families.loading import DEFAULT_MODEL, load_components
 from families.joint_capture import READINGS
@@ -120,6 +120,8 @@ class Discffusion(nn.Module):
         caption is tokenized as the pipelines do, as EOS, and is not a real token; the words after it are). Padding is
         told by the tokenizer's attention mask, not by the pad id, so a real "!" (id 0 = SD 2.x's pad) counts and
         pad = EOS (SD 1.5) or left padding work."""
+        longest_cut = max(t.model_max_length for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t)
+        texts = [cut_text(t, longest_cut + 1) for t in texts]     # what every tokenizer keeps, and enough to warn
         tok = self.tokenize(self.tokenizer, texts)
         if not self._warned_truncation:
             full = self.tokenizer(list(texts), truncation=False, verbose=False).input_ids
@@ -252,7 +254,7 @@ class Discffusion(nn.Module):
 
     def load_trained(self, path):
         self.add_trainable()
-        return prompt_delta.load(path, self.capture, self.family)
+        return prompt_delta.load(path, self.capture, self.family, self.name)
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""

@@ -14,6 +14,7 @@ accuracy with its 95% bootstrap interval over items, and the item counts. The ru
 and --resume, signals, output checks) is in tools/; docs/reliability.md and docs/scaleout.md describe it.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -29,7 +30,8 @@ import methods
 from common import MAX_LISTED, InputError
 from datasets import SUITES, REGISTRY, ImageCache, accuracy, add_data_args, groups_of, item_metrics, prefer_true, tied
 from tools import runs
-from tools.cli import SIGNAL_NAMES, ArgumentParser, Interrupted, positive_int, run_cli, use_threads, write_json
+from tools.cli import (SIGNAL_NAMES, ArgumentParser, Interrupted, held, positive_int, run_cli, stops_ignored,
+                       use_threads, write_json)
 from tools.intervals import intervals
 from tools.prefilter import prefilter
 from tools.processes import gather, my_share, processes
@@ -107,9 +109,15 @@ def score_all(model, items, pairs, desc, store=None):
                 for item, e in unreadable]
         mine.extend(new)
         if out:
-            out.write("".join(json.dumps({**r, "scores": r["scores"].tolist()} if "scores" in r else r) + "\n"
-                              for r in new))
-            out.flush()                                            # a kill loses at most the group in flight
+            try:
+                out.write("".join(json.dumps({**r, "scores": r["scores"].tolist()} if "scores" in r else r) + "\n"
+                                  for r in new))
+                out.flush()                                        # a kill loses at most the group in flight
+            except OSError as e:                                   # a full disk: the records before are kept
+                with contextlib.suppress(OSError):
+                    out.close()
+                raise InputError(f"cannot write {out.name}: {e.strerror.lower() if e.strerror else e}; the items "
+                                 "scored before are kept there: free some space, then rerun with --resume") from None
 
     score_groups(model, my_share(groups), desc, on_group=record)
     if out:
@@ -390,11 +398,12 @@ def evaluate_cli(argv):
     args = build_parser().parse_args(argv)
     args.threads = use_threads(args.threads)  # recorded in OUTPUT's args
     try:
-        with torch.no_grad():
+        with torch.no_grad(), held(args.output, "--output"):          # a second live run on OUTPUT is refused
             run(args, argv)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, under run_cli): one line, the partial files kept
-        raise Interrupted(interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT)),
-                          getattr(e, "signum", signal.SIGINT)) from None
+        with stops_ignored():                                      # a second Ctrl-C meanwhile: no traceback
+            line = interrupted_line(args, argv, getattr(e, "signum", signal.SIGINT))
+        raise Interrupted(line, getattr(e, "signum", signal.SIGINT)) from None
 
 
 def main(argv=None):

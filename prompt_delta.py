@@ -8,6 +8,8 @@ even when the UNet runs in fp16/bf16. `attention_capture.CaptureProcessor` proje
 layer names, the capture's lambda and pooling (key "scorer"), training arguments); loading onto a model whose layers
 or shapes differ fails naming the mismatch.
 """
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,9 +64,11 @@ def save(path, capture, base_model, training_args=None, family=None):
         "training_args": training_args or {}})
 
 
-def load(path, capture, family=None):
+def load(path, capture, family=None, base_model=None):
     """Load a file written by `save` into the capture's deltas; a family, layer or shape mismatch is an InputError
-    naming it (a file without a family, written before families were recorded, loads wherever its layers fit)."""
+    naming it (a file without a family, written before families were recorded, loads wherever its layers fit).
+    base_model: this model's name; a file recorded for another one (shapes matching) is warned about, as DiffusionITM
+    and CLIP files are (a hub id and its local copy are the same model)."""
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
@@ -81,5 +85,7 @@ def load(path, capture, family=None):
                          f"cross-attention layers: not in this model {extra[:3]}, not in the checkpoint {lacking[:3]}")
     own = state(capture)
     check_tensors(path, tensors, own, f" (base model {meta.get('base_model')})")
+    if base_model is not None and meta.get("base_model") != base_model:
+        warnings.warn(f"{path}: trained on {meta.get('base_model')!r}, loading onto {base_model!r} (shapes match)")
     copy_tensors(tensors, own)
     return meta

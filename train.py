@@ -154,6 +154,12 @@ def build(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    with cli.held(args.output_dir, "--output-dir"):                    # a second live run on it is refused
+        return run(args, argv)
+
+
+def run(args, argv):
+    """Alg. 1 end to end: the data, zero-shot scores, training, few-shot scores, the trained file and results.json."""
     args.processes = processes.processes(args.device).num_processes   # one, or `accelerate launch`'s N
     args.threads = cli.use_threads(args.threads)                       # recorded in results.json's args
     torch.manual_seed(args.seed)

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
-from common import (InputError, check_tensors, copy_tensors, default_device, pair_index, read_checkpoint,
+from common import (InputError, check_tensors, copy_tensors, cut_text, default_device, pair_index, read_checkpoint,
                     resolve_dtype, save_tensors, split_scores)
 from discffusion import to_rgb
-from families.loading import check_hub
+from families.loading import LOAD_ERRORS, check_hub, load_failure, warn_pickles
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 METHODS = ("clip", "clip_ft", "clip_prompt")   # clip: zero-shot, nothing trained (GDBench's CLIP rows)
@@ -79,13 +79,14 @@ class ClipMatcher(nn.Module):
         online = not os.path.isdir(path_or_id) and check_hub(str(path_or_id), "CLIP model", "config.json",
                                                               "--clip-model PATH for a local CLIP folder")
         local = dict(local_files_only=not online)  # one hub request above, not the client's retry loop
+        if os.path.isdir(path_or_id):
+            warn_pickles(path_or_id, "CLIP model")
         try:
             clip = CLIPModel.from_pretrained(path_or_id, dtype=dtype, **local).to(device)
             tokenizer = CLIPTokenizer.from_pretrained(path_or_id, **local)
             image_processor = AutoImageProcessor.from_pretrained(path_or_id, **local)  # CLIP's (torchvision's if there)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"could not load CLIP model {path_or_id!r}: {first}") from None
+        except LOAD_ERRORS as e:
+            raise InputError(f"could not load CLIP model {path_or_id!r}: {load_failure(e)}") from None
         return cls(clip, tokenizer, image_processor, method=method, n_ctx=n_ctx, seed=seed, name=str(path_or_id),
                    **options)
 
@@ -140,7 +141,8 @@ class ClipMatcher(nn.Module):
     def tokenize(self, texts):
         """Captions -> ids, mask (M, L); truncated so that BOS + n_ctx + caption + EOS fits the position table."""
         max_len = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len - self.n_ctx,
+        tok = self.tokenizer([cut_text(t, max_len) for t in texts], padding=True, truncation=True,
+                             max_length=max_len - self.n_ctx,
                              return_tensors="pt")
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 

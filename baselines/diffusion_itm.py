@@ -264,6 +264,10 @@ class DiffusionITM(nn.Module):
                 and isinstance(lora.get("alpha"), (int, float))):
             raise InputError(f"checkpoint {path}: its metadata 'lora' {lora} lacks an int rank, a list of targets "
                              "or a number alpha")
+        ranks = {t.shape[0] for k, t in tensors.items() if ".lora_A." in k and t.dim() == 2}
+        if ranks != {lora["rank"]}:                                # checked before any adapter is allocated
+            raise InputError(f"checkpoint {path}: its metadata says LoRA rank {lora['rank']}, its lora_A tensors "
+                             f"have rank(s) {sorted(ranks)[:3]}")
         if self.lora is not None and self.lora != lora:
             diff = ", ".join(f"{k} {lora[k]} in the file, {self.lora[k]} in this model"
                              for k in lora if lora[k] != self.lora.get(k))

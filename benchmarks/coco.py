@@ -9,7 +9,7 @@ import os
 
 
 from benchmarks.fetching import COCO_ZIPS, JOBS, confirm, fetch_archive, mirrored, new_tally, pending_size
-from benchmarks.reading import (Item, check_root, draw, escape, find_file, first_existing, finish, given_file, item_rng,
+from benchmarks.reading import (digits, is_key, listed, Item, check_root, draw, escape, find_file, first_existing, finish, given_file, item_rng,
                                 malformed, missing, new_report, read_json)
 from common import InputError
 
@@ -43,13 +43,14 @@ def load(root, annotations=None, split=None, seed=0, n_negatives=9):
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise InputError(f"MS-COCO captions {path} lacks an 'annotations' list")
     report, seen = new_report("coco", [path]), set()
-    names = {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
+    names = {im["id"]: im["file_name"] for im in listed(data, "images")
+             if is_key(im.get("id")) and isinstance(im.get("file_name"), str)}
     image_dirs = coco_image_dirs(root, f"{sub}2014")
     caps = []
     for i, a in enumerate(data["annotations"]):
         report["records"] += 1
         if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not a["caption"].strip() \
-                or a.get("image_id") is None:
+                or not is_key(a.get("image_id")):
             malformed(report, f"{path}[{i}]", "not an annotation with image_id and caption")
             continue
         caps.append((a["image_id"], str(a["caption"]).strip(), a.get("id", i)))
@@ -59,7 +60,7 @@ def load(root, annotations=None, split=None, seed=0, n_negatives=9):
         cands = [names[image_id]] if names.get(image_id) else []
         if escape(report, f"{path}[image_id {image_id}]", cands):
             continue
-        if str(image_id).isdigit():
+        if digits(image_id):
             cands.append(f"COCO_{sub}2014_{int(image_id):012d}.jpg")
         image = first_existing(cands, image_dirs)
         if image is None:

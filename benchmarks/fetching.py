@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from common import InputError, file_hash
+from common import RASTER_FORMATS, InputError, file_hash
 
 GB, MB = 1e9, 1e6
 CONFIRM_ABOVE = 1 * GB      # bytes: anything bigger starts only with --yes
@@ -80,9 +80,9 @@ def image_check(path):
     """None if PIL opens, verifies and decodes the image, else why not."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=RASTER_FORMATS) as im:
             im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable; load() catches a truncated JPEG
+        with Image.open(path, formats=RASTER_FORMATS) as im:  # verify() leaves the image unusable; load() catches a truncated JPEG
             im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
         return f"not a readable image ({type(e).__name__}: {e})"

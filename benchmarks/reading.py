@@ -139,6 +139,24 @@ def finish(report, items, what, example, folders):
     return items, report
 
 
+def is_key(x):
+    """Can x be a record's id (a JSON number or string; never a list, a dict or a bool)?"""
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
+def listed(data, key):
+    """The dict records of data[key]: [] unless data is a JSON object holding a list there (a wrong JSON type in an
+    annotation file is no record, not a traceback)."""
+    rows = data.get(key) if isinstance(data, dict) else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def digits(x):
+    """Is x (a str, or an int) a whole number in ASCII digits? (str.isdigit() also accepts '²', which int() refuses.)"""
+    x = str(x)
+    return x.isascii() and x.isdigit()
+
+
 def read_text(path, what):
     """A UTF-8 file's text (a leading BOM dropped); any other encoding is an InputError naming the file, the offset
     of the first byte that is not UTF-8 and its line (the whole file is decoded at once: the offset is the file's)."""

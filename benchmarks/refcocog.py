@@ -7,12 +7,13 @@
 Item = 1 image, 10 texts (the expression + 9 of other refs, drawn per item); Top-1 / Top-5. The refs pickle is read
 by an unpickler that accepts plain data only. Table 6 masks the referred object's box (`masked`).
 """
+import math
 import os
 import pickle
 
 from benchmarks.coco import coco_image_dirs
 from benchmarks.fetching import COCO_ZIPS, JOBS, confirm, fetch_archive, mirrored, new_tally, pending_size
-from benchmarks.reading import (DataMissing, Item, check_root, draw, escape, find_file, first_existing, finish,
+from benchmarks.reading import (digits, is_key, listed, DataMissing, Item, check_root, draw, escape, find_file, first_existing, finish,
                                 given_file, item_rng, malformed, missing, new_report, read_json)
 from common import InputError
 
@@ -67,8 +68,9 @@ def refcocog_file_names(report, refs_path, root, boxes=None):
     report["files"].append(path)
     data = read_json(path, "RefCOCOg instances")
     if boxes is not None:
-        boxes.update({a.get("id"): a.get("bbox") for a in data.get("annotations", []) if isinstance(a, dict)})
-    return {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
+        boxes.update({a["id"]: a.get("bbox") for a in listed(data, "annotations") if is_key(a.get("id"))})
+    return {im["id"]: im["file_name"] for im in listed(data, "images")
+            if is_key(im.get("id")) and isinstance(im.get("file_name"), str)}
 
 
 class MaskedImage(str):
@@ -125,7 +127,8 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, 
         try:
             texts = [(s.get("sent") or s.get("raw") or "").strip() for s in ref["sentences"]]
             ids = [s.get("sent_id", k) for k, s in enumerate(ref["sentences"])]
-            ref["image_id"], ref["ann_id"]
+            if not (is_key(ref["image_id"]) and is_key(ref["ann_id"])):
+                raise TypeError("image_id and ann_id must be numbers or names")
         except (KeyError, TypeError, AttributeError) as e:
             malformed(report, where, f"not a ref with image_id, ann_id, sentences ({type(e).__name__}: {e})")
             continue
@@ -141,7 +144,7 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, 
     items = []
     for ref, text, sid in sents:
         image_id = ref["image_id"]
-        names = [f"COCO_train2014_{int(image_id):012d}.jpg" if str(image_id).isdigit() else str(image_id)]
+        names = [f"COCO_train2014_{int(image_id):012d}.jpg" if digits(image_id) else str(image_id)]
         if file_names.get(image_id):
             names.append(file_names[image_id])
         if escape(report, f"{path}[ref_id {ref.get('ref_id')}]", names):
@@ -152,8 +155,9 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, split_by=None, 
             continue
         if mask_object:
             box = boxes.get(ref["ann_id"])
-            if not (isinstance(box, (list, tuple)) and len(box) == 4):
-                malformed(report, f"{path}[ann_id {ref['ann_id']}]", "no bbox in instances.json to mask")
+            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                malformed(report, f"{path}[ann_id {ref['ann_id']}]", "no bbox (4 finite numbers) in instances.json to mask")
                 continue
             image = masked(image, box)
         item_id = f"{ref.get('ref_id', ref['ann_id'])}/{sid}"

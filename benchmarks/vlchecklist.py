@@ -6,6 +6,7 @@
 As its official evaluator (itc): one item per record whose image exists, POS[0] vs NEG[0], at most MAX_NUM / 2
 records per annotation file; accuracy per file, then Attribute / Object / Relation.
 """
+import argparse
 import os
 import re
 
@@ -74,9 +75,20 @@ def vlc_find(rel, key, roots):
 VLC_MAX_PER_FILE = 1000  # its evaluate.py (task itc) keeps MAX_NUM / 2 records per file; configs/sample.yaml: 2000
 
 
+def whole_number(text):
+    """An argparse type: a whole number >= 0 (-1 would cap nothing and then seem to blame the data)."""
+    try:
+        x = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {text}")
+    return x
+
+
 def add_args(g):
     """The command-line options of this loader (datasets.add_data_args; the registry row maps them to `load`)."""
-    g.add_argument("--vlc-max-per-file", type=int,
+    g.add_argument("--vlc-max-per-file", type=whole_number,
                    help=f"VL-CheckList: records per annotation file (default {VLC_MAX_PER_FILE}, its evaluator's "
                         "MAX_NUM / 2; 0 = all)")
 
@@ -119,6 +131,8 @@ def load(root, annotations=None, split=None, seed=0, images=None, max_per_file=V
                 assert isinstance(rel, str) and rel and pos and neg
                 assert all(isinstance(texts[k], list) for k in ("POS", "NEG")) and all(
                     isinstance(t, str) for t in pos + neg)                      # "POS": "abc" is not three texts
+                pos, neg = [t for t in pos if t.strip()], [t for t in neg if t.strip()]  # a blank caption is none
+                assert pos and neg
             except (ValueError, TypeError, KeyError, AssertionError):
                 malformed(report, where, "not [image_path, {\"POS\": [text], \"NEG\": [text]}] with texts")
                 continue

@@ -8,6 +8,7 @@ Binary item = 1 statement vs 10 images (its own + 9 others, drawn reproducibly);
 sentences. From the release (questions + annotations JSON) a question is 1 image vs 10 "question answer" texts.
 """
 import csv
+import io
 import json
 import os
 from collections import Counter
@@ -16,8 +17,8 @@ from benchmarks.coco import coco_image_dirs
 from benchmarks.fetching import (COCO_IMAGE_BASE, COCO_IMAGE_BYTES, COCO_ZIPS, DSD_RAW, JOBS, FetchError, confirm,
                                  count, existing_image, fetch_images, mirrored, new_tally)
 from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (Item, check_root, csv_rows, draw, escape, find_file, first_existing, finish, given_file,
-                                item_rng, malformed, missing, new_report, read_json)
+from benchmarks.reading import (digits, Item, check_root, csv_rows, draw, escape, find_file, first_existing, finish, given_file,
+                                item_rng, malformed, missing, new_report, read_json, read_text)
 from common import InputError
 
 LAYOUT = ("the paper's test.txt + vqa_text_test.csv (or the VQAv2 questions/annotations JSON) + "
@@ -66,14 +67,16 @@ def vqa_files(root, annotations, split):
 
 def vqa_records(report, q_path, a_path):
     """([(question, annotation)], every annotation's multiple_choice_answer); bad records reported with file+index."""
-    questions = read_json(q_path, "VQAv2 questions").get("questions")
-    annotations = read_json(a_path, "VQAv2 annotations").get("annotations")
+    questions, annotations = (data.get(key) if isinstance(data, dict) else None for data, key in (
+        (read_json(q_path, "VQAv2 questions"), "questions"), (read_json(a_path, "VQAv2 annotations"), "annotations")))
     if not isinstance(questions, list) or not isinstance(annotations, list):
         raise InputError(f"VQAv2 files {q_path} / {a_path} lack a 'questions' / 'annotations' list")
     by_id = {}
     for i, a in enumerate(annotations):
         try:
             a["question_id"], a["multiple_choice_answer"], [x["answer"] for x in a["answers"]]
+            if not isinstance(a["question_id"], (int, str)):
+                raise TypeError
             by_id[a["question_id"]] = a
         except (KeyError, TypeError) as e:
             malformed(report, f"{a_path}[{i}]", f"not an annotation with question_id, answers ({type(e).__name__})")
@@ -85,9 +88,9 @@ def vqa_records(report, q_path, a_path):
             malformed(report, where, "not a question with question_id, question, image_id")
         elif not isinstance(q["question"], str):
             malformed(report, where, f"question {json.dumps(q['question'])[:40]} is not a string")
-        elif not str(q["image_id"]).isdigit():
+        elif not digits(q["image_id"]):
             malformed(report, where, f"image_id {q['image_id']!r} is not a number")
-        elif q["question_id"] not in by_id:
+        elif not isinstance(q["question_id"], (int, str)) or q["question_id"] not in by_id:
             malformed(report, where, f"question_id {q['question_id']} has no annotation in {a_path}")
         else:
             out.append((q, by_id[q["question_id"]]))
@@ -116,22 +119,21 @@ def vqa_binary_lines(report, path):
     """[(line number, image name, statement)] of test.txt's yes/no lines (`<image>*<prefix>: <statement>`); the
     `...about others` lines are counted (report["other_lines"]), unused as in the official evaluation."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            report["records"] += 1
-            name, sep, text = line.strip().partition("*")
-            if not sep or not name.endswith(".jpg") or "/" in name:
-                malformed(report, f"{path}:{n}", "not `COCO_val2014_<id>.jpg*<question type>: <statement>`")
-            elif escape(report, f"{path}:{n}", [name]):
-                continue
-            elif text.startswith(VQA_BINARY):
-                out.append((n, name, text.split(": ", 1)[-1].strip()))
-            elif text.startswith(VQA_OTHER):
-                report["other_lines"] = report.get("other_lines", 0) + 1
-            else:
-                malformed(report, f"{path}:{n}", "question type neither yes/no nor others")
+    for n, line in enumerate(io.StringIO(read_text(path, "VQAv2"), newline=None), 1):  # UTF-8, a BOM dropped
+        if not line.strip():
+            continue
+        report["records"] += 1
+        name, sep, text = line.strip().partition("*")
+        if not sep or not name.endswith(".jpg") or "/" in name:
+            malformed(report, f"{path}:{n}", "not `COCO_val2014_<id>.jpg*<question type>: <statement>`")
+        elif escape(report, f"{path}:{n}", [name]):
+            continue
+        elif text.startswith(VQA_BINARY):
+            out.append((n, name, text.split(": ", 1)[-1].strip()))
+        elif text.startswith(VQA_OTHER):
+            report["other_lines"] = report.get("other_lines", 0) + 1
+        else:
+            malformed(report, f"{path}:{n}", "question type neither yes/no nor others")
     return out
 
 
@@ -139,12 +141,12 @@ def vqa_other_rows(report, path, n_texts):
     """[(row line, image name, [sentence, neg_sentence_1..9])] of vqa_text_test.csv."""
     cols = ["sentence"] + [f"neg_sentence_{k}" for k in range(1, n_texts)]
     out = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path, "VQAv2"), newline="") as f:   # UTF-8 (a BOM dropped) or one line naming it
         reader = csv_rows(f, path, "VQAv2", ["pos_image_id"] + cols)
         for row in reader:
             report["records"] += 1
             texts = [str(row[c] or "").strip() for c in cols]
-            if not str(row["pos_image_id"] or "").strip().isdigit() or not all(texts):
+            if not digits(str(row["pos_image_id"] or "").strip()) or not all(texts):
                 malformed(report, f"{path}:{reader.line_num}", "pos_image_id not a number or an empty sentence")
                 continue
             out.append((reader.line_num, f"COCO_val2014_{int(row['pos_image_id']):012d}.jpg", texts))
@@ -252,11 +254,11 @@ def load(root, annotations=None, split=None, seed=0, n_texts=10, pool_size=VQA_P
 def vqa_image_names(root):
     """The COCO val2014 file names test.txt and vqa_text_test.csv use."""
     names = set()
-    with open(os.path.join(root, "test.txt"), encoding="utf-8") as f:
-        names |= {line.split("*", 1)[0].strip() for line in f if "*" in line}
-    with open(os.path.join(root, "vqa_text_test.csv"), newline="", encoding="utf-8") as f:
+    lines = io.StringIO(read_text(os.path.join(root, "test.txt"), "VQAv2"), newline=None)
+    names |= {line.split("*", 1)[0].strip() for line in lines if "*" in line}
+    with io.StringIO(read_text(os.path.join(root, "vqa_text_test.csv"), "VQAv2"), newline="") as f:
         names |= {f"COCO_val2014_{int(r['pos_image_id']):012d}.jpg" for r in csv.DictReader(f)
-                  if str(r.get("pos_image_id", "")).strip().isdigit()}
+                  if digits(str(r.get("pos_image_id", "")).strip())}
     return sorted(n for n in names if n.startswith("COCO_val2014_") and n.endswith(".jpg") and "/" not in n)
 
 

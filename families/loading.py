@@ -9,6 +9,8 @@ family (families/) is read from its UNet's config and says which components to l
 fits. The stabilityai SD 2.1 repositories were removed from the hub in November 2025; MIRRORS hold the same files.
 """
 import os
+import pickle
+import re
 import warnings
 
 from safetensors import SafetensorError
@@ -61,12 +63,91 @@ def first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+# what a component's, LoRA's or CLIP model's weights may fail with: OSError / ValueError (missing or foreign files),
+# SafetensorError (truncated or corrupt), RuntimeError (sizes that do not fit the config), UnpicklingError (a pickled
+# .bin that torch.load(weights_only=True) refuses: it names a class or function, so nothing in it ran)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)
+
+
+def load_failure(e):
+    """A load error (LOAD_ERRORS) as the end of one line; a refused pickle is named even where the library wrapped it
+    (diffusers: `Unable to load weights from checkpoint file`)."""
+    cause = e
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        named = re.search(r"GLOBAL (\S+)", str(cause))
+        return ("a pickled weight file (.bin) that is not plain tensors" + (f": it names {named.group(1)}" if named
+                else "") + "; refused, not run (pickles are read with torch.load(weights_only=True))")
+    return first_line(e)
+
+
+def warn_pickles(folder, what):
+    """A local folder whose weights are pickles (.bin, .pt, .ckpt) and no safetensors: said once; they load with
+    torch.load(weights_only=True), tensors only."""
+    for d, _, files in os.walk(folder):
+        if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files) and \
+                not any(f.endswith(".safetensors") for f in files):
+            warnings.warn(f"{what} {d}: its weights are pickles, read with torch.load(weights_only=True) (plain "
+                          "tensors only; a pickle naming a class or function is refused)")
+
+
 def read_config(model, subfolder, online):
     """A component's config.json (hub id or local folder) as a dict; subfolder None: the pipeline's model_index.json."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     if subfolder is None:
         return DiffusionPipeline.load_config(model, local_files_only=not online)
     return UNet2DConditionModel.load_config(model, subfolder=subfolder, local_files_only=not online)
+
+
+MAX_RESOLUTION = 2048  # pixels: the largest image side a config may ask for (--resolution's bound, tools/cli.MAX_SIZE)
+MAX_TIMESTEPS = 100_000  # a scheduler's num_train_timesteps (SD: 1000); its betas are allocated at load
+MAX_TOKENS = 4096  # a tokenizer's model_max_length where the text encoder has no position table (T5)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # DDPMScheduler's
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_sizes(unet, vae, scheduler):
+    """Before any weights are read: the configs ask for nothing beyond what a run needs, or a reason (str). unet /
+    vae / scheduler: their config dicts. The image side is sample_size x the VAE's scale; the scheduler allocates
+    num_train_timesteps betas at load."""
+    size = unet.get("sample_size")                                 # an MMDiT transformer may have none
+    sizes = size if isinstance(size, (list, tuple)) else [] if size is None else [size]
+    scale = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
+    if (size is not None and not sizes) or not all(is_int(x) and 1 <= x * scale <= MAX_RESOLUTION for x in sizes):
+        return (f"unet/config.json: sample_size {size!r} (x {scale}, the VAE's scale) must be a whole number of "
+                f"latent pixels for an image side from 1 to {MAX_RESOLUTION}")
+    T = scheduler.get("num_train_timesteps", 1000)
+    if not (is_int(T) and 2 <= T <= MAX_TIMESTEPS):
+        return f"scheduler: num_train_timesteps {T!r} must be a whole number from 2 to {MAX_TIMESTEPS}"
+    betas = scheduler.get("trained_betas")
+    if betas is not None:
+        ok = isinstance(betas, list) and len(betas) == T and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)
+        return None if ok else f"scheduler: trained_betas must be {T} numbers in (0, 1) (num_train_timesteps)"
+    if scheduler.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        return (f"scheduler: beta_schedule {scheduler.get('beta_schedule')!r} is not one of "
+                f"{', '.join(BETA_SCHEDULES)}")
+    for key in ("beta_start", "beta_end"):
+        b = scheduler.get(key, 0.01)
+        if not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1):
+            return f"scheduler: {key} {b!r} must be a number in (0, 1)"
+    return None
+
+
+def check_tokenizer(tokenizer, text_encoder, part):
+    """The tokenizer pads to model_max_length: it must be set (transformers' default is 1e30) and fit the text
+    encoder's positions (T5's relative positions: MAX_TOKENS), or a reason (str)."""
+    n = tokenizer.model_max_length                                 # T5 (relative positions): no table, MAX_TOKENS
+    positions = getattr(text_encoder.config, "max_position_embeddings", None) or MAX_TOKENS
+    if not (is_int(n) and 1 <= n <= positions):
+        shown = "not set" if isinstance(n, (int, float)) and n >= 1e9 else repr(n)   # transformers' 1e30 default
+        return (f"{part}tokenizer_config.json: model_max_length {shown} must be from 1 to the text encoder's "
+                f"max_position_embeddings {positions}")
+    return None
 
 
 def load_lora(unet, lora, pipeline, online):
@@ -100,11 +181,14 @@ def load_components(model, dtype, lora=None):
                              " (expected model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
                              "scheduler/)")
         online = False
+        warn_pickles(model, "model")
     elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/")):
         raise InputError(f"model {model!r} is neither a local diffusers folder nor a hub id like {DEFAULT_MODEL!r}")
     else:
         online = check_hub(model)
     lora_online = False
+    if lora and os.path.isdir(lora):
+        warn_pickles(lora, "LoRA")
     if lora and not os.path.exists(lora):
         if lora.count("/") != 1 or lora.startswith((".", "/")):
             raise InputError(f"LoRA {lora!r} is neither a local file or folder nor a hub id")
@@ -127,14 +211,26 @@ def load_components(model, dtype, lora=None):
     try:
         if not os.path.isdir(model):  # a hub id: its model_index.json names the denoiser (UNet or MMDiT transformer)
             denoiser = "transformer" if "transformer" in read(None) else "unet"
-        fam = family_of(read(denoiser))
+        denoiser_config = read(denoiser)
+        fam = family_of(denoiser_config)
+        from diffusers import DDPMScheduler
+        part = "scheduler/"
+        sched = DDPMScheduler.load_config(model, subfolder="scheduler", local_files_only=not online)
+        why = check_sizes(denoiser_config, read("vae"), sched)
+        if why:
+            raise InputError(f"model {model!r}: {why}")
         parts = fam.components(load, read, dtype)
+        for k in ("", "_2", "_3"):
+            why = f"text_encoder{k}" in parts and check_tokenizer(parts[f"tokenizer{k}"], parts[f"text_encoder{k}"],
+                                                                 f"tokenizer{k}/")
+            if why:
+                raise InputError(f"model {model!r}: {why}")
         if lora and fam.LORA_PIPELINE is None:
             raise InputError(f"LoRA {lora!r}: merging a LoRA into a {fam.NAME} model is not supported")
         if lora:
             part = None
             load_lora(parts["unet"], lora, fam.LORA_PIPELINE, lora_online)
-    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weight file
+    except LOAD_ERRORS as e:
         what = f"LoRA {lora!r} for model {model!r}" if part is None else f"model {model!r} ({part})"
-        raise InputError(f"could not load {what}: {first_line(e)}") from None
+        raise InputError(f"could not load {what}: {load_failure(e)}") from None
     return parts

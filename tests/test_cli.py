@@ -11,6 +11,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -764,3 +765,430 @@ def test_use_threads_sets_torch_and_returns_the_number(monkeypatch):
         assert cli.use_threads(None) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+# ---- images open as raster formats only: a PostScript file named .jpg never reaches Ghostscript ------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto showpage\n"
+
+
+@pytest.mark.parametrize("where", ["evaluate", "figures", "download check"])
+def test_eps_named_jpg_is_never_opened_as_postscript(where, tmp_path, monkeypatch, capsys):
+    from PIL import EpsImagePlugin
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self.fp))
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    eps = os.path.join(root, "VG_100K", "10.jpg")
+    pathlib.Path(eps).write_bytes(EPS)
+    if where == "evaluate":
+        monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+        assert evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", str(tmp_path / "r.json")]) == 0
+        res = json.loads((tmp_path / "r.json").read_text())["datasets"]["comvg"]
+        assert res["n_items"] == 1 and res["unreadable"] == 2           # items 1 and 3 use 10.jpg: skipped, counted
+    elif where == "figures":
+        with pytest.raises(common.InputError, match="is not a readable image"):
+            figures.load_image(eps)
+    else:
+        from benchmarks.fetching import image_check
+        assert image_check(eps).startswith("not a readable image")
+    assert opened == []                                                   # PIL's EPS plugin (Ghostscript) never ran
+
+
+# ---- pickled weights: read with torch.load(weights_only=True); one naming a function is refused, never run --------
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))                               # what a crafted pickle would do on load
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "lora", "clip"])
+def test_crafted_pickled_weights_are_refused_not_run(part, tiny_sd, tmp_path):
+    from baselines.clip_baselines import ClipMatcher
+    from tools.sd_configs import make_random_clip
+    marker = str(tmp_path / "ran")
+    if part == "clip":
+        folder = make_random_clip(str(tmp_path / "clip"))
+    else:
+        folder = shutil.copytree(tiny_sd, tmp_path / "sd")
+    where = {"text_encoder": "sd/text_encoder/pytorch_model.bin", "unet": "sd/unet/diffusion_pytorch_model.bin",
+             "lora": "lora/pytorch_lora_weights.bin", "clip": "clip/pytorch_model.bin"}[part]
+    path = tmp_path / where
+    os.makedirs(path.parent, exist_ok=True)
+    for f in path.parent.glob("*.safetensors"):
+        f.unlink()                                                      # the pickle is the only weight file there
+    torch.save({"w": RunsCode(marker)}, path)
+    with pytest.raises(common.InputError) as e, pytest.warns(UserWarning, match="weights are pickles"):
+        if part == "clip":
+            ClipMatcher.from_pretrained(str(folder), device="cpu")
+        else:
+            Discffusion.from_pretrained(str(folder), device="cpu", lora=str(path.parent) if part == "lora" else None)
+    assert "it names posix.mkdir; refused, not run" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(marker)
+
+
+# ---- model configs: sizes bounded before anything is allocated; a bad config is one line --------------------------
+
+CONFIGS = {  # case: (file, {key: value} to set, None to delete; what the line names)
+    "timesteps 2e9": ("scheduler/scheduler_config.json", {"num_train_timesteps": 2_000_000_000}, "num_train_timesteps"),
+    "timesteps 0": ("scheduler/scheduler_config.json", {"num_train_timesteps": 0}, "num_train_timesteps"),
+    "timesteps 1": ("scheduler/scheduler_config.json", {"num_train_timesteps": 1}, "num_train_timesteps"),
+    "beta schedule": ("scheduler/scheduler_config.json", {"beta_schedule": "cubic"}, "beta_schedule 'cubic'"),
+    "bad betas": ("scheduler/scheduler_config.json", {"trained_betas": [0.5, -1]}, "trained_betas"),
+    "beta_end": ("scheduler/scheduler_config.json", {"beta_end": 7}, "beta_end 7"),
+    "sample_size 2048": ("unet/config.json", {"sample_size": 2048}, "sample_size 2048"),
+    "no model_max_length": ("tokenizer/tokenizer_config.json", {"model_max_length": None}, "model_max_length not set"),
+    "sizes unlike the weights": ("text_encoder/config.json", {"hidden_size": 48}, "text_encoder/"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_model_config_bounds_and_errors(case, tiny_sd, tmp_path, monkeypatch):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    folder = shutil.copytree(tiny_sd, tmp_path / "sd")
+    file, changes, named = CONFIGS[case]
+    config = json.loads((folder / file).read_text())
+    for k, v in changes.items():
+        config.pop(k) if v is None else config.__setitem__(k, v)
+    (folder / file).write_text(json.dumps(config))
+    if "model_max_length" not in case and case != "sizes unlike the weights":  # refused before any weights are read
+        monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", None)
+        monkeypatch.setattr(DDPMScheduler, "from_pretrained", None)
+    with pytest.raises(common.InputError) as e:
+        Discffusion.from_pretrained(str(folder), device="cpu")
+    assert named in str(e.value) and "\n" not in str(e.value), e.value
+
+
+# ---- a long caption line (32 MB in the issue): only the start the 77-token cut keeps is tokenized ------------------------------------
+
+@pytest.mark.parametrize("caption", ["a red circle " * 20_000, "a" + " " * 300_000 + "red circle"],
+                         ids=["words", "whitespace"])
+def test_huge_caption_tokenizes_only_what_the_cut_keeps(caption, tiny_sd):
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    tok = model.tokenizer
+    seen = []
+    real = type(tok).__call__
+
+    def spy(self, texts, *a, **k):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, *a, **k)
+    L = tok.model_max_length
+    direct = tok([caption], padding="max_length", max_length=L, truncation=True).input_ids
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(tok), "__call__", spy)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            model.encode_texts([caption])
+    assert any("truncated" in str(w.message) for w in warned) == (len(caption.split()) > L)  # the cut told
+    assert max(seen) <= (L + 1) * common.CHARS_PER_TOKEN                    # never the whole 32 MB line
+    assert model.tokenize(tok, [common.cut_text(caption, L + 1)]).input_ids.tolist() == direct  # the same ids
+
+
+# ---- the image cache is bounded in pixels, not only in count ---------------------------------------------------------
+
+def test_image_cache_holds_a_bounded_number_of_pixels(tmp_path):
+    paths = [image(str(tmp_path / f"{i}.png"), color, size=64) for i, color in enumerate(["red", "green", "blue"] * 3)]
+    cache = datasets.ImageCache(size=64, pixels=3 * 64 * 64)              # room for three 64 x 64 images
+    for p in paths:
+        im = cache.get(p)
+        assert list(im.getdata()) == list(datasets.open_image(p).getdata())  # what open_image gives
+        assert sum(i.width * i.height for i in cache.images.values()) <= 3 * 64 * 64
+    assert [k[0] for k in cache.images] == paths[-3:]                   # the most recently used kept
+    big = datasets.ImageCache(size=64, pixels=10)                          # one image over the budget: still served
+    assert big.get(paths[0]).size == (64, 64) and len(big.images) == 1
+
+
+# ---- two runs on one output: their own temporary names, and the second live run refused ----------------------------
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
+    path = tmp_path / "r.json"
+
+    def outer(tmp):
+        pathlib.Path(tmp).write_text("outer, first half")
+        common.atomic_write(path, lambda t: pathlib.Path(t).write_text("inner"))   # another writer, meanwhile
+        with open(tmp, "a") as f:
+            f.write(", second half")
+    common.atomic_write(path, outer)
+    assert path.read_text() == "outer, first half, second half"
+    assert os.listdir(tmp_path) == ["r.json"]                             # no temporary file left
+
+
+@pytest.mark.parametrize("cli_name", ["evaluate", "train"])
+def test_second_live_run_on_one_output_is_refused(cli_name, tmp_path, no_model, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    out = tmp_path / ("r.json" if cli_name == "evaluate" else "run")
+    with cli.held(str(tmp_path / "link" / ".." / out.name), "--output"):  # the first run, still live (another spelling)
+        if cli_name == "evaluate":
+            code = evaluate.main(["--dataset", "comvg", "--data-root", root, "--output", str(out)])
+        else:
+            code = run_cli(train.main, train_argv(str(tmp_path / "no-model"), root, out))
+        assert code == 2
+        line = error_line(capsys)
+        assert line.startswith(f"error: --output{'-dir' if cli_name == 'train' else ''} {out}: another run is "
+                               "writing it now"), line
+    assert not os.path.exists(out)                                        # the refused run wrote nothing
+    with cli.held(str(out), "--output"):                                  # the hold ends with its run
+        pass
+
+
+# ---- partial files belong to their output: results.txt never deletes results.json's scores -----------------------
+
+class StopsAfterOne(FakeModel):
+    def score_items(self, items):
+        if self.calls:
+            raise KeyboardInterrupt                                       # Ctrl-C during the second call
+        return super().score_items(items)
+
+
+def test_another_outputs_stem_cannot_delete_partial_files(tmp_path, monkeypatch, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    argv = ["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1"]
+    monkeypatch.setattr(methods, "build", lambda *a, **k: StopsAfterOne())
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.json")]) == 130        # killed: 1 item kept
+    kept = sorted(str(p) for p in (tmp_path / "r.items").rglob("part-*.jsonl"))
+    assert kept and (tmp_path / "r.items" / "owner.json").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.txt")]) == 2            # same stem, another output
+    assert error_line(capsys).startswith(f"error: --output {tmp_path / 'r.txt'}: {tmp_path / 'r.items'} holds the "
+                                         f"partial scores of another output, {tmp_path / 'r.json'}")
+    assert sorted(str(p) for p in (tmp_path / "r.items").rglob("part-*.jsonl")) == kept
+    assert evaluate.main(argv + ["--output", str(tmp_path / "r.json"), "--resume"]) == 0  # its own run resumes
+    out = capsys.readouterr().out
+    assert "1 of 3 items already scored" in out and not (tmp_path / "r.items").exists()
+
+
+# ---- a full disk while appending partial records: one line, the records before kept for --resume -------------------
+
+def test_disk_full_appending_partial_records(tmp_path, monkeypatch, capsys):
+    root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+    argv = ["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1", "--output", str(tmp_path / "r.json")]
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    real_open = open
+
+    class FillsUp:                                                        # room for one record, then ENOSPC
+        def __init__(self, *a, **k):
+            self.f, self.writes, self.name = real_open(*a, **k), 0, a[0]
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes > 1:
+                self.f.write(text[:7])                                    # half a line reaches the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+    monkeypatch.setattr(resume, "open", FillsUp, raising=False)
+    assert evaluate.main(argv) == 2
+    part = next((tmp_path / "r.items").rglob("part-0.jsonl"))
+    assert error_line(capsys) == (f"error: cannot write {part}: no space left on device; the items scored before "
+                                  "are kept there: free some space, then rerun with --resume")
+    monkeypatch.undo()
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())
+    assert evaluate.main(argv + ["--resume"]) == 0                        # the half line dropped, one item kept
+    assert "1 of 3 items already scored" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["datasets"]["comvg"]["n_items"] == 3
+
+
+# ---- SIGHUP (a closed terminal) stops training like SIGTERM; a second Ctrl-C while the first is handled -----------
+
+def test_sighup_in_training_checkpoints_the_finished_step(tiny_sd, tmp_path, monkeypatch, capsys):
+    import signal
+    root = write_train_comvg(str(tmp_path / "comvg"))
+    out = tmp_path / "run"
+    real, calls = torch.optim.AdamW.step, []
+    before = signal.getsignal(signal.SIGHUP)
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)                          # the terminal closes during step 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert run_cli(train.main, train_argv(tiny_sd, root, out, "--steps", "3", "--save-every", "100")) == 129
+    err = capsys.readouterr().err
+    assert "SIGHUP: stopping after this step" in err and "Traceback" not in err
+    assert f"interrupted at step 1 of 3 (checkpoint {out}/checkpoint.pt); resume with:" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1 and len(calls) == 1
+    assert signal.getsignal(signal.SIGHUP) == before                      # the handler given back
+
+
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Interrupted", "evaluate"])
+def test_second_ctrl_c_while_the_first_is_handled(stop, tmp_path, monkeypatch):
+    import signal
+    import sys
+    written = []
+
+    class Stderr:                                                         # the second Ctrl-C comes as the line prints
+        def write(self, text):                                            # (not in a progress bar's write, which
+            if text.startswith("interrupted") and not any(w.startswith("interrupted") for w in written):
+                os.kill(os.getpid(), signal.SIGINT)                       # holds tqdm's lock)
+            written.append(text)
+
+        def flush(self):
+            pass
+    if stop == "evaluate":
+        root = write_comvg(str(tmp_path / "comvg"), bad_line=False, missing=False)
+        monkeypatch.setattr(methods, "build", lambda *a, **k: StopsAfterOne())
+        real_line = evaluate.interrupted_line                            # a second Ctrl-C while the line is made
+        monkeypatch.setattr(evaluate, "interrupted_line", lambda *a: os.kill(os.getpid(), signal.SIGINT) or real_line(*a))
+        monkeypatch.setattr(sys, "stderr", Stderr())
+        code = evaluate.main(["--dataset", "comvg", "--data-root", root, "--pairs-per-call", "1",
+                              "--output", str(tmp_path / "r.json")])
+        monkeypatch.undo()
+        lines = [w for w in written if w.startswith("interrupted")]
+        assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C): the items scored so "
+                                                                         "far are kept")
+        return
+
+    def main(argv):
+        if stop == "Interrupted":
+            raise cli.Interrupted("interrupted at step 1 of 3 (checkpoint c.pt)")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    code = run_cli(main, [])
+    monkeypatch.undo()
+    assert code == 130 and written[0].startswith("interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+
+
+# ---- VQAv2's paper files: a BOM, other encodings, an id like '²'; wrong JSON types in VQAv2, RefCOCOg, COCO ---------
+
+def test_vqav2_test_txt_with_a_bom_loads_every_item(tmp_path):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    items, report = datasets.load_items("vqav2", root)
+    path = os.path.join(root, "test.txt")
+    pathlib.Path(path).write_bytes(b"\xef\xbb\xbf" + pathlib.Path(path).read_bytes())
+    bom_items, bom_report = datasets.load_items("vqav2", root)
+    assert [it.id for it in bom_items] == [it.id for it in items] and bom_report["malformed"] == report["malformed"]
+
+
+@pytest.mark.parametrize("file", ["test.txt", "vqa_text_test.csv"])
+def test_vqav2_paper_file_not_utf8_is_one_line(file, tmp_path, capsys):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    path = os.path.join(root, file)
+    with open(path, "ab") as f:
+        f.write(b"COCO_val2014_000000000001.jpg*caf\xe9\n")
+    assert main_of(evaluate, ["--dataset", "vqav2", "--data-root", root]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: VQAv2 {path} is not UTF-8 text: byte 0xe9 at offset "), line
+
+
+def test_vqav2_image_id_in_other_digits_is_malformed(tmp_path):
+    root = write_vqa_paper(str(tmp_path / "vqa"))
+    path = os.path.join(root, "vqa_text_test.csv")
+    items, report = datasets.load_items("vqav2", root)
+    rows = list(csv.reader(open(path, encoding="utf-8")))
+    rows.append(["²"] + rows[1][1:] if rows[0][0] == "pos_image_id" else
+                [("²" if c == "pos_image_id" else v) for c, v in zip(rows[0], rows[1])])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    items2, report2 = datasets.load_items("vqav2", root)
+    assert len(items2) == len(items) and report2["malformed"] == report["malformed"] + 1
+
+
+WRONG_TYPES = {  # data set: (file under root, how the JSON is spoiled)
+    "vqav2 top level a list": ("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", lambda d: [d]),
+    "vqav2 question_id a list": ("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json",
+                                 lambda d: dict(d, questions=[dict(d["questions"][0], question_id=[1])] + d["questions"])),
+    "vqav2 annotation question_id a dict": ("vqav2", "v2_mscoco_val2014_annotations.json",
+                                            lambda d: dict(d, annotations=[dict(d["annotations"][0], question_id={})]
+                                                           + d["annotations"])),
+    "coco images a number": ("coco", "annotations/captions_train2014.json", lambda d: dict(d, images=7)),
+    "coco image_id a list": ("coco", "annotations/captions_train2014.json",
+                             lambda d: dict(d, annotations=d["annotations"] + [dict(image_id=[1], id=5, caption="a")])),
+    "coco image id a list": ("coco", "annotations/captions_train2014.json",
+                             lambda d: dict(d, images=d["images"] + [dict(id=[2], file_name="x.jpg")])),
+    "refcocog instances a list": ("refcocog", "refcocog/instances.json", lambda d: [d]),
+    "refcocog image id a dict": ("refcocog", "refcocog/instances.json",
+                                 lambda d: dict(d, images=d["images"] + [dict(id={}, file_name=3)])),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+def test_wrong_json_types_in_annotation_files(case, tmp_path, capsys):
+    name, file, spoil = WRONG_TYPES[case]
+    root = {"vqav2": write_vqav2, "coco": write_coco, "refcocog": write_refcocog}[name](str(tmp_path / name))
+    path = os.path.join(root, file)
+    pathlib.Path(path).write_text(json.dumps(spoil(json.loads(pathlib.Path(path).read_text()))))
+    try:
+        items, report = datasets.load_items(name, root)
+    except common.InputError as e:                                       # the file as a whole is unusable
+        assert "\n" not in str(e) and (file.split("/")[-1] in str(e) or "records" in str(e)), e
+        return
+    assert report["malformed"] >= 1 or "instances.json" in file or "images" in case
+
+
+# ---- trained files: real float tensors only, another base model warned about, a LoRA rank the tensors have --------
+
+def respoiled(path, out, tensors=None, **meta):
+    """A copy of a safetensors file with some tensors and metadata replaced."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        raw, saved = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(dict(saved, **(tensors or {})), str(out), metadata=dict(raw, **{k: json.dumps(v) for k, v in meta.items()}))
+    return str(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, torch.float16])
+def test_deltas_of_other_dtypes(dtype, tiny_sd, random_deltas, tmp_path):
+    path = random_deltas(scale=0.3, seed=3)
+    key = next(k for k in load_file(path) if k.startswith("delta_k"))
+    t = load_file(path)[key]
+    bad = respoiled(path, tmp_path / "d.safetensors", {key: (t * 3).to(dtype)})
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    if dtype == torch.float16:                                           # a real float: loads as float32
+        model.load_trained(bad)
+        return
+    with pytest.raises(common.InputError, match=f"{key} is {str(dtype).replace('torch.', '')}, not a real floating"):
+        model.load_trained(bad)
+
+
+def test_deltas_for_another_base_model_warn(tiny_sd, random_deltas, tmp_path):
+    path = random_deltas(scale=0.3, seed=3)
+    other = respoiled(path, tmp_path / "d.safetensors", base_model="someone/other-model")
+    model = Discffusion.from_pretrained(tiny_sd, device="cpu")
+    with pytest.warns(UserWarning, match="trained on 'someone/other-model', loading onto"):
+        model.load_trained(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Discffusion.from_pretrained(tiny_sd, device="cpu").load_trained(path)   # its own base model: silent
+
+
+def test_lora_file_claiming_a_huge_rank_is_refused_before_allocating(tiny_sd, tmp_path, monkeypatch):
+    from baselines.diffusion_itm import DiffusionITM
+    m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    m.add_lora(rank=2)
+    path = str(tmp_path / "lora.safetensors")
+    m.save_trained(path)
+    lora = dict(m.lora, rank=100_000_000)
+    bad = respoiled(path, tmp_path / "bad.safetensors", lora=lora)
+    fresh = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
+    monkeypatch.setattr(DiffusionITM, "add_lora", None)                  # nothing may be allocated first
+    with pytest.raises(common.InputError, match="metadata says LoRA rank 100000000, its lora_A tensors have rank"):
+        fresh.load_trained(bad)
+
+
+# ---- VL-CheckList: a blank caption is a malformed record; --vlc-max-per-file must be >= 0 ---------------------------
+
+def test_vlchecklist_blank_caption_is_counted_malformed(tmp_path, monkeypatch):
+    root = write_vlchecklist(str(tmp_path / "vlc"))
+    items, report = datasets.load_items("vlchecklist", root)
+    path = os.path.join(root, "data", "Attribute", "vg", "color.json")
+    data = json.loads(pathlib.Path(path).read_text())
+    data.append(["VG_100K/1.jpg", {"POS": ["  \t"], "NEG": ["a blue ball"]}])
+    pathlib.Path(path).write_text(json.dumps(data))
+    items2, report2 = datasets.load_items("vlchecklist", root)
+    assert len(items2) == len(items) and report2["malformed"] == report["malformed"] + 1
+    monkeypatch.setattr(methods, "build", lambda *a, **k: FakeModel())     # the run goes on past it
+    assert evaluate.main(["--dataset", "vlchecklist", "--data-root", root, "--output", str(tmp_path / "r.json")]) == 0
+
+
+def test_vlc_max_per_file_negative_is_a_usage_error(tmp_path, no_model, capsys):
+    root = write_vlchecklist(str(tmp_path / "vlc"))
+    assert evaluate.main(["--dataset", "vlchecklist", "--data-root", root, "--vlc-max-per-file", "-1"]) == 2
+    assert error_line(capsys) == "error: argument --vlc-max-per-file: must be >= 0 (0 = all), got -1 (see --help)"

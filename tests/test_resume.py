@@ -481,3 +481,23 @@ def test_killed_evaluation_resumes_to_the_identical_json_and_refuses_other_optio
     monkeypatch.chdir(tmp_path / "whole")
     assert evaluate.main(argv) == 0
     assert (tmp_path / "cut" / "r.json").read_text() == (tmp_path / "whole" / "r.json").read_text()
+
+
+# ---- a checkpoint whose fields have the wrong types: one line, before any of them is used ---------------------------
+
+def test_checkpoint_fields_of_the_wrong_type_are_one_line(tiny_sd, tmp_path, capsys):
+    root = write_train_comvg(str(tmp_path / "comvg"))
+    out = tmp_path / "out"
+    train.main(train_argv(tiny_sd, root, out, "--steps", "1"))
+    path = out / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    spoiled = {"step": dict(state, step="1"), "history": dict(state, history="none"),
+               "rng": dict(state, rng=torch.zeros(3)), "optimizer": dict(state, optimizer=[1]),
+               "batch_size": dict(state, args=dict(state["args"], batch_size="2"))}
+    for field, bad in spoiled.items():
+        torch.save(bad, path)
+        assert run_cli(train.main, train_argv(tiny_sd, root, out, "--steps", "2", "--resume")) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"error: --resume: {path} is not a checkpoint train.py wrote: its '{field}' is a "), line
+    torch.save(state, path)                                               # the file as written resumes
+    assert train.main(train_argv(tiny_sd, root, out, "--steps", "2", "--resume"))["train"]["steps"] == 2

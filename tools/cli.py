@@ -5,12 +5,15 @@ Ctrl-C and SIGTERM as clean stops with the command that resumes, outputs that ne
 """
 import argparse
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
 import pathlib
 import shlex
 import signal
+import socket
 import sys
 import threading
 
@@ -30,11 +33,17 @@ class Interrupted(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, containers, `timeout`) raised as an exception, where Ctrl-C raises KeyboardInterrupt."""
+    """SIGTERM (schedulers, containers, `timeout`) or SIGHUP (a closed terminal or ssh session) raised as an exception,
+    where Ctrl-C raises KeyboardInterrupt."""
     signum = signal.SIGTERM
 
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+RAISED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raised as Terminated under run_cli, as Ctrl-C is
 
 
 @contextlib.contextmanager
@@ -46,12 +55,28 @@ def sigterm_raises():
         return
 
     def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
+        raise Terminated(signum)
+    previous = {s: signal.signal(s, handler) for s in RAISED_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stops_ignored():
+    """Within: Ctrl-C, SIGTERM and SIGHUP are ignored (a second Ctrl-C while the first one's line is being made and
+    printed would end in a traceback); the previous handlers are back afterwards. Off the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *RAISED_SIGNALS)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def run_cli(main, argv=None):
@@ -66,11 +91,13 @@ def run_cli(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        with stops_ignored():                                      # a second Ctrl-C now: no traceback
+            print(e, file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
+        with stops_ignored():
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"interrupted ({SIGNAL_NAMES[signum]})", file=sys.stderr)
         return 128 + signum
 
 
@@ -167,6 +194,32 @@ def check_apart(outputs, inputs):
                                  "input: choose another output")
 
 
+@contextlib.contextmanager
+def held(path, option):
+    """Within: this run holds `path` (an --output or --output-dir), and a second live run on it is refused with one
+    line (two runs writing one output would mix their results). The hold is an abstract Unix socket named after the
+    path with its symlinks resolved: no file is left, and the kernel lets go when the process ends, however it ends.
+    Under `accelerate launch` only the main process holds it; where no such socket can be made, nothing is held."""
+    if not path or os.environ.get("RANK", "0").strip() not in ("", "0"):
+        yield
+        return
+    key = hashlib.sha256(os.path.realpath(str(path)).encode()).hexdigest()[:40]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(f"\0discffusion-output-{key}")
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"{option} {path}: another run is writing it now (two runs on one output would mix "
+                             "their results); wait for it to end, or choose another output") from None
+        s = None
+    try:
+        yield
+    finally:
+        if s is not None:
+            s.close()
+
+
 def write_json(path, obj):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
@@ -175,7 +228,7 @@ def write_json(path, obj):
 
 # ---- stops: Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; schedulers, containers and `timeout`
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C; schedulers, containers, `timeout`; a closed terminal
 
 
 @contextlib.contextmanager

@@ -292,7 +292,7 @@ def load_image(path):
     if not os.path.isfile(path):
         raise common.InputError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=common.RASTER_FORMATS) as im:
             im.load()
             return to_rgb(im)
     except OSError as e:

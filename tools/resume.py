@@ -27,6 +27,28 @@ def partial_root(output):
     return os.path.splitext(output)[0] + ".items"
 
 
+def check_owner(output):
+    """OUTPUT's partial folder belongs to OUTPUT: results.json and results.txt share results.items, so the folder
+    names its output (owner.json) and another output's run may neither resume nor delete the scores there."""
+    root = partial_root(output)
+    try:
+        owner = json.loads(pathlib.Path(root, "owner.json").read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return                                                     # no folder yet, or one that names no output
+    if owner != os.path.basename(output):
+        other = os.path.join(os.path.dirname(output), str(owner))
+        raise InputError(f"--output {output}: {root} holds the partial scores of another output, {other} (a run "
+                         f"that stopped before its end; resume it with --output {other} --resume); choose another "
+                         f"--output, or remove {root}")
+
+
+def claim_owner(output):
+    """Name OUTPUT as the owner of its partial folder (check_owner)."""
+    root = partial_root(output)
+    os.makedirs(root, exist_ok=True)
+    write_json(os.path.join(root, "owner.json"), {"output": os.path.basename(output)})
+
+
 def partial_folder(output, label, name):
     """Where one run's per-item records go while it is scored: results.json -> results.items/<data set>/<label>/."""
     return os.path.join(partial_root(output), name, re.sub(r"[^\w.-]+", "-", label))
@@ -138,6 +160,9 @@ def partial_store(args, label, method, checkpoint, model, name, root, split, ite
     if not args.output:
         return None
     folder = partial_folder(args.output, label, name)
+    check_owner(args.output)
+    if PartialState().is_main_process:
+        claim_owner(args.output)
     store = open_partial(folder, fingerprint(args, method, checkpoint, model, name, root, split, items), args.resume,
                          items)
     if store[0] and PartialState().is_main_process:
@@ -177,7 +202,28 @@ def read_state(path):
     lacking = [k for k in STATE_KEYS if k not in ck] if isinstance(ck, dict) else list(STATE_KEYS)
     if lacking or not isinstance(ck["args"], dict) or not isinstance(ck["params"], list):
         raise InputError(f"--resume: {path} is not a checkpoint train.py wrote (no {', '.join(lacking) or 'args'})")
+    wrong = next((k for k, ok in FIELD_TYPES.items() if not ok(ck.get(k) if k in STATE_KEYS else ck["args"].get(k))),
+                 None)
+    if wrong:
+        held = ck.get(wrong) if wrong in STATE_KEYS else ck["args"].get(wrong)
+        raise InputError(f"--resume: {path} is not a checkpoint train.py wrote: its {wrong!r} is a "
+                         f"{type(held).__name__} {str(held)[:40]!r}; rerun without --resume to start over")
     return ck
+
+
+def _whole(x, low=0):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# what each field of the state (and of its args) must be before it is used (a step "3" or a batch size "2" would be
+# repeated, not multiplied)
+FIELD_TYPES = {
+    "step": _whole, "optimizer": lambda x: isinstance(x, dict),
+    "rng": lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.uint8,
+    "history": lambda x: isinstance(x, list) and all(isinstance(h, dict) for h in x),
+    "batch_size": lambda x: _whole(x, 1), "processes": lambda x: x is None or _whole(x, 1),
+    "changes": lambda x: x is None or isinstance(x, list),
+}
 
 
 def check_params(path, saved, params):

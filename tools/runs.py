@@ -12,7 +12,7 @@ from benchmarks.embedded import write as write_embedded
 from datasets import SUITES, REGISTRY, DataMissing, data_inputs, default_root, find_datasets, has_table_data, \
     load_items, loader_options, split_items
 from tools.cli import check_apart
-from tools.resume import partial_root
+from tools.resume import check_owner, partial_root
 
 
 SHAPES_RUN = os.path.join("runs", "shapes")  # train.py --dataset shapes writes its deltas here
@@ -145,5 +145,6 @@ def check_output(args, runs, data=None):
         raise InputError(f"cannot write the partial scores of --output {args.output} to {items}: a file is there, "
                          "not a folder")
     name_fits(items)
+    check_owner(args.output)                                       # results.txt may not touch results.json's scores
     inputs = methods.model_folders(args) + [(c, "checkpoint", "file") for _, _, c in runs if c]
     check_apart([(args.output, "file"), (items, "folder")], inputs + [(args.annotations, "annotations", "file")])
