@@ -264,17 +264,20 @@ def bias_groups(out, rng, n=4):
     write_text(os.path.join(out, "textual_phrases.txt"), json.dumps(phrases))
 
 
+def recolour(sc):
+    """The scene (subject, relation, object) with the subject's colour replaced by one neither object has."""
+    c, s = sc[0].split()
+    return (f"{next(x for x in shapes.COLORS if x not in (c, sc[2].split()[0]))} {s}", sc[1], sc[2])
+
+
+def reshape(sc):
+    """The scene with the subject's shape replaced by one neither object has."""
+    c, s = sc[0].split()
+    return (f"{c} {next(x for x in shapes.SHAPES if x not in (s, sc[2].split()[1]))}", sc[1], sc[2])
+
+
 def sugarcrepe_files(out, rng, n=3):
     """SugarCrepe's replace_* and swap_* files {key: {filename, caption, negative_caption}} + val2017/<filename>."""
-    colours, forms = list(shapes.COLORS), list(shapes.SHAPES)
-
-    def recolour(sc):
-        c, s = sc[0].split()
-        return (f"{next(x for x in colours if x not in (c, sc[2].split()[0]))} {s}", sc[1], sc[2])
-
-    def reshape(sc):
-        c, s = sc[0].split()
-        return (f"{c} {next(x for x in forms if x not in (s, sc[2].split()[1]))}", sc[1], sc[2])
     kinds = {"replace_att": recolour, "replace_obj": reshape,
              "replace_rel": lambda sc: (sc[0], shapes.INVERSE[sc[1]], sc[2]), "swap_att": colours_swapped,
              "swap_obj": swapped}
@@ -289,15 +292,6 @@ def sugarcrepe_files(out, rng, n=3):
 def checklist_files(out, rng, n=3):
     """VL-CheckList's data/{Attribute,Object,Relation}/vg/<file>.json [[image, {"POS": [...], "NEG": [...]}]] with
     the images under vg/: a colour, a shape and a relation replaced."""
-    colours, forms = list(shapes.COLORS), list(shapes.SHAPES)
-
-    def recolour(sc):
-        c, s = sc[0].split()
-        return (f"{next(x for x in colours if x not in (c, sc[2].split()[0]))} {s}", sc[1], sc[2])
-
-    def reshape(sc):
-        c, s = sc[0].split()
-        return (f"{c} {next(x for x in forms if x not in (s, sc[2].split()[1]))}", sc[1], sc[2])
     kinds = {"Attribute/vg/color": recolour, "Object/vg/shape": reshape,
              "Relation/vg/spatial": lambda sc: (sc[0], shapes.INVERSE[sc[1]], sc[2])}
     for kind, neg in kinds.items():
