@@ -18,6 +18,7 @@ an MMDiT transformer in the UNet's place, flow-matching noise z_t = (1 - sigma) 
 capture) is one file each in families/, loading in families/loading.py. Training attaches p^k, p^v with
 `add_trainable()`.
 """
+import contextlib
 import functools
 import warnings
 
@@ -41,7 +42,7 @@ class Discffusion(nn.Module):
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
                  tokenizer_2=None, text_encoder_2=None, guidance_scale=None, lora=None,
                  force_zeros_for_empty_prompt=False, tokenizer_3=None, text_encoder_3=None, max_sequence_length=None,
-                 reading="text"):
+                 reading="text", offload=False):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
             tokenizer, text_encoder, vae, unet, scheduler)  # unet: the denoiser (an MMDiT transformer for SD3)
@@ -49,6 +50,7 @@ class Discffusion(nn.Module):
         self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3          # SD3's T5
         self.max_sequence_length = max_sequence_length and int(max_sequence_length)  # SD3: T5 tokens (None: 256)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)      # SDXL: "" -> zero embeddings
+        self.offload = bool(offload)         # text encoders on the CPU between encodings (`encoders_on_device`)
         for m in (text_encoder, vae, unet, text_encoder_2, text_encoder_3):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -78,16 +80,51 @@ class Discffusion(nn.Module):
                            lora=lora, **self.fam.config(self))
 
     @classmethod
-    def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, lora=None, **options):
+    def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, lora=None, offload=None, **options):
         """A hub id or a local diffusers folder of any family (families/); lora: a LoRA merged into its UNet (a file,
-        a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5)."""
+        a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5 on SD 1.5); offload: the text encoders wait
+        on the CPU and visit the device only to encode (`encoders_on_device`); None: on for CUDA and the families
+        with T5-XXL (SD3, SD3.5, Flux, PixArt: the family's OFFLOAD)."""
         device = default_device(device)
         dtype = resolve_dtype(dtype, device)
         parts = load_components(str(model), dtype, lora and str(lora))
+        if offload is None:
+            offload = family_of(parts["unet"].config).OFFLOAD and torch.device(device).type == "cuda"
         try:
-            return cls(**parts, name=str(model), lora=lora and str(lora), **options).to(device)
+            return cls(**parts, name=str(model), lora=lora and str(lora), offload=offload, **options).place(device)
         except ValueError as e:
             raise InputError(str(e)) from None
+
+    def text_encoders(self):
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
+
+    def place(self, device):
+        """Every part on `device`, but with `offload` the text encoders on the CPU (never both on the GPU) -> self."""
+        waiting = self.text_encoders() if self.offload else []
+        for m in self.children():
+            if not any(m is e for e in waiting):
+                m.to(device)
+        return self
+
+    @contextlib.contextmanager
+    def encoders_on_device(self):
+        """With `offload`: the denoiser to the CPU, the text encoders to its device for the block, then back, so the
+        GPU holds the larger of the two, not their sum (the transfers of diffusers' enable_model_cpu_offload, done
+        here in the open: the core places its tensors by the denoiser's device, which accelerate's hooks would leave
+        on the CPU between calls). Without it nothing moves (on the CPU the moves are no-ops)."""
+        device = self.device
+        if not self.offload:
+            yield
+            return
+        self.unet.to("cpu")
+        for m in self.text_encoders():
+            m.to(device)
+        try:
+            yield
+        finally:
+            for m in self.text_encoders():
+                m.to("cpu")
+            self.unet.to(device)
 
     @property
     def device(self):
@@ -134,8 +171,9 @@ class Discffusion(nn.Module):
         special = (ids == self.tokenizer.bos_token_id) | (ids == self.tokenizer.eos_token_id)
         mask = tok.attention_mask.bool() & ~special                            # (M, L) caption tokens only
         mask = self.fam.text_mask(self, mask, texts)                          # over the family's text sequence
-        hidden = self.fam.encode_texts(self, ids, texts)                      # (M, L, D)
-        return hidden.to(self.dtype), mask.to(self.device)
+        with self.encoders_on_device():
+            hidden = self.fam.encode_texts(self, ids, texts)                  # (M, L, D)
+        return hidden.to(self.device, self.dtype), mask.to(self.device)
 
     def unet_kwargs(self, hidden):
         """The UNet's conditioning for rows of text states hidden (R, L, D): the family's (families/)."""

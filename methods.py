@@ -94,7 +94,8 @@ def build(method, args, checkpoint=None):
                     pairs_per_call=args.pairs_per_call, lam=option(args, "lam", recorded),
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
                     guidance_scale=option(args, "guidance_scale", recorded), reading=option(args, "reading", recorded),
-                    max_sequence_length=option(args, "max_sequence_length", recorded))
+                    max_sequence_length=option(args, "max_sequence_length", recorded),
+                    offload=getattr(args, "offload", None))
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
@@ -166,6 +167,11 @@ def add_model_args(p):
     p.add_argument("--seed", type=number(int, low=0), default=0, help="split, data order, noise and negative sampling")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: the cores not already busy, from "
                    "the load average, at least 1); few-shot training's rounding, so its numbers, depend on it")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction,
+                   help="text encoders on the CPU except while they encode, the denoiser on the CPU meanwhile, so the "
+                        "GPU holds the larger of the two, not their sum (default: on with CUDA for the T5 families "
+                        "SD3, SD3.5, Flux, PixArt; --no-offload keeps everything on the GPU: faster where it fits, "
+                        "docs/models.md)")
     p.add_argument("--pairs-per-call", "--eval-batch-size", dest="pairs_per_call", type=positive_int, default=16,
                    help="image-text pairs per UNet call, in evaluation and in a training step's forward and backward "
                         "(scores and gradients do not depend on it; memory does); --eval-batch-size is its old name")

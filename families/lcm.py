@@ -13,7 +13,7 @@ from families import sd
 
 NAME = "lcm"
 GUIDANCE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale
-LORA_PIPELINE, PARTS = sd.LORA_PIPELINE, sd.PARTS
+LORA_PIPELINE, PARTS, OFFLOAD = sd.LORA_PIPELINE, sd.PARTS, sd.OFFLOAD
 components, encode_texts = sd.components, sd.encode_texts
 capture_kwargs, text_mask, denoise, timestep, add_noise, target = (
     sd.capture_kwargs, sd.text_mask, sd.denoise, sd.timestep, sd.add_noise, sd.target)

@@ -17,6 +17,7 @@ from families import sd
 NAME = "pixart"
 LORA_PIPELINE = None
 PARTS = ()
+OFFLOAD = True  # T5-XXL (4.76 B) leaves the GPU before the transformer runs (Discffusion.offload)
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default
 timestep, add_noise, target = sd.timestep, sd.add_noise, sd.target
 
@@ -51,8 +52,8 @@ def t5_tokens(model, texts):
 def encode_texts(model, ids, texts):
     """texts -> (M, L, D + 1): T5's last states and the tokenizer's attention mask."""
     tok = t5_tokens(model, texts)
-    am = tok.attention_mask.to(model.device)                                        # (M, L)
-    hidden = model.text_encoder(tok.input_ids.to(model.device), attention_mask=am)[0]  # (M, L, D)
+    am = tok.attention_mask.to(model.text_encoder.device)                                        # (M, L)
+    hidden = model.text_encoder(tok.input_ids.to(model.text_encoder.device), attention_mask=am)[0]  # (M, L, D)
     return torch.cat([hidden, am[..., None].to(hidden.dtype)], dim=-1)
 
 

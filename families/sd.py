@@ -14,6 +14,7 @@ from common import InputError
 NAME = "sd"
 LORA_PIPELINE = "StableDiffusionPipeline"  # whose LoraLoaderMixin classmethods read a LoRA for this UNet
 PARTS = ()  # components beyond tokenizer, text_encoder, vae, unet, scheduler
+OFFLOAD = False  # the text encoders stay on the GPU (Discffusion.offload: the default on CUDA for T5 families)
 
 
 def matches(config):
@@ -35,7 +36,7 @@ def components(load, read, dtype, vae_dtype=None):
 @torch.no_grad()
 def encode_texts(model, ids, texts):
     """token ids (M, L) -> the text encoder's last hidden states (M, L, D)."""
-    return model.text_encoder(ids.to(model.device))[0]
+    return model.text_encoder(ids.to(model.text_encoder.device))[0]
 
 
 def unet_kwargs(model, hidden):

@@ -23,6 +23,7 @@ from families.joint_capture import JointCaptureProcessor
 NAME = "sd3"
 LORA_PIPELINE = None  # a LoRA on an MMDiT is not supported yet
 PARTS = ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+OFFLOAD = True  # T5-XXL (4.76 B) leaves the GPU before the transformer runs (Discffusion.offload)
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 
 
@@ -62,7 +63,7 @@ def t5_tokens(model, texts):
 def encode_texts(model, ids, texts):
     """ids (M, 77) of the first tokenizer -> (M, 77 + L_t5, D + P) (StableDiffusion3Pipeline.encode_prompt, clip_skip
     None)."""
-    dev = model.device
+    dev = model.text_encoder.device
     out_1 = model.text_encoder(ids.to(dev), output_hidden_states=True)
     out_2 = model.text_encoder_2(model.tokenize(model.tokenizer_2, texts).input_ids.to(dev), output_hidden_states=True)
     t5 = model.text_encoder_3(t5_tokens(model, texts).input_ids.to(dev))[0]         # (M, L_t5, D)

@@ -17,6 +17,7 @@ from families import sd
 NAME = "sdxl"
 LORA_PIPELINE = "StableDiffusionXLPipeline"
 PARTS = ("tokenizer_2", "text_encoder_2")
+OFFLOAD = False
 capture_kwargs, text_mask, denoise, timestep, add_noise, target = (
     sd.capture_kwargs, sd.text_mask, sd.denoise, sd.timestep, sd.add_noise, sd.target)
 
@@ -40,8 +41,8 @@ def components(load, read, dtype, vae_dtype=None):
 @torch.no_grad()
 def encode_texts(model, ids, texts):
     """ids (M, L) of the first tokenizer -> (M, L, D1 + D2 + P)."""
-    ids_2 = model.tokenize(model.tokenizer_2, texts).input_ids.to(model.device)
-    out_1 = model.text_encoder(ids.to(model.device), output_hidden_states=True)
+    ids_2 = model.tokenize(model.tokenizer_2, texts).input_ids.to(model.text_encoder.device)
+    out_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True)
     out_2 = model.text_encoder_2(ids_2, output_hidden_states=True)
     hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)   # (M, L, D1 + D2)
     pooled = out_2.text_embeds[:, None].expand(-1, hidden.shape[1], -1)             # (M, L, P)

@@ -236,3 +236,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, make):
     assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
     assert [g is None for g in grads[0]] == [g is None for g in grads[1]]
     assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_offload_moves_the_transformer_out_before_the_text_encoders_run(folders):
+    """offload: while any text encoder runs the transformer was last sent to the CPU, the encoders end on the CPU and
+    the transformer on its device; the scores equal those without offload. Off on the CPU by default."""
+    off = Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", max_sequence_length=T5_LEN)
+    on = Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", max_sequence_length=T5_LEN, offload=True)
+    assert not off.offload and on.offload
+    moves, seen = [], []
+    parts = {"unet": on.unet, **{f"enc{i}": e for i, e in enumerate(on.text_encoders())}}
+    for name, part in parts.items():
+        part.to = (lambda to, name: lambda *a, **k: moves.append((name, str(a[0]))) or to(*a, **k))(part.to, name)
+        if name != "unet":
+            part.register_forward_pre_hook(lambda mod, args: seen.append([m for m in moves if m[0] == "unet"][-1]))
+    ims = images(2)
+    assert torch.equal(on.score(ims, TEXTS), off.score(ims, TEXTS))
+    assert len(on.text_encoders()) == 3 and len(seen) >= 3 and all(m == ("unet", "cpu") for m in seen)
+    assert [m for m in moves if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cpu")]   # out, back to its device (cpu)
+    assert all(moves[-2 - i] == (f"enc{2 - i}", "cpu") for i in range(3)) and moves[-1][0] == "unet"
