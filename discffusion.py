@@ -42,7 +42,7 @@ class Discffusion(nn.Module):
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
                  tokenizer_2=None, text_encoder_2=None, guidance_scale=None, lora=None,
                  force_zeros_for_empty_prompt=False, tokenizer_3=None, text_encoder_3=None, max_sequence_length=None,
-                 reading="text", offload=False):
+                 reading="text", offload=False, text_tokens=None):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
             tokenizer, text_encoder, vae, unet, scheduler)  # unet: the denoiser (an MMDiT transformer for SD3)
@@ -66,6 +66,11 @@ class Discffusion(nn.Module):
         reading = reading or READINGS[0]                                           # joint attention: "text"
         if reading not in READINGS:
             raise InputError(f"reading {reading!r}: choose from {', '.join(READINGS)}")
+        choices = getattr(self.fam, "TEXT_TOKENS", ())                           # SD3: CLIP's and / or T5's
+        if text_tokens is not None and text_tokens not in choices:
+            raise InputError(f"text tokens {text_tokens!r}: " + (f"choose from {', '.join(choices)}" if choices else
+                             f"only SD3 / SD3.5 have a choice (two encoders' halves), not {self.family}"))
+        self.text_tokens = text_tokens
         self.capture = AttentionCapture(unet, layers, pooling, lam, keep_maps, reading=reading,
                                         **self.fam.capture_kwargs(unet))  # `with model.capture:` installs it
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)

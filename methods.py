@@ -17,7 +17,7 @@ from baselines.diffusion_itm import DiffusionITM
 from common import DTYPES, InputError, meta_value, read_checkpoint
 from tools.cli import MAX_SIZE, image_size, number, positive, positive_int
 from discffusion import DEFAULT_MODEL, LEVELS, Discffusion
-from families import flux, lcm
+from families import flux, lcm, sd3
 from families.joint_capture import READINGS
 
 METHODS = ("discffusion", "diffusion_itm", "clip", "clip_ft", "clip_prompt")  # clip: zero-shot, the plain cosine
@@ -95,7 +95,7 @@ def build(method, args, checkpoint=None):
                     pooling=option(args, "pooling", recorded), lora=option(args, "lora", recorded),
                     guidance_scale=option(args, "guidance_scale", recorded), reading=option(args, "reading", recorded),
                     max_sequence_length=option(args, "max_sequence_length", recorded),
-                    offload=getattr(args, "offload", None))
+                    offload=getattr(args, "offload", None), text_tokens=option(args, "text_tokens", recorded))
         model_id = option(args, "model")
         if method == "discffusion" and getattr(args, "preset", None) != "official":
             model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
@@ -195,6 +195,9 @@ def add_model_args(p):
     g.add_argument("--reading", choices=READINGS,
                    help="SD3 / Flux (joint attention): A as the softmax over the text keys alone (text, default) or "
                         "the text columns of the joint softmax over image and text keys (joint)")
+    g.add_argument("--text-tokens", choices=sd3.TEXT_TOKENS,
+                   help="SD3 / SD3.5: the caption's real tokens in the joint text sequence [CLIP-L+G (77); T5]: both "
+                        "halves' (default), T5's only or CLIP's only (docs/models.md: how the default was chosen)")
     g.add_argument("--max-sequence-length", type=positive_int,
                    help="SD3 / Flux: T5 tokens of the text sequence (default the pipeline's: 256 SD3, 512 Flux; 256 "
                         "for FLUX.1-schnell)")

@@ -21,7 +21,7 @@ from families import sd3
 from families.joint_capture import FluxCaptureProcessor
 
 NAME = "flux"
-LORA_PIPELINE = None
+LORA_PIPELINE = "FluxPipeline"
 PARTS = ("tokenizer_2", "text_encoder_2")
 OFFLOAD = True  # T5-XXL (4.76 B) leaves the GPU before the transformer runs (Discffusion.offload)
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default (dev); schnell's pipeline is run with 256
@@ -60,8 +60,9 @@ def t5_tokens(model, texts):
 @torch.no_grad()
 def encode_texts(model, ids, texts):
     """ids (M, 77) of the CLIP tokenizer -> (M, L_t5, D + P) (FluxPipeline.encode_prompt)."""
-    pooled = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=False).pooler_output      # (M, P)
-    hidden = model.text_encoder_2(t5_tokens(model, texts).input_ids.to(model.text_encoder.device))[0]            # (M, L, D)
+    dev = model.text_encoder.device
+    pooled = model.text_encoder(ids.to(dev), output_hidden_states=False).pooler_output               # (M, P)
+    hidden = model.text_encoder_2(t5_tokens(model, texts).input_ids.to(dev))[0]                     # (M, L, D)
     return torch.cat([hidden, pooled[:, None].expand(-1, hidden.shape[1], -1).to(hidden.dtype)], dim=-1)
 
 

@@ -154,13 +154,24 @@ def load_lora(unet, lora, pipeline, online):
     """Load a LoRA (a diffusers/peft or kohya file, a folder or a hub id, e.g. latent-consistency/lcm-lora-sdv1-5)
     into the UNet the way `pipeline.load_lora_weights(lora); pipeline.fuse_lora()` does, then drop the adapter
     layers: the UNet is a stock one again whose weights include the LoRA. pipeline: the name of the diffusers
-    pipeline whose LoraLoaderMixin classmethods read it (the family's LORA_PIPELINE)."""
+    pipeline whose LoraLoaderMixin classmethods read it (the family's LORA_PIPELINE); an MMDiT's (SD3, Flux) loads
+    into the transformer as that pipeline's load_lora_weights does."""
     import diffusers
     loader = getattr(diffusers, pipeline)
-    state, alphas = loader.lora_state_dict(lora, unet_config=unet.config, local_files_only=not online)
+    if pipeline == "FluxPipeline":                    # FluxLoraLoaderMixin.load_lora_weights: alphas of kohya files
+        state, alphas = loader.lora_state_dict(lora, return_alphas=True, local_files_only=not online)
+    elif pipeline == "StableDiffusion3Pipeline":      # SD3LoraLoaderMixin: no alphas
+        state, alphas = loader.lora_state_dict(lora, local_files_only=not online), None
+    else:
+        state, alphas = loader.lora_state_dict(lora, unet_config=unet.config, local_files_only=not online)
     if not state:
         raise InputError(f"LoRA {lora}: no weights in it")
-    loader.load_lora_into_unet(state, alphas, unet, adapter_name="lora")
+    if pipeline == "FluxPipeline":
+        loader.load_lora_into_transformer(state, alphas, unet, adapter_name="lora")
+    elif pipeline == "StableDiffusion3Pipeline":
+        loader.load_lora_into_transformer(state, unet, adapter_name="lora")
+    else:
+        loader.load_lora_into_unet(state, alphas, unet, adapter_name="lora")
     if not getattr(unet, "peft_config", None):
         raise InputError(f"LoRA {lora}: none of its weights fit this UNet")
     unet.fuse_lora(lora_scale=1.0)

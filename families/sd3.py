@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from families.joint_capture import JointCaptureProcessor
 
 NAME = "sd3"
-LORA_PIPELINE = None  # a LoRA on an MMDiT is not supported yet
+LORA_PIPELINE = "StableDiffusion3Pipeline"  # whose loader reads a LoRA into the transformer (loading.load_lora)
 PARTS = ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
 OFFLOAD = True  # T5-XXL (4.76 B) leaves the GPU before the transformer runs (Discffusion.offload)
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
+TEXT_TOKENS = ("both", "t5", "clip")  # whose caption tokens are the real ones (--text-tokens; the first: default)
 
 
 def matches(config):
@@ -75,10 +76,12 @@ def encode_texts(model, ids, texts):
 
 
 def text_mask(model, mask, texts):
-    """CLIP's real-token mask (M, 77) -> the joint sequence's (M, 77 + L_t5): T5's tokens without "</s>" and padding."""
+    """CLIP's real-token mask (M, 77) -> the joint sequence's (M, 77 + L_t5): T5's tokens without "</s>" and padding;
+    model.text_tokens: both halves' (default), T5's only or CLIP's only."""
     tok = t5_tokens(model, texts)
     t5 = tok.attention_mask.bool() & (tok.input_ids != model.tokenizer_3.eos_token_id)  # (M, L_t5)
-    return torch.cat([mask, t5.to(mask.device)], dim=1)
+    rule = model.text_tokens or TEXT_TOKENS[0]
+    return torch.cat([mask & (rule != "t5"), t5.to(mask.device) & (rule != "clip")], dim=1)
 
 
 def unet_kwargs(model, hidden):
@@ -117,4 +120,5 @@ def target(model, latents, eps, ts):
 
 
 def config(model):
-    return dict(max_sequence_length=model.max_sequence_length or MAX_SEQUENCE_LENGTH, reading=model.capture.reading)
+    return dict(max_sequence_length=model.max_sequence_length or MAX_SEQUENCE_LENGTH, reading=model.capture.reading,
+                text_tokens=model.text_tokens or TEXT_TOKENS[0])

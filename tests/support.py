@@ -353,3 +353,36 @@ TAGS = {"man": "NN", "horse": "NN", "field": "NN", "red": "JJ", "green": "JJ", "
 def tagger(text):
     """A part-of-speech tagger for the test captions (spaCy's en_core_web_sm cannot be installed here)."""
     return [(w, TAGS.get(w.lower(), "NN")) for w in text.replace(".", " .").split()]
+
+
+def check_mmdit_loras(folder, pipeline, out, **options):
+    """On an MMDiT folder (SD3, Flux): a LoRA saved the standard way (a peft adapter on the transformer,
+    `<pipeline>.save_lora_weights`) merges with `lora=`: the merged transformer scores as the one with the adapter
+    active, not as the base; DiffusionITM's HardNeg LoRA starts as the base model (the same scores, bit for bit) and
+    one AdamW step of hardneg_loss moves it."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from baselines.diffusion_itm import DiffusionITM, hardneg_loss
+    from discffusion import Discffusion
+    ims, texts = [colour_image("red", 0, 24), colour_image("blue", 1, 24)], ["a red circle", "a blue square"]
+    m = Discffusion.from_pretrained(folder, device="cpu", **options)
+    base = m.score(ims, texts)
+    torch.manual_seed(3)
+    m.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "add_k_proj"],
+                                  init_lora_weights=False))
+    getattr(diffusers, pipeline).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(m.unet))
+    merged = Discffusion.from_pretrained(folder, device="cpu", lora=out, **options)
+    assert not any("lora" in n for n, _ in merged.unet.named_parameters())
+    got = merged.score(ims, texts)
+    assert torch.allclose(got, m.score(ims, texts), atol=1e-5) and not torch.allclose(got, base, atol=1e-4)
+    itm = DiffusionITM.from_pretrained(folder, device="cpu", n_timesteps=2, **options)
+    before = itm.score(ims, texts)
+    params = itm.add_lora()
+    assert params and torch.equal(itm.score(ims, texts), before)
+    snapshot = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    hardneg_loss(itm, [(ims, texts)], torch.Generator().manual_seed(0)).backward()
+    opt.step()
+    assert any(not torch.equal(p, s) for p, s in zip(params, snapshot))
+    assert not torch.equal(itm.score(ims, texts), before)

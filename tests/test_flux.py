@@ -17,6 +17,7 @@ from common import layer_key, read_checkpoint
 from discffusion import Discffusion
 from families import flux
 from tools.cli import run_cli
+from support import check_mmdit_loras
 from tools.mmdit_configs import PRESETS, make_random_flux
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
@@ -228,3 +229,8 @@ def test_real_size_flux_dev_has_the_published_parameter_count():
     assert round(sum(p.numel() for p in tr.parameters()) / 1e9, 1) == 11.9
     names = flux.capture_kwargs(tr)["all_layers"]
     assert len(names) == 57 and names[18] == "transformer_blocks.18.attn" and names[19].startswith("single")
+
+
+def test_lora_merges_into_the_transformer_and_hardneg_lora_trains(folders, tmp_path):
+    check_mmdit_loras(folders["tiny-flux"], "FluxPipeline", str(tmp_path / "lora"), max_sequence_length=T5_LEN,
+                      resolution=16)

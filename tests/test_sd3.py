@@ -15,6 +15,7 @@ from baselines.diffusion_itm import DiffusionITM
 from common import InputError
 from discffusion import Discffusion
 from tools.cli import run_cli
+from support import check_mmdit_loras
 from tools.mmdit_configs import PRESETS, make_random_mmdit
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
@@ -74,7 +75,7 @@ def test_conditioning_and_timestep_are_the_sd3_pipelines(folders, models):
     assert got["timestep"][0].item() == pytest.approx(m.timestep(1.0))
 
 
-def test_real_token_mask_is_both_encoders_caption_tokens(models):
+def test_real_token_mask_is_both_encoders_caption_tokens(models, tiny_sd):
     """Over the joint sequence [CLIP (L_clip); T5 (L_t5)]: CLIP's tokens without BOS / EOS / padding and T5's without
     "</s>" / padding; every caption has the same real tokens in each half as its tokenizers give words."""
     m = models["tiny-sd3"]
@@ -92,6 +93,14 @@ def test_real_token_mask_is_both_encoders_caption_tokens(models):
         assert ids_t[i][int(t5[i].sum())] == m.tokenizer_3.eos_token_id   # the first non-caption T5 token: "</s>"
         assert not (ids_c[i][clip[i]] == m.tokenizer.eos_token_id).any()
     assert t5.sum(1).tolist() == [len(t.split()) for t in TEXTS]          # the Unigram vocabulary: a word a token
+    for rule, keep in (("t5", t5), ("clip", clip)):                           # --text-tokens: one half only
+        m.text_tokens = rule
+        half = m.encode_texts(TEXTS)[1]
+        assert torch.equal(half, torch.cat([clip & (rule == "clip"), t5 & (rule == "t5")], 1))
+        assert half.sum() == keep.sum() > 0
+    m.text_tokens = None
+    with pytest.raises(InputError, match="only SD3"):
+        Discffusion.from_pretrained(tiny_sd, device="cpu", text_tokens="t5")
 
 
 def test_flow_matching_noise_is_the_schedulers(models):
@@ -255,3 +264,8 @@ def test_offload_moves_the_transformer_out_before_the_text_encoders_run(folders)
     assert len(on.text_encoders()) == 3 and len(seen) >= 3 and all(m == ("unet", "cpu") for m in seen)
     assert [m for m in moves if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cpu")]   # out, back to its device (cpu)
     assert all(moves[-2 - i] == (f"enc{2 - i}", "cpu") for i in range(3)) and moves[-1][0] == "unet"
+
+
+def test_lora_merges_into_the_transformer_and_hardneg_lora_trains(folders, tmp_path):
+    check_mmdit_loras(folders["tiny-sd3"], "StableDiffusion3Pipeline", str(tmp_path / "lora"),
+                      max_sequence_length=T5_LEN)

@@ -12,7 +12,16 @@ and `StableDiffusionPipeline.from_pretrained` load). Three stock parts, trained 
      the measured losses and run time).
 Deterministic for a given --seed and --threads.
 
+`--family sd3` pretrains a tiny SD3 (MMDiT) on the same world instead, to measure what random weights cannot (the
+joint-attention reading and the real-token rule of families/sd3.py, docs/models.md): the VAE of an SD folder
+(--vae-from, the committed one by default; 4 latent channels, no shift), two 32-wide CLIP text encoders with
+projections and a 64-wide T5 encoder (16 tokens each), an SD3Transformer2DModel (4 joint blocks, 2 heads of 32, patch
+2: 256 image tokens) trained jointly with the encoders under SD3's flow-matching loss || (eps - z) - v(z_t, sigma) ||^2,
+sigma logit-normal (SD3's training density), each text encoder dropped (zeros) independently with p 0.3 as SD3's
+training drops them; scheduler FlowMatchEulerDiscrete with shift 1 (SD3's at 256 image tokens).
+
     python -m tools.pretrain_shapes --out models/tiny-shapes-sd
+    python -m tools.pretrain_shapes --family sd3 --out runs/tiny-shapes-sd3 --images 8000 --steps 600 --grid ""
 """
 import math
 import os
@@ -180,11 +189,95 @@ def draw_grid(images, captions, path, scale=3):
     grid.save(path)
 
 
+SD3_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=MAX_TOKENS, projection_dim=32)
+SD3_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+              feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True)
+SD3_TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+                       num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64,
+                       pooled_projection_dim=64, pos_embed_max_size=16)
+
+
+def sd3_text(encoders, ids, drop):
+    """families/sd3.encode_texts with gradients, on token ids (3 x (B, L)): [CLIP-L; CLIP-G] penultimate states padded
+    to T5's width, then T5's -> (B, 2L, 64), pooled (B, 64); drop (3, B) bool zeroes an encoder's part."""
+    outs = [e(i, output_hidden_states=True) for e, i in zip(encoders[:2], ids[:2])]
+    keep = [(~d).float()[:, None, None] for d in drop]
+    t5 = encoders[2](ids[2])[0] * keep[2]                                               # (B, L, 64)
+    clip = torch.cat([o.hidden_states[-2] * k for o, k in zip(outs, keep)], dim=-1)     # (B, L, 64)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    pooled = torch.cat([o.text_embeds * k[:, 0] for o, k in zip(outs, keep)], dim=-1)  # (B, 64)
+    return torch.cat([clip, t5], dim=1), pooled
+
+
+def train_sd3(transformer, encoders, z, ids, steps, batch, lr, p_drop, g):
+    """SD3's flow-matching loss on latents z (N, 4, 32, 32); ids: 3 x (N, 2, L), two true captions per image."""
+    params = list(transformer.parameters()) + [q for e in encoders for q in e.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    avg = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        idx = torch.randint(0, len(z), (batch,), generator=g)
+        which = torch.randint(0, 2, (batch,), generator=g)
+        hidden, pooled = sd3_text(encoders, [i[idx, which] for i in ids], torch.rand(3, batch, generator=g) < p_drop)
+        z0, eps = z[idx], torch.randn(z[idx].shape, generator=g)
+        sigma = torch.randn(batch, generator=g).sigmoid()                                 # logit-normal
+        zt = (1 - sigma[:, None, None, None]) * z0 + sigma[:, None, None, None] * eps
+        v = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=hidden,
+                        pooled_projections=pooled).sample
+        loss = F.mse_loss(v, eps - z0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"flow step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+
+
+def pretrain_sd3(a, images, captions, g):
+    """--family sd3: the tiny SD3 of the module docstring, saved in StableDiffusion3Pipeline's layout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from tools.mmdit_configs import save_pipeline, write_t5_tokenizer
+    vae = AutoencoderKL.from_pretrained(a.vae_from, subfolder="vae").eval().requires_grad_(False)
+    z = encode(vae, to_tensor(images)) * vae.config.scaling_factor                  # (N, 4, 32, 32)
+    log(f"latents {tuple(z.shape)} from {a.vae_from}")
+    toks = [shapes_tokenizer(os.path.join(a.out, k), shapes.words()) for k in ("tokenizer", "tokenizer_2")]
+    for k, t in zip(("tokenizer", "tokenizer_2"), toks):
+        t.save_pretrained(os.path.join(a.out, k))                                   # with its left padding
+    toks.append(write_t5_tokenizer(os.path.join(a.out, "tokenizer_3"), shapes.words(), MAX_TOKENS))
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(t), bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+        **SD3_TEXT, hidden_act=act)) for t, act in zip(toks, ("quick_gelu", "gelu"))]
+    encoders.append(T5EncoderModel(T5Config(**SD3_T5, vocab_size=len(toks[2]), pad_token_id=0, eos_token_id=1,
+                                            decoder_start_token_id=0)))
+    transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+    flat = [c for pair in captions for c in pair]
+    ids = [tokenize(t, flat).view(len(captions), 2, -1) for t in toks]                 # 3 x (N, 2, L)
+    log(f"transformer {sum(q.numel() for q in transformer.parameters()) / 1e6:.2f}M, text encoders "
+        f"{sum(q.numel() for e in encoders for q in e.parameters()) / 1e6:.2f}M parameters")
+    train_sd3(transformer.train(), [e.train() for e in encoders], z, ids, a.steps, a.batch, a.lr, 0.3, g)
+    parts = dict(text_encoder=encoders[0].eval(), text_encoder_2=encoders[1].eval(), text_encoder_3=encoders[2].eval(),
+                 vae=vae, transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
+    save_pipeline(a.out, "StableDiffusion3Pipeline", parts, {
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None],
+        "feature_extractor": [None, None]})
+    log(f"saved {a.out}")
+
+
 def build_parser():
     p = ArgumentParser(prog="python -m tools.pretrain_shapes", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/tiny-shapes-sd",
                    help="default %(default)s (the committed one: models/tiny-shapes-sd)")
     p.add_argument("--seed", type=number(int, low=0), default=0)
+    p.add_argument("--family", choices=("sd", "sd3"), default="sd", help="sd: the UNet model (default); sd3: a tiny "
+                   "SD3 (MMDiT) on the VAE of --vae-from (module docstring)")
+    p.add_argument("--vae-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       "models", "tiny-shapes-sd"),
+                   help="--family sd3: the SD folder whose VAE it uses (default the committed models/tiny-shapes-sd)")
     p.add_argument("--images", type=positive_int, default=20000, help="training images (drawn once, encoded once)")
     p.add_argument("--vae-steps", type=positive_int, default=400)
     p.add_argument("--vae-batch", type=positive_int, default=32)
@@ -216,6 +309,9 @@ def main(argv=None):
 
     log(f"drawing {a.images} training images")
     images, captions = shapes.training_pairs(a.images, seed=10_000 + a.seed)
+    if a.family == "sd3":
+        pretrain_sd3(a, images, captions, g)
+        return log(f"done in {(time.time() - t_start) / 60:.1f} min")
     x = to_tensor(images)                                                    # (N, 3, 32, 32)
 
     vae = train_vae(AutoencoderKL(**VAE), x, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, g).eval()
