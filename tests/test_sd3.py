@@ -15,7 +15,7 @@ from baselines.diffusion_itm import DiffusionITM
 from common import InputError
 from discffusion import Discffusion
 from tools.cli import run_cli
-from support import check_mmdit_loras
+from support import check_mmdit_loras, error_line
 from tools.mmdit_configs import PRESETS, make_random_mmdit
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
@@ -269,3 +269,17 @@ def test_offload_moves_the_transformer_out_before_the_text_encoders_run(folders)
 def test_lora_merges_into_the_transformer_and_hardneg_lora_trains(folders, tmp_path):
     check_mmdit_loras(folders["tiny-sd3"], "StableDiffusion3Pipeline", str(tmp_path / "lora"),
                       max_sequence_length=T5_LEN)
+
+
+def test_unet_only_tools_refuse_an_mmdit_in_one_line(folders, tmp_path, capsys):
+    """tools.benchmark, tools.figures attention and tools.embedding_retrieval read a UNet's own layers: an SD3 folder
+    is one error line naming its family, exit 2."""
+    from tools import benchmark, embedding_retrieval, figures
+    f = folders["tiny-sd3"]
+    for module, argv in ((benchmark, ["--model", f, "--device", "cpu", "--output", str(tmp_path / "b.json")]),
+                         (figures, ["attention", "--model", f, "--out", str(tmp_path / "figs")]),
+                         (embedding_retrieval, ["--dataset", "shapes", "--data-root", str(tmp_path / "shapes"),
+                                                "--model", f, "--no-clip", "--output", str(tmp_path / "e.json")])):
+        assert (embedding_retrieval.main(argv) if module is embedding_retrieval else run_cli(module.main, argv)) == 2
+        line = error_line(capsys)
+        assert "sd3 family" in line and module.__name__ in line, line

@@ -43,7 +43,7 @@ from PIL import Image
 import triplet_loss
 from attention_capture import ATTN_LOGGER, CallRecord, CaptureProcessor
 from common import DTYPES, check_writable, default_device
-from tools.cli import ArgumentParser, default_threads, number, positive_int, run_cli, write_json
+from tools.cli import ArgumentParser, default_threads, needs_unet, number, positive_int, run_cli, write_json
 from discffusion import Discffusion, preprocess
 from tools.sd_configs import PRESETS, make_random_sd
 
@@ -131,7 +131,9 @@ def is_sd2(model):
 
 
 def load(path, args, **options):
-    return Discffusion.from_pretrained(path, device=args.device, dtype=args.precision, seed=args.seed, **options)
+    model = Discffusion.from_pretrained(path, device=args.device, dtype=args.precision, seed=args.seed, **options)
+    needs_unet(model, "tools.benchmark", "a UNet's attn1 / attn2 layers and the official code's UNet pipeline loop")
+    return model
 
 
 def workload(n_images, n_texts, resolution, seed=0):

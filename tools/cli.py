@@ -268,3 +268,12 @@ def resume_command(argv):
 def stop_requested(stop, done, total):
     """Did any process get a stop signal (and is there a step left to resume)? Every process asks at every step."""
     return stop is not None and bool(reduce(torch.tensor(float(stop.is_set())), "sum") > 0) and done < total
+
+
+def needs_unet(model, tool, reads):
+    """A tool built on a UNet's own structure refuses a model whose denoiser is a transformer (SD3 / SD3.5, Flux,
+    PixArt-Sigma) with one InputError naming its family; `reads`: what the tool reads that such a model lacks."""
+    from diffusers import UNet2DConditionModel
+    if not isinstance(model.unet, UNet2DConditionModel):
+        raise InputError(f"{tool}: model {model.name!r} is of the {model.family} family ({type(model.unet).__name__}); "
+                         f"this tool reads {reads}, which only the UNet families (SD 1.x / 2.x, LCM, SDXL) have")

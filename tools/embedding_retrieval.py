@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import methods
 from common import InputError, check_writable, layer_key, pair_index, split_scores
-from tools.cli import ArgumentParser, positive_int, run_cli, write_json
+from tools.cli import ArgumentParser, needs_unet, positive_int, run_cli, write_json
 from datasets import REGISTRY, add_data_args, default_root, load_items, loader_options, split_items
 from evaluate import evaluate_items
 from tools.processes import processes
@@ -187,6 +187,9 @@ def run(args):
             skipped[label] = str(e)                                           # no CLIP weights here: say so
             print(f"{label}: skipped ({e}; give --clip-model a local CLIP folder or --no-clip)", file=sys.stderr)
             continue
+        if method != "clip_ft":
+            needs_unet(model, "tools.embedding_retrieval", "App. E's embedding: attn2's query and key projections and "
+                       "a CLIP text encoder's pooled state in the cross-attention's key space")
         scorer = model if method == "clip_ft" else DiscffusionEmbedding(model)
         res = evaluate_items(scorer, name, items, args.pairs_per_call, desc=label)
         res.update(method=method, checkpoint=checkpoint, model=scorer.config)

@@ -310,8 +310,11 @@ def scorer_settings(args, checkpoint):
 
 def load_attention_model(args, checkpoint):
     lam, pooling = scorer_settings(args, checkpoint)
-    return Discffusion.from_pretrained(args.model, device=args.device, keep_maps=True, lam=lam, pooling=pooling,
-                                       seed=args.seed, pairs_per_call=args.pairs_per_call)
+    model = Discffusion.from_pretrained(args.model, device=args.device, keep_maps=True, lam=lam, pooling=pooling,
+                                        seed=args.seed, pairs_per_call=args.pairs_per_call)
+    cli.needs_unet(model, "tools.figures attention", "a UNet's down / mid / up attn2 layers and one CLIP tokenizer's "
+                   "words")
+    return model
 
 
 def stages(model, checkpoint, jobs):
