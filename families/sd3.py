@@ -5,15 +5,17 @@
 
 Text: CLIP-L's and CLIP-G's penultimate states concatenated on the feature axis and zero-padded to T5's width, then
 T5's last states appended on the token axis (77 + 256 tokens for real; `max_sequence_length`, the pipeline's default
-256); the pooled projection is both CLIPs' text_embeds, riding along the feature axis as in families/sdxl.py. The real-
-token mask covers both encoders' caption tokens (CLIP's without BOS / EOS / padding, T5's without "</s>" / padding):
-each caption word appears once in each half, and eq. 4 averages over all of them. Noise: a level l is the fraction
-of the training schedule, t = round(l * T), as for the UNets; the scheduler's own table (with SD3's shift 3.0) makes
-it sigma = shift * s / (1 + (shift - 1) * s), s = t / T, and the timestep the pipeline passes, sigma * T; z_t = (1 -
-sigma) z + sigma eps as FlowMatchEulerDiscreteScheduler.scale_noise computes it; the transformer predicts the flow
-eps - z (the `target`). The capture reads A on every block's joint attention (families/joint_capture.py); eq. 5's
-p^k, p^v sit on the text stream's add_k_proj / add_v_proj. SD3.5's query / key RMS norms and MMDiT-X blocks (a
-second, image-only self-attention, attn2, not captured) are inside the stock transformer.
+256); the pooled projection is both CLIPs' text_embeds, riding along the feature axis as in families/sdxl.py. Each
+caption word appears once in each half; the real-token mask covers CLIP's caption tokens (without BOS / EOS / padding)
+by default, measured on a tiny SD3 pretrained on the shapes world (docs/models.md: CLIP's half alone 54.7 % zero-shot,
+both halves 47.8 %, T5's alone 44.9 %); `text_tokens` "both" or "t5" (T5's without "</s>" / padding) for the others.
+Noise: a level l is the fraction of the training schedule, t = round(l * T), as for the UNets; the scheduler's own
+table (with SD3's shift 3.0) makes it sigma = shift * s / (1 + (shift - 1) * s), s = t / T, and the timestep the
+pipeline passes, sigma * T; z_t = (1 - sigma) z + sigma eps as FlowMatchEulerDiscreteScheduler.scale_noise computes
+it; the transformer predicts the flow eps - z (the `target`). The capture reads A on every block's joint attention
+(families/joint_capture.py); eq. 5's p^k, p^v sit on the text stream's add_k_proj / add_v_proj. SD3.5's query / key
+RMS norms and MMDiT-X blocks (a second, image-only self-attention, attn2, not captured) are inside the stock
+transformer.
 """
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ LORA_PIPELINE = "StableDiffusion3Pipeline"  # whose loader reads a LoRA into the
 PARTS = ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
 OFFLOAD = True  # T5-XXL (4.76 B) leaves the GPU before the transformer runs (Discffusion.offload)
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
-TEXT_TOKENS = ("both", "t5", "clip")  # whose caption tokens are the real ones (--text-tokens; the first: default)
+TEXT_TOKENS = ("clip", "both", "t5")  # whose caption tokens are the real ones (--text-tokens; the first: default)
 
 
 def matches(config):
@@ -77,7 +79,7 @@ def encode_texts(model, ids, texts):
 
 def text_mask(model, mask, texts):
     """CLIP's real-token mask (M, 77) -> the joint sequence's (M, 77 + L_t5): T5's tokens without "</s>" and padding;
-    model.text_tokens: both halves' (default), T5's only or CLIP's only."""
+    model.text_tokens: CLIP's only (default, measured: docs/models.md), both halves' or T5's only."""
     tok = t5_tokens(model, texts)
     t5 = tok.attention_mask.bool() & (tok.input_ids != model.tokenizer_3.eos_token_id)  # (M, L_t5)
     rule = model.text_tokens or TEXT_TOKENS[0]

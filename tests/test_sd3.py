@@ -75,10 +75,12 @@ def test_conditioning_and_timestep_are_the_sd3_pipelines(folders, models):
     assert got["timestep"][0].item() == pytest.approx(m.timestep(1.0))
 
 
-def test_real_token_mask_is_both_encoders_caption_tokens(models, tiny_sd):
+def test_real_token_mask_is_clips_caption_tokens_or_both_encoders(models, tiny_sd):
     """Over the joint sequence [CLIP (L_clip); T5 (L_t5)]: CLIP's tokens without BOS / EOS / padding and T5's without
-    "</s>" / padding; every caption has the same real tokens in each half as its tokenizers give words."""
+    "</s>" / padding; every caption has the same real tokens in each half as its tokenizers give words. The default
+    (text_tokens "clip") is CLIP's half alone; "t5" T5's alone."""
     m = models["tiny-sd3"]
+    m.text_tokens = "both"
     _, mask = m.encode_texts(TEXTS)
     Lc = m.tokenizer.model_max_length
     assert mask.shape == (3, Lc + T5_LEN)
@@ -93,10 +95,10 @@ def test_real_token_mask_is_both_encoders_caption_tokens(models, tiny_sd):
         assert ids_t[i][int(t5[i].sum())] == m.tokenizer_3.eos_token_id   # the first non-caption T5 token: "</s>"
         assert not (ids_c[i][clip[i]] == m.tokenizer.eos_token_id).any()
     assert t5.sum(1).tolist() == [len(t.split()) for t in TEXTS]          # the Unigram vocabulary: a word a token
-    for rule, keep in (("t5", t5), ("clip", clip)):                           # --text-tokens: one half only
+    for rule, keep in (("t5", t5), ("clip", clip), (None, clip)):             # --text-tokens: one half only
         m.text_tokens = rule
         half = m.encode_texts(TEXTS)[1]
-        assert torch.equal(half, torch.cat([clip & (rule == "clip"), t5 & (rule == "t5")], 1))
+        assert torch.equal(half, torch.cat([clip & (rule != "t5"), t5 & (rule == "t5")], 1))
         assert half.sum() == keep.sum() > 0
     m.text_tokens = None
     with pytest.raises(InputError, match="only SD3"):

@@ -38,6 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from tools.cli import ArgumentParser, number, positive_int, run_cli
 from families.loading import load_components
 from benchmarks import shapes
+from tools.mmdit_configs import save_pipeline, write_t5_tokenizer
 from tools.sd_configs import SCHEDULER, save_sd, write_tokenizer
 
 MAX_TOKENS = 16  # bos + 'a red circle left of a blue square' + eos fits in 10
@@ -240,7 +241,6 @@ def pretrain_sd3(a, images, captions, g):
     """--family sd3: the tiny SD3 of the module docstring, saved in StableDiffusion3Pipeline's layout."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    from tools.mmdit_configs import save_pipeline, write_t5_tokenizer
     vae = AutoencoderKL.from_pretrained(a.vae_from, subfolder="vae").eval().requires_grad_(False)
     z = encode(vae, to_tensor(images)) * vae.config.scaling_factor                  # (N, 4, 32, 32)
     log(f"latents {tuple(z.shape)} from {a.vae_from}")
