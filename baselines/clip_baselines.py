@@ -194,11 +194,12 @@ class ClipMatcher(nn.Module):
             flat.append((img[i] * txt).sum(-1))                                               # (chunk,)
         return split_scores(torch.cat(flat), shapes)
 
-    def score_items(self, items, train=False, generator=None):
+    def score_items(self, items, train=False, generator=None, spent=None):
         """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
 
         train=True: gradients reach trainable_parameters() and tensors stay on the model's device; otherwise CPU
-        float tensors without a graph. `generator` is unused (no randomness here), kept for the common interface."""
+        float tensors without a graph. `generator` and `spent` are unused (no randomness, no UNet rows here), kept for
+        the common interface."""
         self.train(train)
         self.clip.eval()  # frozen encoders (CLIP has no dropout by default; keep them deterministic anyway)
         if train:

@@ -110,7 +110,7 @@ class DiscffusionEmbedding:
             out.append(F.normalize(total / len(m.levels), dim=-1).cpu())
         return torch.cat(out)                                                 # (N, D)
 
-    def score_items(self, items, train=False, generator=None):
+    def score_items(self, items, train=False, generator=None, spent=None):
         """[(images, texts), ...] -> [cosine matrix (len(images), len(texts)), ...]."""
         if train:
             raise InputError("embedding retrieval has nothing to train; train the deltas with train.py")
