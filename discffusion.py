@@ -248,10 +248,11 @@ class Discffusion(nn.Module):
             return self.weigh(per_unit, levels[start:stop], 0.0 if total is None else total)
         return eliminate(shapes, self.adaptive, step)
 
-    def score_items(self, items, train=False, generator=None, spent=None):
+    def score_items(self, items, train=False, generator=None, spent=None, per_unit=False):
         """Score matrices for several matching problems at once.
 
-        items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]. spent: a list that receives, per
+        items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; per_unit: each unit's f instead,
+        [Tensor (levels x draws, len(images), len(texts))] (the frozen scores level weights are fit on). spent: a list that receives, per
         item, {"evaluations": units per pair (len(images), len(texts)), "rows": its UNet rows}; with an adaptive
         schedule the candidates eliminated early have fewer (`eliminate`). With train=True one level is drawn
         from the ensemble and one eps from `generator`, shared by every pair of the call (a positive and its
@@ -274,11 +275,17 @@ class Discffusion(nn.Module):
                 flat = self.ensemble(*args, levels=[self.levels[k]], noise=eps)          # Alg. 1 l.12-15
         else:
             with torch.inference_mode(), self.capture:
-                if self.adaptive:
+                if per_unit:
+                    units = zip(*self.units(latents.shape[1:]))
+                    flat = torch.stack([self.unit(*args, level, eps) for level, eps in units]).float()  # (n, P)
+                elif self.adaptive:
                     flat, evals = self.adaptive_scores(*args, shapes)                     # Alg. 1 l.12-15
                 else:
                     flat = self.ensemble(*args)                                           # Alg. 1 l.12-15
                     evals = torch.full(flat.shape, len(self.levels) * self.draws)
+            if per_unit:                                      # a normal tensor, for fitting level weights on
+                return [f.reshape(-1, *shape).clone() for f, shape in zip(flat.cpu().split(
+                    [a * b for a, b in shapes], 1), shapes)]
             if spent is not None:
                 spent += [dict(evaluations=e, rows=int(e.sum())) for e in split_scores(evals, shapes)]
         return split_scores(flat if train else flat.cpu(), shapes)

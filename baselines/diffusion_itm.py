@@ -177,10 +177,11 @@ class DiffusionITM(nn.Module):
         a = (att[pair_row] + att[uncond_row]) / 2 if self.uncond_attention else att[pair_row]
         return a + (e0 - e)
 
-    def ensemble(self, items, train=False, generator=None, spent=None):
+    def ensemble(self, items, train=False, generator=None, spent=None, per_unit=False):
         """The per-pair score (P,), averaged over the units (timesteps x draws, draw-major as the core's `units`;
         train: at one drawn timestep), with the core's adaptive schedule if it has one (`eliminate`). spent: a list
-        that receives per item its evaluations per pair and its UNet rows (the shared "" rows included)."""
+        that receives per item its evaluations per pair and its UNet rows (the shared "" rows included); per_unit:
+        each unit's score instead (n_units, P)."""
         images = [im for ims, _ in items for im in ims]
         latents = self.core.encode_images(images)                                    # (N, 4, h, w)
         texts, rows, pair_row, uncond_row = self.plan(items)
@@ -196,19 +197,22 @@ class DiffusionITM(nn.Module):
         pair_row, uncond_row = torch.tensor(pair_row), torch.tensor([-1 if u is None else u for u in uncond_row])
         ran = torch.zeros(len(rows), dtype=torch.long)                               # units each row ran
 
-        def step(active, start, stop, total):                                       # the running sums of `active`
+        def run(active, start, stop):                                               # per unit (A,) of `active`
             need = torch.cat([pair_row[active], uncond_row[active]]).unique()         # sorted rows; -1: no "" row
             need = need[need >= 0]
             at = torch.full((len(rows),), -1, dtype=torch.long)
             at[need] = torch.arange(len(need))
-            ur = uncond_row[active]
-            pr, ur = at[pair_row[active]].tolist(), [None if u < 0 else int(at[u]) for u in ur]
+            pr, ur = at[pair_row[active]].tolist(), [None if u < 0 else int(at[u]) for u in uncond_row[active]]
             part = [x[need] for x in args]
-            per_unit = [self.combine(*self.errors(*part, t, eps), pr, ur)
-                        for t, eps in zip(timesteps[start:stop], noise[start:stop])]
             ran[need] += stop - start
-            return self.core.weigh(per_unit, levels[start:stop], 0.0 if total is None else total)
+            return [self.combine(*self.errors(*part, t, eps), pr, ur)
+                    for t, eps in zip(timesteps[start:stop], noise[start:stop])]
+
+        def step(active, start, stop, total):                                       # the running sums of `active`
+            return self.core.weigh(run(active, start, stop), levels[start:stop], 0.0 if total is None else total)
         shapes = [(len(ims), len(ts)) for ims, ts in items]
+        if per_unit:
+            return torch.stack(run(torch.arange(len(pair_row)), 0, len(timesteps)))     # (n_units, P)
         if self.core.adaptive:
             flat, evals = eliminate(shapes, self.core.adaptive, step)
         else:
@@ -220,12 +224,12 @@ class DiffusionITM(nn.Module):
                       for k, e in enumerate(split_scores(evals, shapes))]
         return flat
 
-    def score_items(self, items, train=False, generator=None, spent=None):
+    def score_items(self, items, train=False, generator=None, spent=None, per_unit=False):
         """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
 
         train=True: one timestep of the schedule and one eps drawn from `generator`, shared by every pair of the
         call; gradients reach the LoRA parameters. Otherwise all units (or the adaptive schedule's), under
-        inference_mode, on the CPU; spent: as Discffusion.score_items'."""
+        inference_mode, on the CPU; spent, per_unit: as Discffusion.score_items'."""
         shapes = [(len(ims), len(ts)) for ims, ts in items]
         if train:
             self.capture.check_held()
@@ -233,8 +237,14 @@ class DiffusionITM(nn.Module):
                 flat = self.ensemble(items, True, generator)
         else:
             with torch.inference_mode(), self.capture:
-                flat = self.ensemble(items, spent=spent).cpu()
+                flat = self.ensemble(items, spent=spent, per_unit=per_unit).cpu()
+        if per_unit:                                          # a normal tensor, for fitting level weights on
+            return [f.reshape(-1, *shape).clone() for f, shape in zip(flat.split([a * b for a, b in shapes], 1), shapes)]
         return split_scores(flat, shapes)
+
+    def add_level_weights(self):
+        """One weight per timestep (the core's levels are t / T), uniform until trained (`Discffusion`'s)."""
+        return self.core.add_level_weights()
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
