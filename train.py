@@ -152,20 +152,24 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     return history
 
 
-def fit_level_weights(model, items, args, log=print):
-    """The level weights alone: every unit's score of the training items once, frozen (`per_unit`), averaged over
-    the draws -> (n_levels, n_img, n_txt) per item; then full-batch AdamW on the softmax weights. The objective is
-    the cross-entropy over each item's candidates with a learned scale (set at first so that the scores' gaps within
-    items are about 1): eq. 6's hinge with a margin above the scores' gaps is linear in the weights and only picks the
-    single best level of the training items. -> the fit's record (loss and training accuracy, uniform and fitted)."""
+def frozen_level_scores(model, items, pairs_per_call):
+    """Every unit's score of `items` once, frozen (`per_unit`), averaged over the draws -> [(n_levels, n_img, n_txt)]
+    (the items whose images open)."""
     cache, frozen = ImageCache(), []
-    for group in tqdm(list(pair_chunks(items, args.pairs_per_call)), desc="per-level scores", dynamic_ncols=True,
+    for group in tqdm(list(pair_chunks(items, pairs_per_call)), desc="per-level scores", dynamic_ncols=True,
                       disable=not PartialState().is_main_process):
         loaded, _ = training.load_batch(cache, group, set(), len(items))
         frozen += model.score_items(loaded, per_unit=True)                 # [(levels x draws, n_img, n_txt)]
-    logits = model.add_level_weights()                                      # (n_levels,) zero: uniform
-    n = logits.shape[0]
-    frozen = [f.view(-1, n, *f.shape[1:]).mean(0).to(logits.device) for f in frozen]   # (n_levels, n_img, n_txt)
+    n = len(model.levels if hasattr(model, "levels") else model.timesteps)
+    return [f.view(-1, n, *f.shape[1:]).mean(0) for f in frozen]
+
+
+def fit_weights(logits, frozen, steps=300, weight_decay=1e-2):
+    """Fit level-weight logits (n_levels,) in place on frozen per-level scores [(n_levels, n_img, n_txt)]: full-batch
+    AdamW on the cross-entropy over each item's candidates with a learned scale (set at first so that the scores' gaps
+    within items are about 1). eq. 6's hinge with a margin above the scores' gaps is linear in the weights and only
+    picks the single best level of the training items. -> (loss, training accuracy) before and after."""
+    frozen = [f.to(logits.device) for f in frozen]
     gaps = torch.cat([(S - S.flatten()[0]).flatten()[1:] for S in (f.mean(0) for f in frozen)])
     log_scale = (-gaps.std().clamp_min(1e-8).log()).reshape(1).requires_grad_()   # unit gaps at the start
 
@@ -177,15 +181,23 @@ def fit_level_weights(model, items, args, log=print):
         mats = scored()
         return dict(loss=triplet_loss.ce_loss([m * log_scale.exp() for m in mats]).item(),
                     train_acc=sum(map(triplet_loss.correct, mats)) / len(mats))
-    opt = torch.optim.AdamW([logits, log_scale], lr=0.05, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([logits, log_scale], lr=0.05, weight_decay=weight_decay)
     with torch.no_grad():
         before = measure()
-    for _ in range(args.fit_steps):
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         triplet_loss.ce_loss([m * log_scale.exp() for m in scored()]).backward()
         opt.step()
     with torch.no_grad():
-        after = measure()
+        return before, measure()
+
+
+def fit_level_weights(model, items, args, log=print):
+    """--fit-level-weights: the level weights alone on the frozen per-level scores of the training items
+    (`frozen_level_scores`, `fit_weights`) -> the fit's record."""
+    frozen = frozen_level_scores(model, items, args.pairs_per_call)
+    logits = model.add_level_weights()                                      # (n_levels,) zero: uniform
+    before, after = fit_weights(logits, frozen, args.fit_steps, args.weight_decay)
     weights = logits.detach().softmax(0).tolist()
     log(f"level weights fit on {len(frozen)} items: {', '.join(f'{w:.3f}' for w in weights)}; loss "
         f"{before['loss']:.4f} -> {after['loss']:.4f}, training accuracy {before['train_acc']:.2f} -> "

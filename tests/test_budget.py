@@ -167,3 +167,24 @@ def test_level_weights_train_with_the_deltas(tiny_sd):
         loss.backward()
     assert loss.item() == pytest.approx(plain.item(), abs=1e-7)
     assert any(p is logits for p in m.trainable_parameters()) and logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_evaluate_records_each_items_evaluations_and_rows(tiny_sd, tmp_path):
+    """evaluate_items keeps each candidate's evaluations and the item's UNet rows, and their mean per item; with
+    an adaptive schedule the rows fall and the survivors' scores are the full ensemble's."""
+    from benchmarks.reading import Item
+    paths = []
+    for k, im in enumerate(images(2)):
+        paths.append(str(tmp_path / f"{k}.png"))
+        im.save(paths[-1])
+    items = [Item(str(k), [p], TEXTS) for k, p in enumerate(paths)]
+    full = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.8), draws=2)
+    cut = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.8), adaptive=[(1, 2), (4, None)])
+    a = evaluate.evaluate_items(full, "flickr30k_text", items)
+    b = evaluate.evaluate_items(cut, "flickr30k_text", items)
+    assert a["rows_per_item"] == 20 and all(r["rows"] == 20 and r["evaluations"] == [[4] * 5] for r in a["items"])
+    assert b["rows_per_item"] == 5 + 2 * 3
+    for ra, rb in zip(a["items"], b["items"]):
+        kept = [j for j, e in enumerate(rb["evaluations"][0]) if e == 4]
+        assert len(kept) == 2 and all(rb["scores"][0][j] == pytest.approx(ra["scores"][0][j], abs=1e-6) for j in kept)
+        assert min(rb["scores"][0][j] for j in kept) > max(s for j, s in enumerate(rb["scores"][0]) if j not in kept)
