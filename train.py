@@ -93,7 +93,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.mixed_precision(model, params)
     start, history = resume.restore(args, params, opt, scaler, log)   # --resume, else (0, [])
-    images, unreadable = ImageCache(), {u for h in history for u in h.get("unreadable", [])}
+    images, unreadable = ImageCache(prepare=model.prepare_image), {u for h in history for u in h.get("unreadable", [])}
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
     t0 = time.time()
