@@ -11,9 +11,8 @@ import io
 import os
 import sys
 
-from benchmarks.fetching import (DSD_RAW, JOBS, VG_ARCHIVES, FetchError, count, existing_image, fetch_images, mirrored,
+from benchmarks.fetching import (DSD_RAW, JOBS, VG_ARCHIVES, count, existing_image, fetch_images, fetch_one, mirrored,
                                  new_tally)
-from benchmarks.fetching import fetch as fetch_file
 from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, first_existing, finish, given_file,
                                 malformed, missing, new_report, read_text)
 from common import InputError
@@ -79,11 +78,8 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS, csv_sha256
     neg_image_id), each from VG_100K/ or else VG_100K_2/, stored as root/<that folder>/<id>.jpg."""
     tally = new_tally()
     csv_path = os.path.join(root, "compositional_visual_genome.csv")
-    try:
-        count(tally, "compositional_visual_genome.csv",
-              fetch_file(mirrored(COMVG_CSV_URL, mirror), csv_path, csv_size, csv_sha256))
-    except FetchError as e:
-        count(tally, "compositional_visual_genome.csv", "failed", str(e))
+    if not fetch_one(tally, "compositional_visual_genome.csv", mirrored(COMVG_CSV_URL, mirror), csv_path, csv_size,
+                     csv_sha256):
         return tally
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

@@ -10,8 +10,7 @@ arXiv 2505.17955. The JSON files are in the SugarCrepe repository, the images CO
 """
 import os
 
-from benchmarks.fetching import JOBS, FetchError, count, fetch_archive, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_archive, fetch_one, mirrored, new_tally
 from benchmarks.reading import (DataMissing, Item, check_root, escape, finish, first_existing, malformed, missing,
                                 new_report, read_json)
 
@@ -59,11 +58,7 @@ def load(root, annotations=None, split=None, seed=0):
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
     for f in FILES:
-        try:
-            count(tally, f"{f}.json", fetch_file(mirrored(f"{SUGARCREPE_RAW}/{f}.json", mirror),
-                                                 os.path.join(root, f"{f}.json")))
-        except FetchError as e:
-            count(tally, f"{f}.json", "failed", str(e))
+        fetch_one(tally, f"{f}.json", mirrored(f"{SUGARCREPE_RAW}/{f}.json", mirror), os.path.join(root, f"{f}.json"))
     if with_images:
         fetch_archive([mirrored(COCO_VAL2017, mirror)], os.path.join(root, "val2017.zip"), root, tally)
     return tally

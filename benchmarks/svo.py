@@ -14,8 +14,7 @@ import io
 import os
 import sys
 
-from benchmarks.fetching import JOBS, FetchError, count, existing_image, fetch_images, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, count, existing_image, fetch_images, fetch_one, mirrored, new_tally
 from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, first_existing, finish, given_file,
                                 malformed, missing, new_report, read_text)
 
@@ -71,10 +70,7 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     """The CSV, then every image it names from its URL into images/<id>.jpg (a dead URL is one failed file)."""
     tally = new_tally()
     csv_path = os.path.join(root, SVO_CSV)
-    try:
-        count(tally, SVO_CSV, fetch_file(mirrored(SVO_CSV_URL, mirror), csv_path))
-    except FetchError as e:
-        count(tally, SVO_CSV, "failed", str(e))
+    if not fetch_one(tally, SVO_CSV, mirrored(SVO_CSV_URL, mirror), csv_path):
         return tally
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
