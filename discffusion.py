@@ -101,9 +101,15 @@ class Discffusion(nn.Module):
         return self.unet.dtype
 
     # ---- encoders: once per image, once per text --------------------------------------------------------------
+    def prepare_image(self, image):
+        """A decoded PIL image -> what encode_images reads of it, (R, R, 3) uint8 at the model's input size: the image
+        cache keeps this, so what a scoring call holds per image is bounded by the model's input, not the file's."""
+        return fit(image, self.resolution, self.resize_via)
+
     @torch.no_grad()
     def encode_images(self, images):
-        """PIL images -> VAE latent means, less the shift factor (SD3's VAE), times the scaling factor, (N, C, h, w)."""
+        """PIL images (or prepared ones) -> VAE latent means, less the shift factor (SD3's VAE), times the scaling
+        factor, (N, C, h, w)."""
         x = preprocess(images, self.resolution, self.resize_via)               # (N, 3, R, R)
         out = []
         for chunk in x.split(self.pairs_per_call):
@@ -444,15 +450,24 @@ def check_captions(items, mask):
 
 
 def preprocess(images, resolution, resize_via=None):
-    """PIL images -> (N, 3, R, R) in [-1, 1]. resize_via=224 reproduces the paper's 224-then-512 setting (Table 2)."""
-    out = []
-    for image in images:
-        image = to_rgb(image)
-        if resize_via:
-            image = image.resize((resize_via, resize_via), Image.BICUBIC)
-        image = image.resize((resolution, resolution), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return torch.stack(out)
+    """PIL images, or ones `fit` already prepared -> (N, 3, R, R) in [-1, 1]."""
+    out = [np.asarray(fit(image, resolution, resize_via), dtype=np.float32) / 127.5 - 1.0 for image in images]
+    return torch.stack([torch.from_numpy(x).permute(2, 0, 1) for x in out])               # (N, 3, R, R)
+
+
+def fit(image, resolution, resize_via=None):
+    """A PIL image -> the (R, R, 3) uint8 RGB array the VAE encodes: to_rgb, bicubic to R x R (resize_via=224 first:
+    the paper's 224-then-512 setting, Table 2). An array is one already fitted (`Discffusion.prepare_image`, what the
+    image cache keeps instead of the full-size image) and passes as it is, so nothing is resized twice."""
+    if isinstance(image, np.ndarray):
+        if image.shape != (resolution, resolution, 3) or image.dtype != np.uint8:
+            raise ValueError(f"a prepared image must be a ({resolution}, {resolution}, 3) uint8 array, got "
+                             f"{image.shape} {image.dtype}")
+        return image
+    image = to_rgb(image)
+    if resize_via:
+        image = image.resize((resize_via, resize_via), Image.BICUBIC)
+    return np.asarray(image.resize((resolution, resolution), Image.BICUBIC))
 
 
 def to_rgb(image):

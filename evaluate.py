@@ -58,8 +58,9 @@ def pair_chunks(items, pairs):
 def score_groups(model, groups, desc=None, on_group=None):
     """[(item, score matrix, {evaluations, rows} or {})] for every item of `groups` whose images open (the cost as the
     model's score_items reports it), and [(item id, error)] for those that do not; one score_items call per group.
-    on_group(scored, [(item, error)]) runs after each group (the partial file)."""
-    scored, unreadable, cache = [], [], ImageCache()
+    on_group(scored, [(item, error)]) runs after each group (the partial file). Each image is held as the model
+    prepares it (`prepare_image`: at its input size), not at the file's size."""
+    scored, unreadable, cache = [], [], ImageCache(prepare=getattr(model, "prepare_image", None))
     with tqdm(total=sum(map(len, groups)), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
               disable=not PartialState().is_main_process) as bar:
         for group in groups:

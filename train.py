@@ -104,7 +104,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.mixed_precision(model, params)
     start, history = resume.restore(args, params, opt, scaler, log)   # --resume, else (0, [])
-    images, unreadable = ImageCache(), {u for h in history for u in h.get("unreadable", [])}
+    images, unreadable = ImageCache(prepare=model.prepare_image), {u for h in history for u in h.get("unreadable", [])}
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
     t0 = time.time()
@@ -155,7 +155,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
 def frozen_level_scores(model, items, pairs_per_call):
     """Every unit's score of `items` once, frozen (`per_unit`), averaged over the draws -> [(n_levels, n_img, n_txt)]
     (the items whose images open)."""
-    cache, frozen = ImageCache(), []
+    cache, frozen = ImageCache(prepare=model.prepare_image), []
     for group in tqdm(list(pair_chunks(items, pairs_per_call)), desc="per-level scores", dynamic_ncols=True,
                       disable=not PartialState().is_main_process):
         loaded, _ = training.load_batch(cache, group, set(), len(items))

@@ -130,9 +130,18 @@ class ClipMatcher(nn.Module):
 
     # ---- encoders ----
 
+    def prepare_image(self, image):
+        """A decoded PIL image -> its processed pixels (3, 224, 224), what the image cache keeps (bounded by CLIP's
+        input, not the file's); a tensor is already prepared and passes as it is. Each image is processed alone, so
+        its pixels never depend on its batch-mates."""
+        if isinstance(image, torch.Tensor):
+            return image
+        return self.image_processor([to_rgb(image)], return_tensors="pt").pixel_values[0]
+
     def image_features(self, images):
-        """PIL images -> L2-normalised CLIP image features (N, P); the vision tower is frozen in both methods."""
-        pixels = self.image_processor([to_rgb(im) for im in images], return_tensors="pt").pixel_values
+        """PIL images (or prepared ones) -> L2-normalised CLIP image features (N, P); the vision tower is frozen in
+        both methods."""
+        pixels = torch.stack([self.prepare_image(im) for im in images])
         pixels = pixels.to(self.device, self.clip.dtype)                                      # (N, 3, 224, 224)
         with torch.no_grad():
             pooled = self.clip.vision_model(pixel_values=pixels).pooler_output                # (N, Dv)

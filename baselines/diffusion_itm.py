@@ -128,6 +128,10 @@ class DiffusionITM(nn.Module):
         """The core's capture (`with model.capture:`), as for Discffusion."""
         return self.core.capture
 
+    def prepare_image(self, image):
+        """What the image cache keeps of a decoded image: the core's (`Discffusion.prepare_image`)."""
+        return self.core.prepare_image(image)
+
     @property
     def config(self):
         core = {k: v for k, v in self.core.config.items() if k != "levels"}

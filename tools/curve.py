@@ -71,7 +71,7 @@ def van_der_corput(n):
 
 def unit_tables(model, items, pairs):
     """[(n_units, n_img, n_txt)] of every item (the per-unit scores, as frozen_level_scores' before the draw mean)."""
-    cache, out = ImageCache(), []
+    cache, out = ImageCache(prepare=model.prepare_image), []
     for group in pair_chunks(items, pairs):
         loaded, _ = training.load_batch(cache, group, set(), len(items))
         out += model.score_items(loaded, per_unit=True)
