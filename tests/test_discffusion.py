@@ -155,10 +155,10 @@ def test_a_large_image_is_held_at_the_models_input_size(tmp_path, model):
         class Recording:  # the model, recording what each scoring call is handed
             prepare_image = m.prepare_image
 
-            def score_items(self, items):
+            def score_items(self, items, spent=None):
                 seen.extend(im for ims, _ in items for im in ims)
-                return m.score_items(items)
-        (_, s), = evaluate.score_groups(Recording(), [[Item("big", [path], TEXTS[:2])]])[0]
+                return m.score_items(items, spent=spent)
+        (_, s, _), = evaluate.score_groups(Recording(), [[Item("big", [path], TEXTS[:2])]])[0]
         assert [im.shape for im in seen] == [(R, R, 3)]                   # held at the input size, not 4000 x 3000
         assert torch.equal(preprocess(seen, R, m.resize_via)[0], torch.from_numpy(direct).permute(2, 0, 1))
         assert torch.equal(s, m.score([decoded], TEXTS[:2]))
