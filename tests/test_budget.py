@@ -188,3 +188,19 @@ def test_evaluate_records_each_items_evaluations_and_rows(tiny_sd, tmp_path):
         kept = [j for j, e in enumerate(rb["evaluations"][0]) if e == 4]
         assert len(kept) == 2 and all(rb["scores"][0][j] == pytest.approx(ra["scores"][0][j], abs=1e-6) for j in kept)
         assert min(rb["scores"][0][j] for j in kept) > max(s for j, s in enumerate(rb["scores"][0]) if j not in kept)
+
+
+def test_the_curves_reading_of_a_schedule_equals_the_models_adaptive_path(tiny_sd):
+    """tools.curve reads each point off the per-unit tables; a schedule read that way gives the scores and UNet rows
+    (DiffusionITM's shared "" row included) of the model's own adaptive path."""
+    from tools import curve
+    assert curve.van_der_corput(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    item = [(images(1), TEXTS)]
+    d = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4)
+    table = d.score_items(item, per_unit=True)[0]                                     # (4, 1, 5)
+    cut = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4, adaptive=[(1, 2), (4, None)])
+    spent = []
+    S = cut.score_items(item, spent=spent)[0]
+    hits, rows, mats = curve.point("flickr30k_text", [table], list(range(4)), True, [(1, 2), (4, None)])
+    assert rows == [spent[0]["rows"]] and torch.allclose(mats[0], S, atol=1e-5)
+    assert hits == [float(S[0].argmax() == 0 and (S[0, 0] > S[0, 1:]).all())]
