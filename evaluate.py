@@ -4,6 +4,8 @@
     python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
     python evaluate.py --suite gdbench                     # GDBench / compositional: one table, bias table
                                                            # (docs/gdbench.md; --prefilter-k, --ties first)
+    python evaluate.py --dataset flickr30k_text --adaptive 2:3,16  # every candidate 2 units, the best 3 go on to 16
+                                                           # (--draws, learned level weights: docs/budget.md)
 
 The protocol, read in `run`: load every data set asked for (datasets.REGISTRY; with no --dataset, one sub-folder per
 data set under --data-root, and with none there, the embedded shapes world), then for each method (methods.build, with

@@ -204,3 +204,27 @@ def test_the_curves_reading_of_a_schedule_equals_the_models_adaptive_path(tiny_s
     hits, rows, mats = curve.point("flickr30k_text", [table], list(range(4)), True, [(1, 2), (4, None)])
     assert rows == [spent[0]["rows"]] and torch.allclose(mats[0], S, atol=1e-5)
     assert hits == [float(S[0].argmax() == 0 and (S[0, 0] > S[0, 1:]).all())]
+
+
+def test_train_fits_level_weights_alone_and_evaluate_uses_them(tmp_path):
+    """train.py --fit-level-weights on the shapes world: the per-level scores of the training split once, the weights
+    fit (the training loss falls), saved with the (zero) deltas; evaluate.py --checkpoint scores with them."""
+    import json
+
+    import train
+    from safetensors import safe_open
+    out = tmp_path / "fit"
+    assert main_of(train, ["--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--shots", "8",
+                           "--fit-level-weights", "--fit-steps", "50", "--no-zero-shot", "--eval-limit", "4",
+                           "--compare", "", "--output-dir", str(out), "--device", "cpu", "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    fit = res["level_fit"]
+    assert fit["items"] == 8 and fit["fitted"]["loss"] < fit["uniform"]["loss"]
+    assert sum(fit["weights"]) == pytest.approx(1.0) and res["train"]["steps"] == 0
+    with safe_open(str(out / "prompt_deltas.safetensors"), "pt") as f:
+        assert torch.allclose(f.get_tensor("level_logits").softmax(0), torch.tensor(fit["weights"]), atol=1e-6)
+    assert main_of(evaluate, ["--dataset", "shapes", "--data-root", str(tmp_path / "shapes"), "--limit", "4",
+                              "--checkpoint", str(out / "prompt_deltas.safetensors"), "--device", "cpu",
+                              "--output", str(tmp_path / "r.json"), "--shots", "8", "--methods", "discffusion"]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())["datasets"]["shapes"]["items"]
+    assert [r["scores"] for r in got] == [r["scores"] for r in res["few_shot"]["items"]]
