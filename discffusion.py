@@ -248,11 +248,11 @@ class Discffusion(nn.Module):
         UNet rows per pair (P,)."""
         levels, noise = self.units(latents.shape[1:])
 
-        def step(active, start, stop, total):                                  # the running sums of the pairs in
+        def run(active, units):                                                # each unit's f of the pairs in
             part = [x[active] for x in (latents, hidden, mask)]
-            per_unit = [self.unit(*part, level, eps) for level, eps in zip(levels[start:stop], noise[start:stop])]
-            return self.weigh(per_unit, levels[start:stop], 0.0 if total is None else total)
-        return eliminate(shapes, self.adaptive, step)
+            return [self.unit(*part, levels[u], noise[u]) for u in units]
+        return eliminate(shapes, self.adaptive, elimination_order(len(self.levels), self.draws), run,
+                         lambda values, units: self.weigh(values, [levels[u] for u in units]))
 
     def score_items(self, items, train=False, generator=None, spent=None, per_unit=False):
         """Score matrices for several matching problems at once.
@@ -392,25 +392,47 @@ def plan_units(schedule, per_draw, draws=None):
     return draws, schedule
 
 
-def eliminate(shapes, schedule, step):
+def van_der_corput(n):
+    """0..n-1 in base-2 van der Corput order (0, n/2, n/4, 3n/4, ...): every prefix spread over the range."""
+    def radical(k):
+        x, f = 0.0, 0.5
+        while k:
+            x, k, f = x + f * (k & 1), k >> 1, f / 2
+        return x
+    return sorted(range(n), key=radical)
+
+
+def elimination_order(per_draw, draws):
+    """The order an adaptive schedule takes the units in: each draw's levels (or timesteps) in van der Corput order,
+    draw after draw, so every stage's units spread over the levels (4 levels: 0.2, 0.6, 0.4, 0.8)."""
+    return [d * per_draw + k for d in range(draws) for k in van_der_corput(per_draw)]
+
+
+def eliminate(shapes, schedule, order, run, pool):
     """Adaptive candidate elimination over the pairs of one call (in `pair_index` order), in the manner of Diffusion
-    Classifier's --to_keep / --n_samples: shapes [(n_img, n_txt)] of the items, schedule [(evals, keep)];
-    step(active (A,), start, stop, total (A,) or None) -> the running sums of those pairs after units start:stop.
+    Classifier's --to_keep / --n_samples: shapes [(n_img, n_txt)] of the items, schedule [(evals, keep)], order: the
+    units in the order the stages take them; run(active (A,), units) -> [(A,)] each unit's scores of those pairs;
+    pool(values, units) -> their sum (the ensemble's weights applied), added in the order given.
 
     An item with one image and more than two texts (or one text and more than two images) is adaptive: after each
     stage but the last its candidates still in are ranked by their mean over the units so far (all on the same units)
     and the best `keep` go on (a tie at the cut keeps the earlier candidate); every other pair gets every stage.
-    -> scores (P,) float32: each candidate's mean over its units, a candidate that stopped earlier shifted below every
-    one that went further (`rank_below`), and its evaluations (P,). A schedule that keeps everyone equals `ensemble`."""
+    -> scores (P,) float32: each candidate's mean over its units, summed in the units' own order (so a pair that got
+    every unit scores bit for bit as in `ensemble`), a candidate that stopped earlier shifted below every one that
+    went further (`rank_below`); and its evaluations (P,)."""
     P = sum(a * b for a, b in shapes)
     ends = torch.tensor([a * b for a, b in shapes]).cumsum(0).tolist()
     items = [(end - a * b, end) for (a, b), end in zip(shapes, ends) if min(a, b) == 1 and max(a, b) > 2]
-    active, total, start = torch.arange(P), None, 0
+    active, table, start = torch.arange(P), None, 0
     means, evals, reached = torch.zeros(P), torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long)
     for s, (stop, keep) in enumerate(schedule):
-        part = step(active, start, stop, None if total is None else total[active])       # (A,)
-        total = torch.zeros(P, dtype=part.dtype) if total is None else total
-        total[active], means[active] = part, (part / stop).float()        # the mean as `ensemble` divides it
+        new = order[start:stop]
+        values = run(active, new)                                                 # [(A,)] per new unit
+        table = torch.zeros((len(order), P), dtype=values[0].dtype) if table is None else table
+        for u, v in zip(new, values):
+            table[u, active] = v
+        got = sorted(order[:stop])
+        means[active] = (pool([table[u, active] for u in got], got) / stop).float()   # as `ensemble` divides it
         evals[active], reached[active], start = stop, s, stop
         if s < len(schedule) - 1:
             out = torch.zeros(P, dtype=torch.bool)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import InputError, check_tensors, copy_tensors, meta_value, read_checkpoint, save_tensors, split_scores
-from discffusion import DEFAULT_MODEL, Discffusion, eliminate, plan_units
+from discffusion import DEFAULT_MODEL, Discffusion, eliminate, elimination_order, plan_units
 
 VARIANTS = ("itm", "classifier", "combined")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -201,26 +201,26 @@ class DiffusionITM(nn.Module):
         pair_row, uncond_row = torch.tensor(pair_row), torch.tensor([-1 if u is None else u for u in uncond_row])
         ran = torch.zeros(len(rows), dtype=torch.long)                               # units each row ran
 
-        def run(active, start, stop):                                               # per unit (A,) of `active`
+        def run(active, units):                                                     # each unit's (A,) of `active`
             need = torch.cat([pair_row[active], uncond_row[active]]).unique()         # sorted rows; -1: no "" row
             need = need[need >= 0]
             at = torch.full((len(rows),), -1, dtype=torch.long)
             at[need] = torch.arange(len(need))
             pr, ur = at[pair_row[active]].tolist(), [None if u < 0 else int(at[u]) for u in uncond_row[active]]
             part = [x[need] for x in args]
-            ran[need] += stop - start
-            return [self.combine(*self.errors(*part, t, eps), pr, ur)
-                    for t, eps in zip(timesteps[start:stop], noise[start:stop])]
+            ran[need] += len(units)
+            return [self.combine(*self.errors(*part, timesteps[u], noise[u]), pr, ur) for u in units]
 
-        def step(active, start, stop, total):                                       # the running sums of `active`
-            return self.core.weigh(run(active, start, stop), levels[start:stop], 0.0 if total is None else total)
-        shapes = [(len(ims), len(ts)) for ims, ts in items]
+        def pool(values, units):                                                     # the weighted sum
+            return self.core.weigh(values, [levels[u] for u in units])
+        shapes, every = [(len(ims), len(ts)) for ims, ts in items], list(range(len(timesteps)))
         if per_unit:
-            return torch.stack(run(torch.arange(len(pair_row)), 0, len(timesteps)))     # (n_units, P)
+            return torch.stack(run(torch.arange(len(pair_row)), every))                   # (n_units, P)
         if self.core.adaptive:
-            flat, evals = eliminate(shapes, self.core.adaptive, step)
+            flat, evals = eliminate(shapes, self.core.adaptive, elimination_order(len(self.timesteps),
+                                                                                  self.core.draws), run, pool)
         else:
-            flat = step(torch.arange(len(pair_row)), 0, len(timesteps), None) / len(timesteps)      # (P,)
+            flat = pool(run(torch.arange(len(pair_row)), every), every) / len(timesteps)    # (P,)
             evals = torch.full(flat.shape, len(timesteps))
         if spent is not None:
             item_of = torch.tensor([k for k, (ims, _) in enumerate(items) for _ in ims])[img_idx]   # (R,)

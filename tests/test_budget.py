@@ -7,7 +7,7 @@ from PIL import Image
 import evaluate
 from baselines.diffusion_itm import DiffusionITM
 from common import InputError
-from discffusion import Discffusion, eliminate, plan_units
+from discffusion import Discffusion, eliminate, elimination_order, plan_units, van_der_corput
 from support import error_line, main_of
 
 
@@ -45,15 +45,18 @@ def test_draws_extend_the_paper_ensemble_and_are_batch_independent(model, tiny_s
 
 # ---- adaptive elimination -------------------------------------------------------------------------------------------
 
-def table_step(table, calls):
-    """A step over a fixed table of per-unit scores (n_units, P), recording which pairs ran which units."""
-    def step(active, start, stop, total):
-        calls.append((active.tolist(), start, stop))
-        out = 0.0 if total is None else total
-        for u in range(start, stop):
-            out = out + table[u, active]
+def table_run(table, calls):
+    """run / pool over a fixed table of per-unit scores (n_units, P), recording which pairs ran which units."""
+    def run(active, units):
+        calls.append((active.tolist(), list(units)))
+        return [table[u, active] for u in units]
+
+    def pool(values, units):
+        out = 0.0
+        for v in values:
+            out = out + v
         return out
-    return step
+    return run, pool
 
 
 def test_eliminated_candidates_never_outrank_a_survivor():
@@ -63,21 +66,22 @@ def test_eliminated_candidates_never_outrank_a_survivor():
     shapes = [(1, 10), (7, 1), (2, 2), (1, 2)]
     P = sum(a * b for a, b in shapes)
     table = torch.randn(16, P, generator=g)
-    calls = []
-    scores, evals = eliminate(shapes, [(4, 5), (8, 2), (16, None)], table_step(table, calls))
-    assert [(c[1], c[2]) for c in calls] == [(0, 4), (4, 8), (8, 16)]
+    calls, order = [], elimination_order(4, 4)
+    assert order[:4] == [0, 2, 1, 3] and sorted(order) == list(range(16))            # 0.2, 0.6, 0.4, 0.8 first
+    scores, evals = eliminate(shapes, [(4, 5), (8, 2), (16, None)], order, *table_run(table, calls))
+    assert [c[1] for c in calls] == [order[:4], order[4:8], order[8:]]
     ranges = [(0, 10), (10, 17)]
     for lo, hi in ranges:
         e, s = evals[lo:hi], scores[lo:hi]
         assert sorted(e.tolist()) == sorted([4] * (hi - lo - 5) + [8] * 3 + [16] * 2)
-        first = table[:4, lo:hi].mean(0)
+        first = table[order[:4], lo:hi].mean(0)
         assert set((e > 4).nonzero().flatten().tolist()) == set(first.topk(5).indices.tolist())
         for a in range(hi - lo):
             for b in range(hi - lo):
                 if e[a] < e[b]:
                     assert s[a] < s[b]                                  # stopped earlier: ranked below
                 if e[a] == e[b]:                                        # the same units: their means' order
-                    ma, mb = table[:e[a], lo + a].mean(), table[:e[b], lo + b].mean()
+                    ma, mb = table[order[:e[a]], lo + a].mean(), table[order[:e[b]], lo + b].mean()
                     assert (s[a] > s[b]) == (ma > mb)
         top = (e == 16).nonzero().flatten()
         assert torch.allclose(s[top], table[:, lo + top].mean(0))
@@ -194,14 +198,14 @@ def test_the_curves_reading_of_a_schedule_equals_the_models_adaptive_path(tiny_s
     """tools.curve reads each point off the per-unit tables; a schedule read that way gives the scores and UNet rows
     (DiffusionITM's shared "" row included) of the model's own adaptive path."""
     from tools import curve
-    assert curve.van_der_corput(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert van_der_corput(8) == [0, 4, 2, 6, 1, 5, 3, 7]
     item = [(images(1), TEXTS)]
     d = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4)
     table = d.score_items(item, per_unit=True)[0]                                     # (4, 1, 5)
     cut = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4, adaptive=[(1, 2), (4, None)])
     spent = []
     S = cut.score_items(item, spent=spent)[0]
-    hits, rows, mats = curve.point("flickr30k_text", [table], list(range(4)), True, [(1, 2), (4, None)])
+    hits, rows, mats = curve.point("flickr30k_text", [table], elimination_order(4, 1), True, [(1, 2), (4, None)])
     assert rows == [spent[0]["rows"]] and torch.allclose(mats[0], S, atol=1e-5)
     assert hits == [float(S[0].argmax() == 0 and (S[0, 0] > S[0, 1:]).all())]
 

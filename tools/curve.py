@@ -20,9 +20,10 @@ Each point: the task's headline accuracy with its 95% bootstrap interval over it
 are the measurement of docs/budget.md's targets.
 """
 import argparse
+import hashlib
+import json
 import os
 import sys
-import tempfile
 import time
 
 import matplotlib
@@ -36,9 +37,10 @@ import train  # noqa: E402
 from baselines.diffusion_itm import DiffusionITM  # noqa: E402
 from benchmarks.embedded import write as write_embedded  # noqa: E402
 from datasets import REGISTRY, ImageCache, item_metrics, load_items, split_items  # noqa: E402
-from discffusion import Discffusion, eliminate  # noqa: E402
+from discffusion import Discffusion, eliminate, elimination_order  # noqa: E402
 from evaluate import evaluate_items, pair_chunks  # noqa: E402
 from tools import training  # noqa: E402
+from common import atomic_write  # noqa: E402
 from tools.cli import ArgumentParser, positive_int, run_cli, use_threads, write_json  # noqa: E402
 from tools.intervals import bootstrap_ci  # noqa: E402
 
@@ -57,24 +59,20 @@ def spread_levels(n):
     return tuple(round((k + 1) / (n + 1), 6) for k in range(n))
 
 
-def van_der_corput(n):
-    """0..n-1 in base-2 van der Corput order: every prefix spread over the range."""
-    def radical(k):
-        x, f = 0.0, 0.5
-        while k:
-            x, k, f = x + f * (k & 1), k >> 1, f / 2
-        return x
-    return sorted(range(n), key=radical)
-
-
 # ---- the tables ----------------------------------------------------------------------------------------------------
 
-def unit_tables(model, items, pairs):
-    """[(n_units, n_img, n_txt)] of every item (the per-unit scores, as frozen_level_scores' before the draw mean)."""
+def unit_tables(model, items, args, key):
+    """[(n_units, n_img, n_txt)] of every item: its per-unit scores (`score_items(per_unit=True)`), kept under
+    --tables by a digest of `key` (what they depend on) and read back from there by a rerun."""
+    path = os.path.join(args.tables, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=True)
     cache, out = ImageCache(prepare=model.prepare_image), []
-    for group in pair_chunks(items, pairs):
+    for group in pair_chunks(items, args.pairs_per_call):
         loaded, _ = training.load_batch(cache, group, set(), len(items))
         out += model.score_items(loaded, per_unit=True)
+    os.makedirs(args.tables, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(out, tmp))
     return out
 
 
@@ -85,25 +83,27 @@ def rows_of(shape, evals, itm):
 
 
 def point(name, tables, units, itm, schedule=None, weights=None):
-    """One curve point from the per-unit tables: the units `units` (indices), averaged (or weighted per unit), or
-    eliminated by `schedule` -> (hits per item, rows per item, score matrices)."""
+    """One curve point from the per-unit tables (n_units, n_img, n_txt): the units `units` averaged (weighted by
+    `weights` per unit: `Discffusion.weigh`'s), or, with `schedule`, `units` taken in that order by `eliminate` ->
+    (hits per item, rows per item, score matrices)."""
     flag = dict((c, f) for c, f, _ in REGISTRY[name].columns)[REGISTRY[name].headline]
     hits, rows, mats = [], [], []
-    for t in tables:
-        sub = t[units]                                                        # (n, n_img, n_txt)
-        c = torch.ones(len(units)) if weights is None else weights
-        if schedule:
-            flat = sub.flatten(1)                                             # (n, P)
+    c = torch.ones(max(units) + 1) if weights is None else weights
 
-            def step(active, start, stop, total):
-                out = 0.0 if total is None else total
-                for u in range(start, stop):
-                    out = out + c[u] * flat[u, active]
-                return out
-            s, e = eliminate([tuple(t.shape[1:])], schedule, step)
+    def pool(values, us):
+        out = 0.0
+        for u, v in zip(us, values):
+            out = out + c[u] * v
+        return out
+    for t in tables:
+        flat = t.flatten(1)                                                   # (n_units, P)
+        if schedule:
+            s, e = eliminate([tuple(t.shape[1:])], schedule, units, lambda active, us: [flat[u, active] for u in us],
+                             pool)
             S, E = s.view(t.shape[1:]), e.view(t.shape[1:])
         else:
-            S = (c[:, None, None] * sub).sum(0) / len(units)
+            got = sorted(units)
+            S = (pool([flat[u] for u in got], got) / len(units)).view(t.shape[1:])
             E = torch.full(t.shape[1:], len(units))
         mats.append(S)
         hits.append(float(item_metrics(name, S)[flag]))
@@ -151,14 +151,15 @@ def discffusion_points(name, train_items, items, args, log):
                                         pairs_per_call=args.pairs_per_call)
         if args.checkpoint:
             m.load_trained(args.checkpoint)
-        tables[n] = unit_tables(m, items, args.pairs_per_call)
+        tables[n] = unit_tables(m, items, args, dict(task=name, items=[it.id for it in items], model=args.model,
+                                                     checkpoint=args.checkpoint, levels=n, draws=draws, seed=0))
         if n == 4:
             for d in range(1, 5):
                 out.append(summary(f"4 levels x {d} draws", *point(name, tables[4], list(range(4 * d)), False)[:2],
                                    method="discffusion", levels=4, draws=d))
             full = point(name, tables[4], list(range(16)), False)
             for sched in SCHEDULES["discffusion"] if many(items) else ():
-                hits, rows, mats = point(name, tables[4], list(range(16)), False, sched)
+                hits, rows, mats = point(name, tables[4], elimination_order(4, 4), False, sched)
                 out.append(summary("adaptive " + ",".join(f"{e}:{k}" if k else f"{e}" for e, k in sched), hits, rows,
                                    method="discffusion", adaptive=sched, same_top1=agreement(mats, full[2])))
             real = real_check(m, name, items, SCHEDULES["discffusion"][0], args) if many(items) else {}
@@ -176,16 +177,17 @@ def diffusion_itm_points(name, train_items, items, args, log):
     out = []
     m = DiffusionITM.from_pretrained(args.model, device="cpu", lam=100.0, n_timesteps=f"grid:{args.itm_max}",
                                      pairs_per_call=args.pairs_per_call)
-    order = van_der_corput(len(m.timesteps))
-    tables = [t[order] for t in unit_tables(m, items, args.pairs_per_call)]
+    order = elimination_order(len(m.timesteps), 1)                  # van der Corput: every prefix spread
+    tables = unit_tables(m, items, args, dict(task=name, items=[it.id for it in items], model=args.model,
+                                              itm=f"grid:{args.itm_max}", seed=0))
     n_max = len(order)
     for n in [b for b in ITM_BUDGETS if b < n_max] + [n_max]:
-        out.append(summary(f"{n} timesteps", *point(name, tables, list(range(n)), True)[:2], method="diffusion_itm",
+        out.append(summary(f"{n} timesteps", *point(name, tables, order[:n], True)[:2], method="diffusion_itm",
                            timesteps=n))
     for sched in SCHEDULES["diffusion_itm"] if many(items) else ():
         sched = [(min(e, n_max), k) for e, k in sched]
-        hits, rows, mats = point(name, tables, list(range(sched[-1][0])), True, sched)
-        ref = point(name, tables, list(range(sched[-1][0])), True)[2]
+        hits, rows, mats = point(name, tables, order[:sched[-1][0]], True, sched)
+        ref = point(name, tables, order[:sched[-1][0]], True)[2]
         out.append(summary("adaptive " + ",".join(f"{e}:{k}" if k else f"{e}" for e, k in sched), hits, rows,
                            method="diffusion_itm", adaptive=sched, same_top1=agreement(mats, ref)))
     log(f"{name} diffusion_itm done")
@@ -271,7 +273,10 @@ def parse_args(argv):
     p.add_argument("--itm-max", type=positive_int, default=250, help="DiffusionITM's largest budget (its grid:S)")
     p.add_argument("--methods", default="discffusion,diffusion_itm")
     p.add_argument("--pairs-per-call", type=positive_int, default=32)
-    p.add_argument("--data", help="where the instances are written (default a temporary folder)")
+    p.add_argument("--data", default=os.path.join("runs", "curve_data"),
+                   help="where the instances are written (default runs/curve_data)")
+    p.add_argument("--tables", default=os.path.join("runs", "curve_tables"),
+                   help="where the per-unit score tables are kept for reruns (default runs/curve_tables)")
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--output", default=os.path.join("docs", "curve.json"))
     p.add_argument("--figure", default=os.path.join("docs", "curve.png"))
@@ -286,7 +291,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.threads = use_threads(args.threads)
-    data = args.data or tempfile.mkdtemp(prefix="curve-")
+    data = args.data
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     results = dict(command="python -m tools.curve " + " ".join(argv or sys.argv[1:]), args=vars(args), tasks={})
     t0 = time.perf_counter()
