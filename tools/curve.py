@@ -27,6 +27,7 @@ import sys
 import time
 
 import matplotlib
+import matplotlib.ticker
 import torch
 
 matplotlib.use("Agg")
@@ -251,6 +252,8 @@ def figure(results, path):
                 ax.errorbar(x, y, yerr=err, fmt=fmt, color=colour, capsize=2, alpha=0.8, label=method + suffix,
                             markersize=8 if g == "weights" else 5)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.axhline(REGISTRY[name].chance, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{REGISTRY[name].title} ({results['tasks'][name]['items']} items)")
         ax.set_xlabel("UNet rows per item")
@@ -278,6 +281,7 @@ def parse_args(argv):
     p.add_argument("--tables", default=os.path.join("runs", "curve_tables"),
                    help="where the per-unit score tables are kept for reruns (default runs/curve_tables)")
     p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--replot", action="store_true", help="only draw --figure from an earlier run's --output")
     p.add_argument("--output", default=os.path.join("docs", "curve.json"))
     p.add_argument("--figure", default=os.path.join("docs", "curve.png"))
     args = p.parse_args(argv)
@@ -291,6 +295,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.threads = use_threads(args.threads)
+    if args.replot:
+        with open(args.output) as f:
+            figure(json.load(f), args.figure)
+        print(f"wrote {args.figure}")
+        return 0
     data = args.data
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     results = dict(command="python -m tools.curve " + " ".join(argv or sys.argv[1:]), args=vars(args), tasks={})
