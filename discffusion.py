@@ -29,7 +29,7 @@ from PIL import Image
 
 import prompt_delta
 from attention_capture import AttentionCapture, CallRecord
-from common import InputError, cut_text, default_device, pair_index, resolve_dtype, split_scores
+from common import InputError, cut_text, read_checkpoint, default_device, pair_index, resolve_dtype, split_scores
 from families import family_of
 from families.loading import DEFAULT_MODEL, load_components
 from families.joint_capture import READINGS
@@ -42,7 +42,7 @@ class Discffusion(nn.Module):
                  layers="all", pairs_per_call=16, resolution=None, resize_via=None, seed=0, keep_maps=False, name="",
                  tokenizer_2=None, text_encoder_2=None, guidance_scale=None, lora=None,
                  force_zeros_for_empty_prompt=False, tokenizer_3=None, text_encoder_3=None, max_sequence_length=None,
-                 reading="text", offload=False, text_tokens=None):
+                 reading="text", draws=None, adaptive=None, offload=False, text_tokens=None):
         super().__init__()
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = (
             tokenizer, text_encoder, vae, unet, scheduler)  # unet: the denoiser (an MMDiT transformer for SD3)
@@ -63,6 +63,9 @@ class Discffusion(nn.Module):
         self.levels = tuple(float(l) for l in levels)
         if not self.levels or not all(0 < l <= 1 for l in self.levels):
             raise InputError(f"noise levels {levels}: each must be in (0, 1]")
+        # eps per level (the ensemble is levels x draws units) and the adaptive schedule, checked against them
+        self.draws, self.adaptive = plan_units(adaptive, len(self.levels), draws)
+        self.level_logits = None                      # learned level weights (add_level_weights); None: uniform
         reading = reading or READINGS[0]                                           # joint attention: "text"
         if reading not in READINGS:
             raise InputError(f"reading {reading!r}: choose from {', '.join(READINGS)}")
@@ -82,7 +85,7 @@ class Discffusion(nn.Module):
                            layers=layers if isinstance(layers, (str, int)) else list(layers),
                            n_layers=len(self.capture.layers), pairs_per_call=self.pairs_per_call,
                            resolution=self.resolution, resize_via=resize_via, seed=self.seed, family=self.family,
-                           lora=lora, **self.fam.config(self))
+                           lora=lora, **self.fam.config(self), **self.unit_config())
 
     @classmethod
     def from_pretrained(cls, model=DEFAULT_MODEL, device=None, dtype=None, lora=None, offload=None, **options):
@@ -140,9 +143,15 @@ class Discffusion(nn.Module):
         return self.unet.dtype
 
     # ---- encoders: once per image, once per text --------------------------------------------------------------
+    def prepare_image(self, image):
+        """A decoded PIL image -> what encode_images reads of it, (R, R, 3) uint8 at the model's input size: the image
+        cache keeps this, so what a scoring call holds per image is bounded by the model's input, not the file's."""
+        return fit(image, self.resolution, self.resize_via)
+
     @torch.no_grad()
     def encode_images(self, images):
-        """PIL images -> VAE latent means, less the shift factor (SD3's VAE), times the scaling factor, (N, C, h, w)."""
+        """PIL images (or prepared ones) -> VAE latent means, less the shift factor (SD3's VAE), times the scaling
+        factor, (N, C, h, w)."""
         x = preprocess(images, self.resolution, self.resize_via)               # (N, 3, R, R)
         out = []
         for chunk in x.split(self.pairs_per_call):
@@ -184,15 +193,32 @@ class Discffusion(nn.Module):
         """The UNet's conditioning for rows of text states hidden (R, L, D): the family's (families/)."""
         return self.fam.unet_kwargs(self, hidden)
 
-    # ---- noise: one draw per level, shared by every pair ------------------------------------------------------
+    # ---- noise: draws per level, shared by every pair ---------------------------------------------------------
     def timestep(self, level):
         """Noise level l in (0, 1] -> the timestep the denoiser gets (the family's: round(l * T), or the flow's)."""
         return self.fam.timestep(self, level)
 
-    def level_noise(self, shape):
-        """eps for each ensemble level, (n_levels, *shape), a function of the seed alone."""
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randn((len(self.levels), *shape), generator=g)
+    def level_noise(self, shape, draw=0):
+        """eps for each ensemble level, (n_levels, *shape): draw `draw` of each level, a function of the seed and the
+        draw alone (draw 0 is the paper's one eps per level)."""
+        seed = self.seed if draw == 0 else int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
+        return torch.randn((len(self.levels), *shape), generator=torch.Generator().manual_seed(seed))
+
+    def units(self, shape, levels=None, noise=None):
+        """The ensemble's units (a noise level and its eps; one UNet row per pair each) -> levels (n,), eps (n, *shape).
+        Default: levels x draws, draw-major (unit d * n_levels + k is level k's draw d), so the first n_levels units
+        are the paper's ensemble. levels given: those levels at draw 0 (or `noise`)."""
+        if levels is None:
+            levels = self.levels * self.draws
+            noise = torch.cat([self.level_noise(shape, d) for d in range(self.draws)]) if noise is None else noise
+        elif noise is None:
+            noise = self.level_noise(shape)[[self.levels.index(l) for l in levels]]
+        return tuple(levels), noise
+
+    def unit_config(self):
+        """The draws and the adaptive schedule, recorded where they differ from one draw and no schedule."""
+        return {**({"draws": self.draws} if self.draws > 1 else {}),
+                **({"adaptive": [list(s) for s in self.adaptive]} if self.adaptive else {})}
 
     def add_noise(self, latents, eps, t):
         """z_t for latents (P, C, h, w), eps broadcastable to them, timestep t -> z_t and the timesteps (P,): DDPM's
@@ -230,35 +256,54 @@ class Discffusion(nn.Module):
         """One noise level's attention term (stop - start,) of rows start:stop (CachedScores' unit of work)."""
         return self.unet_pass(z_t[start:stop], ts[start:stop], hidden[start:stop], mask[start:stop])[0]
 
+    def unit(self, latents, hidden, mask, level, eps):
+        """eq. 4's f at one unit (noise level, eps) for P pairs: latents (P, 4, h, w), hidden (P, L, D), mask (P, L)
+        -> (P,). Differentiable unless under no_grad / inference_mode; with more rows than pairs_per_call the
+        trainable tensors get their gradients by `CachedScores`, pairs_per_call rows per UNet pass also in backward."""
+        z_t, ts = self.add_noise(latents, eps, self.timestep(level))
+        rows = functools.partial(self.level_rows, z_t, ts, hidden, mask)              # rows(start, stop) -> (n,)
+        params = [p for p in self.parameters() if p.requires_grad and p is not self.level_logits] if (
+            torch.is_grad_enabled()) else []
+        if params and z_t.shape[0] > self.pairs_per_call:                             # more rows than one chunk
+            return CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type, self.capture,
+                                      *params)
+        return rows(0, z_t.shape[0])
+
+    def weigh(self, per_unit, levels, total=0.0):
+        """sum_u c_u f_u over the units in order, added onto `total`: c_u = 1 (the uniform ensemble), or with learned
+        level weights c_u = n_levels softmax(w)[level of u], so that the mean over any units of whole draws (or a
+        training step's one drawn level, in expectation) is the weighted ensemble sum_l softmax(w)_l f_l."""
+        c = None if self.level_logits is None else self.level_logits.softmax(0) * len(self.levels)
+        for level, f in zip(levels, per_unit):
+            total = total + (f if c is None else c[self.levels.index(level)].to(f.dtype) * f)
+        return total
+
     def ensemble(self, latents, hidden, mask, levels=None, noise=None):
-        """eq. 4's f(y, x) averaged over the noise-level ensemble, for P pairs: latents (P, 4, h, w), hidden (P, L, D),
-        mask (P, L) -> (P,) float32.
+        """eq. 4's f(y, x) averaged over the ensemble's units (levels x draws; `units`), for P pairs: latents
+        (P, 4, h, w), hidden (P, L, D), mask (P, L) -> (P,) float32. levels / noise: other units (a training step's
+        one level and eps)."""
+        levels, noise = self.units(latents.shape[1:], levels, noise)
+        per_unit = [self.unit(latents, hidden, mask, level, eps) for level, eps in zip(levels, noise)]
+        return (self.weigh(per_unit, levels) / len(levels)).float()
 
-        levels: the noise levels to average (default the ensemble); noise: eps per level (n_levels, 4, h, w),
-        default the seed's draw. Differentiable (for training) unless called under no_grad/inference_mode; with more
-        rows than pairs_per_call the trainable tensors get their gradients by `CachedScores`, pairs_per_call rows per
-        UNet pass also in backward (one chunk: one plain pass).
-        """
-        levels = self.levels if levels is None else tuple(levels)
-        if noise is None:
-            noise = self.level_noise(latents.shape[1:])
-            noise = noise[[self.levels.index(l) for l in levels]] if levels != self.levels else noise
-        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        total = 0.0
-        for level, eps in zip(levels, noise):
-            z_t, ts = self.add_noise(latents, eps, self.timestep(level))
-            rows = functools.partial(self.level_rows, z_t, ts, hidden, mask)          # rows(start, stop) -> (n,)
-            if params and z_t.shape[0] > self.pairs_per_call:                         # more rows than one chunk
-                total = total + CachedScores.apply(rows, z_t.shape[0], self.pairs_per_call, self.device.type,
-                                                   self.capture, *params)
-            else:
-                total = total + rows(0, z_t.shape[0])
-        return (total / len(levels)).float()
+    def adaptive_scores(self, latents, hidden, mask, shapes):
+        """`eliminate` over the call's pairs: each stage runs its units on the pairs still in -> scores (P,) float32,
+        UNet rows per pair (P,)."""
+        levels, noise = self.units(latents.shape[1:])
 
-    def score_items(self, items, train=False, generator=None):
+        def run(active, units):                                                # each unit's f of the pairs in
+            part = [x[active] for x in (latents, hidden, mask)]
+            return [self.unit(*part, levels[u], noise[u]) for u in units]
+        return eliminate(shapes, self.adaptive, elimination_order(len(self.levels), self.draws), run,
+                         lambda values, units: self.weigh(values, [levels[u] for u in units]))
+
+    def score_items(self, items, train=False, generator=None, spent=None, per_unit=False):
         """Score matrices for several matching problems at once.
 
-        items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]. With train=True one level is drawn
+        items: [(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; per_unit: each unit's f instead,
+        [Tensor (levels x draws, len(images), len(texts))] (the frozen scores level weights are fit on). spent: a list that receives, per
+        item, {"evaluations": units per pair (len(images), len(texts)), "rows": its UNet rows}; with an adaptive
+        schedule the candidates eliminated early have fewer (`eliminate`). With train=True one level is drawn
         from the ensemble and one eps from `generator`, shared by every pair of the call (a positive and its
         negatives see the same noise), and gradients flow to the trainable tensors (with gradient checkpointing,
         inside the caller's `with model.capture:`, held until after the backward).
@@ -279,7 +324,19 @@ class Discffusion(nn.Module):
                 flat = self.ensemble(*args, levels=[self.levels[k]], noise=eps)          # Alg. 1 l.12-15
         else:
             with torch.inference_mode(), self.capture:
-                flat = self.ensemble(*args)                                               # Alg. 1 l.12-15
+                if per_unit:
+                    units = zip(*self.units(latents.shape[1:]))
+                    flat = torch.stack([self.unit(*args, level, eps) for level, eps in units]).float()  # (n, P)
+                elif self.adaptive:
+                    flat, evals = self.adaptive_scores(*args, shapes)                     # Alg. 1 l.12-15
+                else:
+                    flat = self.ensemble(*args)                                           # Alg. 1 l.12-15
+                    evals = torch.full(flat.shape, len(self.levels) * self.draws)
+            if per_unit:                                      # a normal tensor, for fitting level weights on
+                return [f.reshape(-1, *shape).clone() for f, shape in zip(flat.cpu().split(
+                    [a * b for a, b in shapes], 1), shapes)]
+            if spent is not None:
+                spent += [dict(evaluations=e, rows=int(e.sum())) for e in split_scores(evals, shapes)]
         return split_scores(flat if train else flat.cpu(), shapes)
 
     # ---- the few-shot prompts of §4.5 (the uniform interface train.py / evaluate.py drive for every method) ----
@@ -288,16 +345,37 @@ class Discffusion(nn.Module):
         return self.capture.add_trainable()
 
     def trainable_parameters(self):
-        """p^k, p^v of every selected layer and the head-weight logits (after add_trainable or load_trained)."""
-        return self.capture.trainable_parameters()
+        """p^k, p^v of every selected layer and the head-weight logits (after add_trainable or load_trained), and the
+        level-weight logits once added (`add_level_weights`)."""
+        return self.capture.trainable_parameters() + ([self.level_logits] if self.level_logits is not None else [])
+
+    def add_level_weights(self):
+        """One weight per noise level, softmax-normalised, zero (uniform: the scores stay bit for bit while the
+        levels are 2^k in number, else within rounding) until trained -> the logits (n_levels,) float32."""
+        if self.level_logits is None:
+            self.level_logits = nn.Parameter(torch.zeros(len(self.levels), device=self.device))
+        return self.level_logits
 
     def save_trained(self, path, training_args=None):
         self.add_trainable()
-        prompt_delta.save(path, self.capture, self.name, training_args, self.family)
+        prompt_delta.save(path, self.capture, self.name, training_args, self.family, self.levels, self.level_logits)
 
     def load_trained(self, path):
         self.add_trainable()
-        return prompt_delta.load(path, self.capture, self.family, self.name)
+        extra = self.stored_level_weights(path, read_checkpoint(path, tensors=False)[0])
+        return prompt_delta.load(path, self.capture, self.family, self.name, extra)
+
+    def stored_level_weights(self, path, meta):
+        """{"level_logits": this model's logits} if the file `path` (its metadata `meta`) holds level weights, added
+        here (for the file's tensors to be copied into), else {}; weights learned for other levels are an InputError."""
+        if "levels" not in meta:
+            return {}
+        levels = meta["levels"]
+        if not (isinstance(levels, list) and all(type(x) in (int, float) for x in levels)
+                and [float(x) for x in levels] == list(self.levels)):
+            raise InputError(f"checkpoint {path}: its level weights were learned for noise levels {meta['levels']}, "
+                             f"this model has {list(self.levels)}: pass the same --levels (or --itm-timesteps)")
+        return {"level_logits": self.add_level_weights()}
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
@@ -334,6 +412,95 @@ class CachedScores(torch.autograd.Function):
         return (None, None, None, None, None, *total)
 
 
+# ---- adaptive candidate elimination (evaluation): Diffusion Classifier's, on the ensemble's units ------------------
+
+def plan_units(schedule, per_draw, draws=None):
+    """(draws, schedule) for an ensemble of per_draw units per draw: schedule [(evals, keep), ...] with increasing
+    evals (keep None on the last stage: it only ranks) or None; draws None: as many as the schedule's last stage needs
+    (1 without a schedule). A stage beyond levels x draws units is an InputError."""
+    if draws is not None and int(draws) < 1:
+        raise InputError(f"draws {draws}: must be at least 1")
+    if not schedule:
+        return int(draws or 1), None
+    schedule = [(int(e), None if k is None else int(k)) for e, k in schedule]
+    last = schedule[-1][0]
+    draws = int(draws or -(-last // per_draw))
+    evals = [e for e, _ in schedule]
+    if evals != sorted(set(evals)) or evals[0] < 1 or any(k is None or k < 1 for _, k in schedule[:-1]):
+        raise InputError(f"adaptive schedule {schedule}: evaluations must increase from at least 1, and every stage "
+                         "but the last keeps at least 1 candidate")
+    if last > per_draw * draws:
+        raise InputError(f"adaptive schedule {schedule}: its last stage needs {last} evaluations per candidate, the "
+                         f"ensemble has {per_draw} x {draws} draws = {per_draw * draws} units: raise --draws")
+    return draws, schedule
+
+
+def van_der_corput(n):
+    """0..n-1 in base-2 van der Corput order (0, n/2, n/4, 3n/4, ...): every prefix spread over the range."""
+    def radical(k):
+        x, f = 0.0, 0.5
+        while k:
+            x, k, f = x + f * (k & 1), k >> 1, f / 2
+        return x
+    return sorted(range(n), key=radical)
+
+
+def elimination_order(per_draw, draws):
+    """The order an adaptive schedule takes the units in: each draw's levels (or timesteps) in van der Corput order,
+    draw after draw, so every stage's units spread over the levels (4 levels: 0.2, 0.6, 0.4, 0.8)."""
+    return [d * per_draw + k for d in range(draws) for k in van_der_corput(per_draw)]
+
+
+def eliminate(shapes, schedule, order, run, pool):
+    """Adaptive candidate elimination over the pairs of one call (in `pair_index` order), in the manner of Diffusion
+    Classifier's --to_keep / --n_samples: shapes [(n_img, n_txt)] of the items, schedule [(evals, keep)], order: the
+    units in the order the stages take them; run(active (A,), units) -> [(A,)] each unit's scores of those pairs;
+    pool(values, units) -> their sum (the ensemble's weights applied), added in the order given.
+
+    An item with one image and more than two texts (or one text and more than two images) is adaptive: after each
+    stage but the last its candidates still in are ranked by their mean over the units so far (all on the same units)
+    and the best `keep` go on (a tie at the cut keeps the earlier candidate); every other pair gets every stage.
+    -> scores (P,) float32: each candidate's mean over its units, summed in the units' own order (so a pair that got
+    every unit scores bit for bit as in `ensemble`), a candidate that stopped earlier shifted below every one that
+    went further (`rank_below`); and its evaluations (P,)."""
+    P = sum(a * b for a, b in shapes)
+    ends = torch.tensor([a * b for a, b in shapes]).cumsum(0).tolist()
+    items = [(end - a * b, end) for (a, b), end in zip(shapes, ends) if min(a, b) == 1 and max(a, b) > 2]
+    active, table, start = torch.arange(P), None, 0
+    means, evals, reached = torch.zeros(P), torch.zeros(P, dtype=torch.long), torch.zeros(P, dtype=torch.long)
+    for s, (stop, keep) in enumerate(schedule):
+        new = order[start:stop]
+        values = run(active, new)                                                 # [(A,)] per new unit
+        table = torch.zeros((len(order), P), dtype=values[0].dtype) if table is None else table
+        for u, v in zip(new, values):
+            table[u, active] = v
+        got = sorted(order[:stop])
+        means[active] = (pool([table[u, active] for u in got], got) / stop).float()   # as `ensemble` divides it
+        evals[active], reached[active], start = stop, s, stop
+        if s < len(schedule) - 1:
+            out = torch.zeros(P, dtype=torch.bool)
+            for lo, hi in items:
+                pairs = active[(active >= lo) & (active < hi)]
+                out[pairs[means[pairs].sort(descending=True, stable=True).indices[keep:]]] = True
+            active = active[~out[active]]
+    for lo, hi in items:
+        means[lo:hi] = rank_below(means[lo:hi], reached[lo:hi])
+    return means, evals
+
+
+def rank_below(means, reached):
+    """One item's candidates: means (n,) and the stage each reached (n,) -> scores in the order (stage reached,
+    mean): those of the furthest stage keep their means, each earlier stage's are shifted to lie at least 1 below
+    the lowest score of the stages after it (their order among themselves kept)."""
+    out, floor = means.clone(), None
+    for s in reached.unique(sorted=True).flip(0).tolist():
+        m = reached == s
+        if floor is not None:
+            out[m] = means[m] - means[m].max() + floor - 1
+        floor = out[m].min()
+    return out
+
+
 def check_captions(items, mask):
     """An InputError naming the first item (its index in the call) with a text that has no real token: an empty
     caption would score a constant 0 against every image (eq. 4's mean over no tokens)."""
@@ -348,15 +515,24 @@ def check_captions(items, mask):
 
 
 def preprocess(images, resolution, resize_via=None):
-    """PIL images -> (N, 3, R, R) in [-1, 1]. resize_via=224 reproduces the paper's 224-then-512 setting (Table 2)."""
-    out = []
-    for image in images:
-        image = to_rgb(image)
-        if resize_via:
-            image = image.resize((resize_via, resize_via), Image.BICUBIC)
-        image = image.resize((resolution, resolution), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return torch.stack(out)
+    """PIL images, or ones `fit` already prepared -> (N, 3, R, R) in [-1, 1]."""
+    out = [np.asarray(fit(image, resolution, resize_via), dtype=np.float32) / 127.5 - 1.0 for image in images]
+    return torch.stack([torch.from_numpy(x).permute(2, 0, 1) for x in out])               # (N, 3, R, R)
+
+
+def fit(image, resolution, resize_via=None):
+    """A PIL image -> the (R, R, 3) uint8 RGB array the VAE encodes: to_rgb, bicubic to R x R (resize_via=224 first:
+    the paper's 224-then-512 setting, Table 2). An array is one already fitted (`Discffusion.prepare_image`, what the
+    image cache keeps instead of the full-size image) and passes as it is, so nothing is resized twice."""
+    if isinstance(image, np.ndarray):
+        if image.shape != (resolution, resolution, 3) or image.dtype != np.uint8:
+            raise ValueError(f"a prepared image must be a ({resolution}, {resolution}, 3) uint8 array, got "
+                             f"{image.shape} {image.dtype}")
+        return image
+    image = to_rgb(image)
+    if resize_via:
+        image = image.resize((resize_via, resize_via), Image.BICUBIC)
+    return np.asarray(image.resize((resolution, resolution), Image.BICUBIC))
 
 
 def to_rgb(image):

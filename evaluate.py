@@ -4,6 +4,8 @@
     python evaluate.py --model PATH_OR_ID                  # every data set found under --data-root (default data/)
     python evaluate.py --suite gdbench                     # GDBench / compositional: one table, bias table
                                                            # (docs/gdbench.md; --prefilter-k, --ties first)
+    python evaluate.py --dataset flickr30k_text --adaptive 2:3,16  # every candidate 2 units, the best 3 go on to 16
+                                                           # (--draws, learned level weights: docs/budget.md)
 
 The protocol, read in `run`: load every data set asked for (datasets.REGISTRY; with no --dataset, one sub-folder per
 data set under --data-root, and with none there, the embedded shapes world), then for each method (methods.build, with
@@ -56,9 +58,11 @@ def pair_chunks(items, pairs):
 
 
 def score_groups(model, groups, desc=None, on_group=None):
-    """[(item, score matrix)] for every item of `groups` whose images open, and [(item id, error)] for those that do
-    not; one score_items call per group. on_group(scored, [(item, error)]) runs after each group (the partial file)."""
-    scored, unreadable, cache = [], [], ImageCache()
+    """[(item, score matrix, {evaluations, rows} or {})] for every item of `groups` whose images open (the cost as the
+    model's score_items reports it), and [(item id, error)] for those that do not; one score_items call per group.
+    on_group(scored, [(item, error)]) runs after each group (the partial file). Each image is held as the model
+    prepares it (`prepare_image`: at its input size), not at the file's size."""
+    scored, unreadable, cache = [], [], ImageCache(prepare=getattr(model, "prepare_image", None))
     with tqdm(total=sum(map(len, groups)), desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
               disable=not PartialState().is_main_process) as bar:
         for group in groups:
@@ -68,14 +72,16 @@ def score_groups(model, groups, desc=None, on_group=None):
                     loaded.append((item, cache.load(item.images)))
                 except Exception as e:  # corrupt / truncated / not an image: skip this item only
                     bad.append((item, f"{type(e).__name__}: {e}"))
-            done = []
+            done, spent = [], []
             if loaded:
                 try:
-                    mats = model.score_items([(ims, item.texts) for item, ims in loaded])
+                    mats = model.score_items([(ims, item.texts) for item, ims in loaded], spent=spent)
                 except InputError as e:  # e.g. an empty caption, named by its place in the call: name the items
                     ids = ", ".join(str(item.id) for item, _ in loaded)
                     raise InputError(f"{e} (the call's items in order: {ids})") from None
-                done = [(item, finite(item, s.detach().float().cpu())) for (item, _), s in zip(loaded, mats)]
+                spent = spent or [{}] * len(mats)                         # a scorer without UNet rows (CLIP)
+                done = [(item, finite(item, s.detach().float().cpu()), cost)
+                        for (item, _), s, cost in zip(loaded, mats, spent)]
             scored += done
             unreadable += [(item.id, e) for item, e in bad]
             if on_group:
@@ -103,8 +109,9 @@ def score_all(model, items, pairs, desc, store=None):
     groups = [g for g in pair_chunks(items, pairs) if not all(where[id(item)] in done for item in g)]
 
     def record(scored, unreadable):
-        new = [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, scores=s)
-               for item, s in scored]
+        new = [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, scores=s,
+                    **({"evaluations": cost["evaluations"].tolist(), "rows": cost["rows"]} if cost else {}))
+               for item, s, cost in scored]
         new += [dict(k=where[id(item)], id=item.id, content=item_digest(item, hashes) if out else None, error=e)
                 for item, e in unreadable]
         mine.extend(new)
@@ -136,7 +143,9 @@ def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="er
     of items the --prefilter-k filter lost, counted as scored with that (losing) matrix."""
     records = score_all(model, items, pairs, desc or name, store)
     scored = [(items[k], torch.as_tensor(r["scores"])) for k, r in records if "scores" in r]    # kept: lists
+    costs = [{c: r[c] for c in ("evaluations", "rows") if c in r} for _, r in records if "scores" in r]
     scored += list(misses)
+    costs += [{}] * len(misses)
     lost = {id(item) for item, _ in misses}
     unreadable = [(r["id"], r["error"]) for _, r in records if "error" in r]
     judge = prefer_true if ties == "first" else (lambda s: s)
@@ -145,13 +154,15 @@ def evaluate_items(model, name, items, pairs=16, desc=None, store=None, ties="er
     tied_ids = [item.id for item, s in scored if tied(name, s)]
     cis = intervals(name, records)
     cis["ci"] = {**out.pop("ci", {}), **cis["ci"]}                      # set-level columns' intervals from summarize
+    rows = [c["rows"] for c in costs if "rows" in c]
     out.update(n_items=len(records), unreadable=len(unreadable),
+               rows_per_item=sum(rows) / len(rows) if rows else None,
                unreadable_items=[f"{i}: {e}" for i, e in unreadable[:MAX_LISTED]],
                ties=len(tied_ids), tied_items=tied_ids[:MAX_LISTED], tie_rule=ties, **cis)
     out["items"] = [dict(id=item.id, category=item.category, scores=s.tolist(), **m,
                          **({"texts": list(item.texts)} if item.meta.get("generated") else {}),
-                         **({"prefilter_miss": True} if id(item) in lost else {}))
-                    for (item, s), (_, m) in zip(scored, records)]
+                         **({"prefilter_miss": True} if id(item) in lost else {}), **cost)
+                    for (item, s), (_, m), cost in zip(scored, records, costs)]
     return out
 
 

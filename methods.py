@@ -97,12 +97,14 @@ def build(method, args, checkpoint=None):
                     max_sequence_length=option(args, "max_sequence_length", recorded),
                     offload=getattr(args, "offload", None), text_tokens=option(args, "text_tokens", recorded))
         model_id = option(args, "model")
+        units = dict(draws=getattr(args, "draws", None), adaptive=getattr(args, "adaptive", None))
         if method == "discffusion" and getattr(args, "preset", None) != "official":
-            model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts)
+            model = Discffusion.from_pretrained(model_id, levels=args.levels, **shared, **opts, **units)
         else:  # DiffusionITM, or the official code's Discffusion score (attention + DiffusionITM term)
             model = DiffusionITM.from_pretrained(model_id, variant=option(args, "itm_variant"),
                                                  n_timesteps=option(args, "itm_timesteps", recorded),
-                                                 uncond_attention=option(args, "uncond_attention"), **shared, **opts)
+                                                 uncond_attention=option(args, "uncond_attention"), **shared, **opts,
+                                                 **units)
     if meta.get("format") == prompt_delta.FORMAT and isinstance(model, DiffusionITM):
         model.core.load_trained(checkpoint)  # p^k, p^v scored the official way
     elif checkpoint:
@@ -138,6 +140,23 @@ def _layers(text):
         return [n.strip() for n in text.split(",") if n.strip()]
     raise argparse.ArgumentTypeError(f"expected 'all', 'official', a positive number of last layers or comma-separated "
                                      f"attn2 names, got {text!r}")
+
+
+def _schedule(text):
+    """"4:5,16:1" -> [(4, 5), (16, 1)]: every candidate gets 4 evaluations, the best 5 go on to 16 (the last keep
+    only names how many are ranked: it may be left out, "4:5,16")."""
+    try:
+        stages = [tuple(int(x) for x in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        stages = None
+    if not stages or any(len(s) != 2 or min(s) < 1 for s in stages[:-1]) or len(stages[-1]) not in (1, 2) or min(
+            stages[-1]) < 1:
+        raise argparse.ArgumentTypeError(f"expected EVALS:KEEP,...,EVALS[:KEEP] with positive numbers, like 4:5,16:1, "
+                                         f"got {text!r}")
+    out = [(e, k) for e, k in stages[:-1]] + [(stages[-1][0], stages[-1][1] if len(stages[-1]) == 2 else None)]
+    if [e for e, _ in out] != sorted({e for e, _ in out}):
+        raise argparse.ArgumentTypeError(f"the evaluations must increase from stage to stage, got {text!r}")
+    return out
 
 
 def _timesteps(text):
@@ -190,6 +209,14 @@ def add_model_args(p):
                                                   "(the public code's six) or comma-separated attn2 names")
     g.add_argument("--levels", type=_levels, default=LEVELS, help="noise levels, comma-separated (default "
                    + ",".join(map(str, LEVELS)) + ")")
+    g.add_argument("--draws", type=positive_int,
+                   help="independent eps per noise level (DiffusionITM: per timestep): the ensemble is levels x draws "
+                        "units, each a UNet row per pair, all shared by an item's candidates (default 1; with "
+                        "--adaptive: as many as its last stage needs)")
+    g.add_argument("--adaptive", type=_schedule, metavar="EVALS:KEEP,...",
+                   help="adaptive candidate elimination for items with one image and >2 texts or one text and >2 "
+                        "images (Diffusion Classifier's): e.g. 4:5,16:1 = every candidate gets 4 units, the best 5 go "
+                        "on to 16; the others rank below them (docs/budget.md)")
     g.add_argument("--resolution", type=image_size(8), help="input resolution in pixels, a multiple of 8 up to "
                                                             f"{MAX_SIZE} (default: the model's native size)")
     g.add_argument("--reading", choices=READINGS,

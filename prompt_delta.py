@@ -55,20 +55,22 @@ def state(capture):
     return out
 
 
-def save(path, capture, base_model, training_args=None, family=None):
+def save(path, capture, base_model, training_args=None, family=None, levels=None, level_logits=None):
     """One safetensors file: p^k, p^v, head logits per layer, and metadata describing where they belong (the model
-    family too: families/)."""
-    save_tensors(path, state(capture), {
+    family too: families/); with learned level weights, their logits and the noise levels they weigh."""
+    extra = {} if level_logits is None else {"level_logits": level_logits}
+    save_tensors(path, state(capture) | extra, {
         "format": FORMAT, "base_model": base_model, "family": family, "layers": capture.layers,
         "scorer": {"lam": capture.lam, "pooling": capture.pooling},  # the deltas were learned under these
-        "training_args": training_args or {}})
+        "training_args": training_args or {}, **({"levels": list(levels)} if extra else {})})
 
 
-def load(path, capture, family=None, base_model=None):
+def load(path, capture, family=None, base_model=None, extra=None):
     """Load a file written by `save` into the capture's deltas; a family, layer or shape mismatch is an InputError
     naming it (a file without a family, written before families were recorded, loads wherever its layers fit).
     base_model: this model's name; a file recorded for another one (shapes matching) is warned about, as DiffusionITM
-    and CLIP files are (a hub id and its local copy are the same model)."""
+    and CLIP files are (a hub id and its local copy are the same model). extra: {name: tensor} the file holds too
+    (the level-weight logits)."""
     meta, tensors = read_checkpoint(path)
     if meta.get("format") != FORMAT:
         raise InputError(f"checkpoint {path} is not a Discffusion prompt-delta file (no format metadata)")
@@ -83,7 +85,7 @@ def load(path, capture, family=None, base_model=None):
         lacking = sorted(set(capture.layers) - set(saved_layers))
         raise InputError(f"checkpoint {path} (base model {meta.get('base_model')}) was trained on other "
                          f"cross-attention layers: not in this model {extra[:3]}, not in the checkpoint {lacking[:3]}")
-    own = state(capture)
+    own = state(capture) | (extra or {})
     check_tensors(path, tensors, own, f" (base model {meta.get('base_model')})")
     if base_model is not None and meta.get("base_model") != base_model:
         warnings.warn(f"{path}: trained on {meta.get('base_model')!r}, loading onto {base_model!r} (shapes match)")

@@ -24,7 +24,7 @@ import triplet_loss
 from baselines.diffusion_itm import hardneg_loss
 from common import InputError
 from datasets import REGISTRY, ImageCache, add_data_args
-from evaluate import evaluate_items
+from evaluate import evaluate_items, pair_chunks
 from tools import cli, processes, resume, training
 from tools.cli import ArgumentParser, Interrupted, number, positive, positive_int, run_cli
 
@@ -49,6 +49,17 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=number(low=0), default=0.1, help="M of eq. 6")
     p.add_argument("--negatives", default="hardest", choices=("hardest", "mean"))
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory in the UNet")
+    w = p.add_argument_group("level weights (one per noise level / DiffusionITM timestep, softmax, uniform at 0)")
+    w.add_argument("--level-weights", action="store_true",
+                   help="discffusion: train them with the deltas (each step weighs its drawn level by n_levels x "
+                        "its weight, so the steps average to the weighted ensemble)")
+    w.add_argument("--fit-level-weights", action="store_true",
+                   help="fit them alone, in seconds, on the frozen per-level scores of the training split (one pass: "
+                        "levels x draws rows per pair), instead of the training loop; --checkpoint: on trained "
+                        "deltas / LoRA")
+    w.add_argument("--checkpoint", help="with --fit-level-weights: the trained file whose frozen tensors are scored "
+                                        "(default none: the pretrained model)")
+    w.add_argument("--fit-steps", type=positive_int, default=300, help="full-batch AdamW steps of the fit (lr 0.05)")
     training.add_run_args(p)                    # --output-dir, --resume, --save-every, --eval-*, --compare
     methods.add_model_args(p)                 # --model, --precision, --seed, the scorer's options
     add_data_args(p)
@@ -93,7 +104,7 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.mixed_precision(model, params)
     start, history = resume.restore(args, params, opt, scaler, log)   # --resume, else (0, [])
-    images, unreadable = ImageCache(), {u for h in history for u in h.get("unreadable", [])}
+    images, unreadable = ImageCache(prepare=model.prepare_image), {u for h in history for u in h.get("unreadable", [])}
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                disable=not dist.is_main_process)
     t0 = time.time()
@@ -141,10 +152,74 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     return history
 
 
+def frozen_level_scores(model, items, pairs_per_call):
+    """Every unit's score of `items` once, frozen (`per_unit`), averaged over the draws -> [(n_levels, n_img, n_txt)]
+    (the items whose images open)."""
+    cache, frozen = ImageCache(prepare=model.prepare_image), []
+    for group in tqdm(list(pair_chunks(items, pairs_per_call)), desc="per-level scores", dynamic_ncols=True,
+                      disable=not PartialState().is_main_process):
+        loaded, _ = training.load_batch(cache, group, set(), len(items))
+        frozen += model.score_items(loaded, per_unit=True)                 # [(levels x draws, n_img, n_txt)]
+    n = len(model.levels if hasattr(model, "levels") else model.timesteps)
+    return [f.view(-1, n, *f.shape[1:]).mean(0) for f in frozen]
+
+
+def fit_weights(logits, frozen, steps=300, weight_decay=1e-2):
+    """Fit level-weight logits (n_levels,) in place on frozen per-level scores [(n_levels, n_img, n_txt)]: full-batch
+    AdamW on the cross-entropy over each item's candidates with a learned scale (set at first so that the scores' gaps
+    within items are about 1). eq. 6's hinge with a margin above the scores' gaps is linear in the weights and only
+    picks the single best level of the training items. -> (loss, training accuracy) before and after."""
+    frozen = [f.to(logits.device) for f in frozen]
+    gaps = torch.cat([(S - S.flatten()[0]).flatten()[1:] for S in (f.mean(0) for f in frozen)])
+    log_scale = (-gaps.std().clamp_min(1e-8).log()).reshape(1).requires_grad_()   # unit gaps at the start
+
+    def scored():
+        pi = logits.softmax(0)[:, None, None]
+        return [(pi * f).sum(0) for f in frozen]                             # eq. 4 with the level weights
+
+    def measure():
+        mats = scored()
+        return dict(loss=triplet_loss.ce_loss([m * log_scale.exp() for m in mats]).item(),
+                    train_acc=sum(map(triplet_loss.correct, mats)) / len(mats))
+    opt = torch.optim.AdamW([logits, log_scale], lr=0.05, weight_decay=weight_decay)
+    with torch.no_grad():
+        before = measure()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        triplet_loss.ce_loss([m * log_scale.exp() for m in scored()]).backward()
+        opt.step()
+    with torch.no_grad():
+        return before, measure()
+
+
+def fit_level_weights(model, items, args, log=print):
+    """--fit-level-weights: the level weights alone on the frozen per-level scores of the training items
+    (`frozen_level_scores`, `fit_weights`) -> the fit's record."""
+    frozen = frozen_level_scores(model, items, args.pairs_per_call)
+    logits = model.add_level_weights()                                      # (n_levels,) zero: uniform
+    before, after = fit_weights(logits, frozen, args.fit_steps, args.weight_decay)
+    weights = logits.detach().softmax(0).tolist()
+    log(f"level weights fit on {len(frozen)} items: {', '.join(f'{w:.3f}' for w in weights)}; loss "
+        f"{before['loss']:.4f} -> {after['loss']:.4f}, training accuracy {before['train_acc']:.2f} -> "
+        f"{after['train_acc']:.2f}")
+    return dict(uniform=before, fitted=after, weights=weights, items=len(frozen))
+
+
 def build(args):
-    """The method's model and its trained tensors (zero-initialised p^k, p^v and head logits for Discffusion)."""
+    """The method's model and its trained tensors (zero-initialised p^k, p^v and head logits for Discffusion; with
+    --level-weights the level-weight logits too); --fit-level-weights: the model with --checkpoint's frozen tensors,
+    nothing to train but the level weights (`fit_level_weights`)."""
+    if args.fit_level_weights:
+        if args.method not in ("discffusion", "diffusion_itm"):
+            raise InputError(f"--fit-level-weights: {args.method} has no noise levels")
+        return methods.build(args.method, args, args.checkpoint), []
     model = methods.build(args.method, args)
     params = model.add_trainable()
+    if args.level_weights:
+        if args.method != "discffusion":
+            raise InputError(f"--level-weights trains with Discffusion's deltas; for {args.method} fit them alone "
+                             "(--fit-level-weights)")
+        params = params + [model.add_level_weights()]
     if args.gradient_checkpointing:
         if not hasattr(model, "unet"):
             raise InputError(f"--gradient-checkpointing applies to the diffusion methods, not {args.method}")
@@ -173,10 +248,13 @@ def run(args, argv):
             results["zero_shot"] = evaluate_items(model, name, test_items, args.pairs_per_call,
                                                          desc="zero-shot")
     t = time.time()
-    # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes; the capture held through every backward
-    # (gradient checkpointing re-runs its processors there)
-    with cli.stops(argv) as stop, model.capture:
-        history = train(args, model, params, train_items, test_items, stop=stop)
+    if args.fit_level_weights:                                        # the frozen per-level scores, seconds
+        results["level_fit"], history = fit_level_weights(model, train_items, args), []
+    else:
+        # Ctrl-C / SIGTERM: end the step, checkpoint, the command that resumes; the capture held through every
+        # backward (gradient checkpointing re-runs its processors there)
+        with cli.stops(argv) as stop, model.capture:
+            history = train(args, model, params, train_items, test_items, stop=stop)
     training.save_training(model, results, history, time.time() - t, args)   # the trained tensors, the history
     results["few_shot"] = evaluate_items(model, name, test_items, args.pairs_per_call, desc="few-shot")
     del model

@@ -130,9 +130,18 @@ class ClipMatcher(nn.Module):
 
     # ---- encoders ----
 
+    def prepare_image(self, image):
+        """A decoded PIL image -> its processed pixels (3, 224, 224), what the image cache keeps (bounded by CLIP's
+        input, not the file's); a tensor is already prepared and passes as it is. Each image is processed alone, so
+        its pixels never depend on its batch-mates."""
+        if isinstance(image, torch.Tensor):
+            return image
+        return self.image_processor([to_rgb(image)], return_tensors="pt").pixel_values[0]
+
     def image_features(self, images):
-        """PIL images -> L2-normalised CLIP image features (N, P); the vision tower is frozen in both methods."""
-        pixels = self.image_processor([to_rgb(im) for im in images], return_tensors="pt").pixel_values
+        """PIL images (or prepared ones) -> L2-normalised CLIP image features (N, P); the vision tower is frozen in
+        both methods."""
+        pixels = torch.stack([self.prepare_image(im) for im in images])
         pixels = pixels.to(self.device, self.clip.dtype)                                      # (N, 3, 224, 224)
         with torch.no_grad():
             pooled = self.clip.vision_model(pixel_values=pixels).pooler_output                # (N, Dv)
@@ -194,11 +203,12 @@ class ClipMatcher(nn.Module):
             flat.append((img[i] * txt).sum(-1))                                               # (chunk,)
         return split_scores(torch.cat(flat), shapes)
 
-    def score_items(self, items, train=False, generator=None):
+    def score_items(self, items, train=False, generator=None, spent=None):
         """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
 
         train=True: gradients reach trainable_parameters() and tensors stay on the model's device; otherwise CPU
-        float tensors without a graph. `generator` is unused (no randomness here), kept for the common interface."""
+        float tensors without a graph. `generator` and `spent` are unused (no randomness, no UNet rows here), kept for
+        the common interface."""
         self.train(train)
         self.clip.eval()  # frozen encoders (CLIP has no dropout by default; keep them deterministic anyway)
         if train:

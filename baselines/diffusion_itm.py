@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import InputError, check_tensors, copy_tensors, meta_value, read_checkpoint, save_tensors, split_scores
-from discffusion import DEFAULT_MODEL, Discffusion
+from discffusion import DEFAULT_MODEL, Discffusion, eliminate, elimination_order, plan_units
 
 VARIANTS = ("itm", "classifier", "combined")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -78,7 +78,7 @@ def official_timesteps(T=1000, steps=OFFICIAL_STEPS):
 
 class DiffusionITM(nn.Module):
 
-    def __init__(self, core, variant="itm", n_timesteps=10, uncond_attention=False):
+    def __init__(self, core, variant="itm", n_timesteps=10, uncond_attention=False, draws=None, adaptive=None):
         super().__init__()
         if variant not in VARIANTS:
             raise InputError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
@@ -93,19 +93,23 @@ class DiffusionITM(nn.Module):
         T = core.scheduler.config.num_train_timesteps
         self.timesteps = timestep_list(n_timesteps, T)
         core.levels = tuple(t / T for t in self.timesteps)          # the core's noise schedule becomes ours
-        core.config["levels"] = list(core.levels)
+        core.draws, core.adaptive = plan_units(adaptive, len(self.timesteps), draws)   # units: timesteps x draws
+        core.config = {k: v for k, v in core.config.items() if k not in ("draws", "adaptive")} | dict(
+            levels=list(core.levels), **core.unit_config())
         # what the denoiser gets for each: the same t (DDPM), or the flow scheduler's shifted sigma * T (SD3)
         self.denoiser_t = {t: core.timestep(l) for t, l in zip(self.timesteps, core.levels)}
         self.lora = None                                             # {rank, alpha, targets} once add_lora ran
 
     @classmethod
-    def from_pretrained(cls, model=DEFAULT_MODEL, variant="itm", n_timesteps=10, uncond_attention=False, **options):
+    def from_pretrained(cls, model=DEFAULT_MODEL, variant="itm", n_timesteps=10, uncond_attention=False, draws=None,
+                        adaptive=None, **options):
         """A hub id or local diffusers folder; `options` go to Discffusion.from_pretrained (device, dtype, seed,
         pairs_per_call; resolution, pooling and layers of the `combined` attention term, ...), except `levels`: the
-        timesteps are n_timesteps."""
+        timesteps are n_timesteps. draws: eps per timestep; adaptive: a schedule [(evals, keep)] over the units."""
         if "levels" in options:
             raise InputError("levels: DiffusionITM spreads n_timesteps over [10, 990); set n_timesteps instead")
-        return cls(Discffusion.from_pretrained(model, **options), variant, n_timesteps, uncond_attention)
+        return cls(Discffusion.from_pretrained(model, **options), variant, n_timesteps, uncond_attention, draws,
+                   adaptive)
 
     @property
     def device(self):
@@ -123,6 +127,10 @@ class DiffusionITM(nn.Module):
     def capture(self):
         """The core's capture (`with model.capture:`), as for Discffusion."""
         return self.core.capture
+
+    def prepare_image(self, image):
+        """What the image cache keeps of a decoded image: the core's (`Discffusion.prepare_image`)."""
+        return self.core.prepare_image(image)
 
     @property
     def config(self):
@@ -173,8 +181,11 @@ class DiffusionITM(nn.Module):
         a = (att[pair_row] + att[uncond_row]) / 2 if self.uncond_attention else att[pair_row]
         return a + (e0 - e)
 
-    def ensemble(self, items, train=False, generator=None):
-        """The per-pair score (P,), averaged over the timesteps (train: at one drawn timestep)."""
+    def ensemble(self, items, train=False, generator=None, spent=None, per_unit=False):
+        """The per-pair score (P,), averaged over the units (timesteps x draws, draw-major as the core's `units`;
+        train: at one drawn timestep), with the core's adaptive schedule if it has one (`eliminate`). spent: a list
+        that receives per item its evaluations per pair and its UNet rows (the shared "" rows included); per_unit:
+        each unit's score instead (n_units, P)."""
         images = [im for ims, _ in items for im in ims]
         latents = self.core.encode_images(images)                                    # (N, 4, h, w)
         texts, rows, pair_row, uncond_row = self.plan(items)
@@ -185,17 +196,44 @@ class DiffusionITM(nn.Module):
             k = int(torch.randint(len(self.timesteps), (1,), generator=generator))
             eps = torch.randn((1, *latents.shape[1:]), generator=generator)
             return self.combine(*self.errors(*args, self.timesteps[k], eps), pair_row, uncond_row)
-        noise = self.core.level_noise(latents.shape[1:])                             # (n_t, 4, h, w)
-        total = 0.0
-        for t, eps in zip(self.timesteps, noise):
-            total = total + self.combine(*self.errors(*args, t, eps), pair_row, uncond_row)
-        return total / len(self.timesteps)                                           # (P,)
+        levels, noise = self.core.units(latents.shape[1:])                            # (n_t x draws, 4, h, w)
+        timesteps = self.timesteps * self.core.draws
+        pair_row, uncond_row = torch.tensor(pair_row), torch.tensor([-1 if u is None else u for u in uncond_row])
+        ran = torch.zeros(len(rows), dtype=torch.long)                               # units each row ran
 
-    def score_items(self, items, train=False, generator=None):
+        def run(active, units):                                                     # each unit's (A,) of `active`
+            need = torch.cat([pair_row[active], uncond_row[active]]).unique()         # sorted rows; -1: no "" row
+            need = need[need >= 0]
+            at = torch.full((len(rows),), -1, dtype=torch.long)
+            at[need] = torch.arange(len(need))
+            pr, ur = at[pair_row[active]].tolist(), [None if u < 0 else int(at[u]) for u in uncond_row[active]]
+            part = [x[need] for x in args]
+            ran[need] += len(units)
+            return [self.combine(*self.errors(*part, timesteps[u], noise[u]), pr, ur) for u in units]
+
+        def pool(values, units):                                                     # the weighted sum
+            return self.core.weigh(values, [levels[u] for u in units])
+        shapes, every = [(len(ims), len(ts)) for ims, ts in items], list(range(len(timesteps)))
+        if per_unit:
+            return torch.stack(run(torch.arange(len(pair_row)), every))                   # (n_units, P)
+        if self.core.adaptive:
+            flat, evals = eliminate(shapes, self.core.adaptive, elimination_order(len(self.timesteps),
+                                                                                  self.core.draws), run, pool)
+        else:
+            flat = pool(run(torch.arange(len(pair_row)), every), every) / len(timesteps)    # (P,)
+            evals = torch.full(flat.shape, len(timesteps))
+        if spent is not None:
+            item_of = torch.tensor([k for k, (ims, _) in enumerate(items) for _ in ims])[img_idx]   # (R,)
+            spent += [dict(evaluations=e, rows=int(ran[item_of == k].sum()))
+                      for k, e in enumerate(split_scores(evals, shapes))]
+        return flat
+
+    def score_items(self, items, train=False, generator=None, spent=None, per_unit=False):
         """[(images, texts), ...] -> [Tensor (len(images), len(texts)), ...]; images[0] is the true image of texts[0].
 
         train=True: one timestep of the schedule and one eps drawn from `generator`, shared by every pair of the
-        call; gradients reach the LoRA parameters. Otherwise all timesteps, under inference_mode, on the CPU."""
+        call; gradients reach the LoRA parameters. Otherwise all units (or the adaptive schedule's), under
+        inference_mode, on the CPU; spent, per_unit: as Discffusion.score_items'."""
         shapes = [(len(ims), len(ts)) for ims, ts in items]
         if train:
             self.capture.check_held()
@@ -203,8 +241,14 @@ class DiffusionITM(nn.Module):
                 flat = self.ensemble(items, True, generator)
         else:
             with torch.inference_mode(), self.capture:
-                flat = self.ensemble(items).cpu()
+                flat = self.ensemble(items, spent=spent, per_unit=per_unit).cpu()
+        if per_unit:                                          # a normal tensor, for fitting level weights on
+            return [f.reshape(-1, *shape).clone() for f, shape in zip(flat.split([a * b for a, b in shapes], 1), shapes)]
         return split_scores(flat, shapes)
+
+    def add_level_weights(self):
+        """One weight per timestep (the core's levels are t / T), uniform until trained (`Discffusion`'s)."""
+        return self.core.add_level_weights()
 
     def score(self, images, texts):
         """Scores (len(images), len(texts)), higher = better match; deterministic for a given seed."""
@@ -239,17 +283,21 @@ class DiffusionITM(nn.Module):
         return self.trainable_parameters() if self.lora is not None else self.add_lora()
 
     def trainable_parameters(self):
-        """The LoRA parameters (after add_lora / add_trainable or load_trained)."""
-        if self.lora is None:
+        """The LoRA parameters (after add_lora / add_trainable or load_trained) and the core's per-timestep weight
+        logits once added (`Discffusion.add_level_weights`)."""
+        level = [self.core.level_logits] if self.core.level_logits is not None else []
+        if self.lora is None and not level:
             raise RuntimeError("no LoRA adapters: call add_trainable() (or add_lora, load_trained) first")
-        return list(self.trained_state().values())
+        return list(self.trained_state().values()) + level
 
     def save_trained(self, path, training_args=None):
-        """One safetensors file: the LoRA tensors (float32) and metadata."""
-        if self.lora is None:
+        """One safetensors file: the LoRA tensors (float32), the timestep-weight logits if learned, and metadata."""
+        level = {} if self.core.level_logits is None else {"level_logits": self.core.level_logits}
+        if self.lora is None and not level:
             raise InputError("nothing to save: no LoRA adapters (call add_lora or train first)")
-        save_tensors(path, self.trained_state(), {"format": FORMAT, "model": self.core.name, "method": "diffusion_itm",
-                                               "lora": self.lora, "training_args": training_args or {}})
+        save_tensors(path, self.trained_state() | level, {
+            "format": FORMAT, "model": self.core.name, "method": "diffusion_itm", "lora": self.lora,
+            "training_args": training_args or {}, **({"levels": list(self.core.levels)} if level else {})})
 
     def load_trained(self, path):
         """Load save_trained's file (adding its adapters if this model has none); returns its metadata.
@@ -259,6 +307,18 @@ class DiffusionITM(nn.Module):
         meta, tensors = read_checkpoint(path)
         if meta.get("format") != FORMAT:
             raise InputError(f"checkpoint {path} is not a DiffusionITM LoRA file (format {meta.get('format')!r})")
+        level = self.core.stored_level_weights(path, meta)       # {} or the timestep weights, added
+        if meta.get("lora") is not None or not level:
+            self.load_lora_config(path, meta, tensors)
+        own = self.trained_state() | level
+        check_tensors(path, tensors, own, f" (base model {meta.get('model')!r}, this is {self.core.name!r})")
+        if meta.get("model") != self.core.name:
+            warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.core.name!r} (shapes match)")
+        copy_tensors(tensors, own)
+        return meta
+
+    def load_lora_config(self, path, meta, tensors):
+        """Add the adapters a file's metadata describes, after checking it against its tensors and this model's."""
         lora = meta_value(path, meta, "lora", dict, "a dict of rank, targets and alpha")
         if not (isinstance(lora.get("rank"), int) and isinstance(lora.get("targets"), list)
                 and isinstance(lora.get("alpha"), (int, float))):
@@ -273,12 +333,6 @@ class DiffusionITM(nn.Module):
                              for k in lora if lora[k] != self.lora.get(k))
             raise InputError(f"checkpoint {path}: LoRA mismatch: {diff}")
         self.add_lora(lora["rank"], lora["targets"], lora["alpha"])
-        own = self.trained_state()
-        check_tensors(path, tensors, own, f" (base model {meta.get('model')!r}, this is {self.core.name!r})")
-        if meta.get("model") != self.core.name:
-            warnings.warn(f"{path}: trained on {meta.get('model')!r}, loading onto {self.core.name!r} (shapes match)")
-        copy_tensors(tensors, own)
-        return meta
 
 
 def mse(pred, target):

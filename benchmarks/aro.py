@@ -8,7 +8,7 @@ import os
 
 from benchmarks.perturbations import PERTURBATIONS, order_texts, spacy_tagger
 from benchmarks.reading import (Item, check_root, cropped, escape, find_file, first_existing, finish, given_file,
-                                item_rng, malformed, missing, new_report, read_json)
+                                image_files, item_rng, malformed, missing, new_report, read_json)
 from common import InputError
 
 ARO_FILES = ("ARO's files are on Google Drive: visual_genome_relation.json "
@@ -41,13 +41,10 @@ def read_vg(root, annotations, name, what, category):
         if rec["bbox_w"] <= 0 or rec["bbox_h"] <= 0:
             malformed(report, where, f"empty box {[rec[b] for b in BOX]}")
             continue
-        if escape(report, where, [rec["image_path"]]):
+        images = image_files(report, where, [rec["image_path"]], folders, seen)
+        if images is None:
             continue
-        image = first_existing([rec["image_path"]], folders)
-        if image is None:
-            missing(report, [rec["image_path"]], seen)
-            continue
-        items.append(Item(id=str(k), images=[cropped(image, [rec[b] for b in BOX])],
+        items.append(Item(id=str(k), images=[cropped(images[0], [rec[b] for b in BOX])],
                           texts=[rec["true_caption"], rec["false_caption"]], category=category(rec),
                           meta=dict(image_id=rec.get("image_id"))))
     return finish(report, items, what, "images/<image_path>", folders)

@@ -11,8 +11,7 @@ caption files are in its repository, the images on Zenodo (its setup.sh).
 """
 import os
 
-from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_one, mirrored, new_tally
 from benchmarks.reading import (Item, check_root, escape, finish, malformed, missing, new_report, read_json,
                                 first_existing, DataMissing)
 
@@ -65,11 +64,8 @@ def load(root, annotations=None, split=None, seed=0):
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
     for t in SUBTASKS:
-        try:
-            count(tally, f"{t}.json", fetch_file(mirrored(f"{ITM_RAW}/clevr/captions/{t}.json", mirror),
-                                                 os.path.join(root, "captions", f"{t}.json")))
-        except FetchError as e:
-            count(tally, f"{t}.json", "failed", str(e))
+        fetch_one(tally, f"{t}.json", mirrored(f"{ITM_RAW}/clevr/captions/{t}.json", mirror),
+                  os.path.join(root, "captions", f"{t}.json"))
     return tally
 
 

@@ -11,8 +11,7 @@ seed with a part-of-speech tagger (spaCy en_core_web_sm by default, `tagger` to 
 import os
 
 from benchmarks.aro import BLIP_FILES, read_order
-from benchmarks.fetching import COCO_ZIPS, JOBS, FetchError, confirm, count, fetch_archive, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import COCO_ZIPS, JOBS, confirm, fetch_archive, fetch_one, mirrored, new_tally
 
 LAYOUT = "coco_karpathy_test.json + val2014/COCO_val2014_<id>.jpg"
 KARPATHY_TEST = "coco_karpathy_test.json"
@@ -29,11 +28,8 @@ def load(root, annotations=None, split=None, seed=0, tagger=None):
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     """The Karpathy test file; with --with-images COCO's val2014.zip unpacked to val2014/."""
     tally = new_tally()
-    try:
-        count(tally, KARPATHY_TEST, fetch_file(mirrored(f"{BLIP_FILES}/{KARPATHY_TEST}", mirror),
-                                               os.path.join(root, KARPATHY_TEST)))
-    except FetchError as e:
-        count(tally, KARPATHY_TEST, "failed", str(e))
+    fetch_one(tally, KARPATHY_TEST, mirrored(f"{BLIP_FILES}/{KARPATHY_TEST}", mirror),
+              os.path.join(root, KARPATHY_TEST))
     if with_images:
         url, size, md5 = COCO_ZIPS["val2014.zip"]
         confirm("COCO val2014.zip", size, yes)

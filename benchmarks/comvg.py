@@ -7,15 +7,13 @@
 sentence against [pos, neg] images. `fetch` takes the official code's CSV and only the 524 images it references.
 """
 import csv
-import io
 import os
 import sys
 
-from benchmarks.fetching import (DSD_RAW, JOBS, VG_ARCHIVES, FetchError, count, existing_image, fetch_images, mirrored,
+from benchmarks.fetching import (DSD_RAW, JOBS, VG_ARCHIVES, count, existing_image, fetch_images, fetch_one, mirrored,
                                  new_tally)
-from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, first_existing, finish, given_file,
-                                malformed, missing, new_report, read_text)
+from benchmarks.reading import (Item, check_root, csv_records, find_file, finish, given_file, image_files, malformed,
+                                new_report)
 from common import InputError
 
 LAYOUT = "compositional_visual_genome.csv + VG_100K/<image_id>.jpg"
@@ -42,32 +40,23 @@ def load(root, annotations=None, split=None, seed=0):
     path = given_file("ComVG CSV", annotations) if annotations else find_file("ComVG CSV", COMVG_CSV, [root])
     folders = [os.path.join(root, d) if d else root for d in COMVG_IMAGE_DIRS]
     report, items, seen = new_report("comvg", [path]), [], set()
-    with io.StringIO(read_text(path, "ComVG CSV"), newline="") as f:
-        reader = csv_rows(f, path, "ComVG CSV", COMVG_FIELDS)
-        for row in reader:
-            report["records"] += 1
-            where = f"{path}:{reader.line_num}"
-            if None in row or any(row[c] is None for c in COMVG_FIELDS):
-                malformed(report, where, f"expected {len(COMVG_FIELDS)} fields")
-                continue
-            sentence, kind = row["sentence"].strip(), row["neg_value"].strip().lower()
-            ids = [row["pos_image_id"].strip(), row["neg_image_id"].strip()]
-            if not sentence or not all(ids):
-                malformed(report, where, "empty sentence or image id")
-                continue
-            if kind not in COMVG_KINDS:
-                malformed(report, where, f"neg_value {row['neg_value']!r} is not subject / object / verb")
-                continue
-            names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
-            if escape(report, where, names):
-                continue
-            paths = [first_existing([n], folders) for n in names]
-            if None in paths:
-                missing(report, [n for n, p in zip(names, paths) if p is None], seen)
-                continue
-            items.append(Item(id=row["id"].strip() or str(report["records"]), images=paths, texts=[sentence],
-                              category=COMVG_KINDS[kind],
-                              meta=dict(pos_triplet=row["pos_triplet"], neg_triplet=row["neg_triplet"])))
+    for line, row in csv_records(report, path, "ComVG CSV", COMVG_FIELDS):
+        where = f"{path}:{line}"
+        sentence, kind = row["sentence"].strip(), row["neg_value"].strip().lower()
+        ids = [row["pos_image_id"].strip(), row["neg_image_id"].strip()]
+        if not sentence or not all(ids):
+            malformed(report, where, "empty sentence or image id")
+            continue
+        if kind not in COMVG_KINDS:
+            malformed(report, where, f"neg_value {row['neg_value']!r} is not subject / object / verb")
+            continue
+        names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
+        paths = image_files(report, where, names, folders, seen)
+        if paths is None:
+            continue
+        items.append(Item(id=row["id"].strip() or str(report["records"]), images=paths, texts=[sentence],
+                          category=COMVG_KINDS[kind],
+                          meta=dict(pos_triplet=row["pos_triplet"], neg_triplet=row["neg_triplet"])))
     return finish(report, items, "ComVG", "<pos_image_id>.jpg", folders)
 
 
@@ -79,11 +68,8 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS, csv_sha256
     neg_image_id), each from VG_100K/ or else VG_100K_2/, stored as root/<that folder>/<id>.jpg."""
     tally = new_tally()
     csv_path = os.path.join(root, "compositional_visual_genome.csv")
-    try:
-        count(tally, "compositional_visual_genome.csv",
-              fetch_file(mirrored(COMVG_CSV_URL, mirror), csv_path, csv_size, csv_sha256))
-    except FetchError as e:
-        count(tally, "compositional_visual_genome.csv", "failed", str(e))
+    if not fetch_one(tally, "compositional_visual_genome.csv", mirrored(COMVG_CSV_URL, mirror), csv_path, csv_size,
+                     csv_sha256):
         return tally
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

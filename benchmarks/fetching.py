@@ -175,6 +175,17 @@ def count(tally, name, outcome, why=""):
     else:
         tally[outcome] += 1
 
+
+def fetch_one(tally, name, url, path, size=None, sha256=None):
+    """One file (`fetch`) counted in the tally under `name`, a FetchError as failed with its reason; True if the
+    file is there."""
+    try:
+        count(tally, name, fetch(url, path, size, sha256))
+        return True
+    except FetchError as e:
+        count(tally, name, "failed", str(e))
+        return False
+
 def confirm(what, nbytes, yes):
     """State the size; anything over CONFIRM_ABOVE needs --yes (or a yes at an interactive prompt)."""
     print(f"{what}: {nbytes / GB:.1f} GB" if nbytes >= 0.1 * GB else f"{what}: {nbytes / MB:.0f} MB",

@@ -9,8 +9,7 @@ form; the JSON from the DiffusionITM repository.
 """
 import os
 
-from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_one, mirrored, new_tally
 from benchmarks.reading import Item, finish, new_report
 from benchmarks.top10 import image_paths, karpathy_pool, read_lists, valid_list
 
@@ -66,10 +65,7 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     """The two candidate lists from DiffusionITM's repository; the images cannot be fetched (a form)."""
     tally = new_tally()
     for name in (TOP10, TOP10_TEXT):
-        try:
-            count(tally, name, fetch_file(mirrored(f"{ITM_RAW}/flickr30k/{name}", mirror), os.path.join(root, name)))
-        except FetchError as e:
-            count(tally, name, "failed", str(e))
+        fetch_one(tally, name, mirrored(f"{ITM_RAW}/flickr30k/{name}", mirror), os.path.join(root, name))
     return tally
 
 

@@ -10,8 +10,7 @@ The JSON is BLIP's public file; the images come from Flickr30K's authors (a form
 import os
 
 from benchmarks.aro import BLIP_FILES, read_order
-from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_one, mirrored, new_tally
 
 LAYOUT = "flickr30k_val.json + flickr30k-images/<id>.jpg"
 KARPATHY_VAL = "flickr30k_val.json"
@@ -28,11 +27,7 @@ def load(root, annotations=None, split=None, seed=0, tagger=None):
 
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
-    try:
-        count(tally, KARPATHY_VAL, fetch_file(mirrored(f"{BLIP_FILES}/{KARPATHY_VAL}", mirror),
-                                              os.path.join(root, KARPATHY_VAL)))
-    except FetchError as e:
-        count(tally, KARPATHY_VAL, "failed", str(e))
+    fetch_one(tally, KARPATHY_VAL, mirrored(f"{BLIP_FILES}/{KARPATHY_VAL}", mirror), os.path.join(root, KARPATHY_VAL))
     return tally
 
 

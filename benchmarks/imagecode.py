@@ -11,8 +11,7 @@ depend on the order). The JSON is in the DiffusionITM repository; the image sets
 import os
 import re
 
-from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_one, mirrored, new_tally
 from benchmarks.reading import (Item, check_root, escape, find_file, finish, given_file, malformed, missing,
                                 new_report, read_json)
 from common import InputError
@@ -83,10 +82,7 @@ def load(root, annotations=None, split=None, seed=0, video=False):
 
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
-    try:
-        count(tally, VALID, fetch_file(mirrored(f"{ITM_RAW}/imagecode/{VALID}", mirror), os.path.join(root, VALID)))
-    except FetchError as e:
-        count(tally, VALID, "failed", str(e))
+    fetch_one(tally, VALID, mirrored(f"{ITM_RAW}/imagecode/{VALID}", mirror), os.path.join(root, VALID))
     return tally
 
 

@@ -11,8 +11,7 @@ site; classes.txt from DiffusionITM's repository.
 import os
 import re
 
-from benchmarks.fetching import JOBS, FetchError, count, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import JOBS, fetch_one, mirrored, new_tally
 from benchmarks.reading import DataMissing, Item, check_root, finish, malformed, new_report, read_text
 from common import InputError
 
@@ -71,11 +70,7 @@ def load(root, annotations=None, split=None, seed=0, template=TEMPLATE):
 
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
-    try:
-        count(tally, "classes.txt", fetch_file(mirrored(f"{ITM_RAW}/pets/classes.txt", mirror),
-                                               os.path.join(root, "classes.txt")))
-    except FetchError as e:
-        count(tally, "classes.txt", "failed", str(e))
+    fetch_one(tally, "classes.txt", mirrored(f"{ITM_RAW}/pets/classes.txt", mirror), os.path.join(root, "classes.txt"))
     return tally
 
 

@@ -6,6 +6,7 @@ items skipped because an image is `missing_images` on disk. Every file name a da
 before it is looked up, so no data file makes the program read outside its data folder.
 """
 import csv
+import io
 import json
 import os
 import random
@@ -126,6 +127,18 @@ def first_existing(names, folders):
     return None
 
 
+def image_files(report, where, names, folders, seen):
+    """The files of an item's image `names`, each the first of `folders` that has it; None when a name could leave its
+    folder (the record at `where` counted malformed, `escape`) or an image is not on disk (the item counted missing)."""
+    if escape(report, where, names):
+        return None
+    paths = [first_existing([n], folders) for n in names]
+    if None in paths:
+        missing(report, [n for n, p in zip(names, paths) if p is None], seen)
+        return None
+    return paths
+
+
 def finish(report, items, what, example, folders):
     """Fill the counts; no item at all because no image was found -> InputError naming the image folders."""
     report["items"] = len(items)
@@ -193,6 +206,20 @@ def csv_rows(f, path, what, required):
         raise InputError(f"{what} {path} lacks the column(s) {', '.join(absent)} "
                          f"(expected header {','.join(required)})")
     return reader
+
+
+def csv_records(report, path, what, required):
+    """(line, row) of each record of the UTF-8 CSV `path` whose header holds every `required` column (`csv_rows`), each
+    counted in report["records"]; a row with more or fewer fields than the header is counted malformed."""
+    with io.StringIO(read_text(path, what), newline="") as f:
+        reader = csv_rows(f, path, what, required)
+        for row in reader:
+            report["records"] += 1
+            if None in row or any(row[c] is None for c in required):
+                malformed(report, f"{path}:{reader.line_num}",
+                          f"expected the {len(reader.fieldnames)} fields of the header")
+                continue
+            yield reader.line_num, row
 
 
 def draw(pool, k, rng, bad_keys=(), bad_texts=()):

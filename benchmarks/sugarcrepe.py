@@ -10,10 +10,9 @@ arXiv 2505.17955. The JSON files are in the SugarCrepe repository, the images CO
 """
 import os
 
-from benchmarks.fetching import JOBS, FetchError, count, fetch_archive, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (DataMissing, Item, check_root, escape, finish, first_existing, malformed, missing,
-                                new_report, read_json)
+from benchmarks.fetching import JOBS, fetch_archive, fetch_one, mirrored, new_tally
+from benchmarks.reading import (DataMissing, Item, check_root, finish, image_files, malformed, new_report,
+                                read_json)
 
 LAYOUT = "add_att.json, ..., swap_obj.json + val2017/<filename>"
 FILES = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
@@ -45,13 +44,10 @@ def load(root, annotations=None, split=None, seed=0):
             if not (isinstance(rec, dict) and all(isinstance(rec.get(f), str) and rec[f].strip() for f in FIELDS)):
                 malformed(report, where, f"expected {{{', '.join(FIELDS)}}}")
                 continue
-            if escape(report, where, [rec["filename"]]):
+            images = image_files(report, where, [rec["filename"]], folders, seen)
+            if images is None:
                 continue
-            image = first_existing([rec["filename"]], folders)
-            if image is None:
-                missing(report, [rec["filename"]], seen)
-                continue
-            items.append(Item(id=f"{kind}/{key}", images=[image], texts=[rec["caption"], rec["negative_caption"]],
+            items.append(Item(id=f"{kind}/{key}", images=images, texts=[rec["caption"], rec["negative_caption"]],
                               category=kind))
     return finish(report, items, "SugarCrepe", "val2017/<filename>", folders)
 
@@ -59,11 +55,7 @@ def load(root, annotations=None, split=None, seed=0):
 def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     tally = new_tally()
     for f in FILES:
-        try:
-            count(tally, f"{f}.json", fetch_file(mirrored(f"{SUGARCREPE_RAW}/{f}.json", mirror),
-                                                 os.path.join(root, f"{f}.json")))
-        except FetchError as e:
-            count(tally, f"{f}.json", "failed", str(e))
+        fetch_one(tally, f"{f}.json", mirrored(f"{SUGARCREPE_RAW}/{f}.json", mirror), os.path.join(root, f"{f}.json"))
     if with_images:
         fetch_archive([mirrored(COCO_VAL2017, mirror)], os.path.join(root, "val2017.zip"), root, tally)
     return tally

@@ -10,14 +10,12 @@ svo_verb / svo_obj tasks, read here from the one CSV: its download script writes
 look). A row whose images did not download is counted as missing, as any missing image.
 """
 import csv
-import io
 import os
 import sys
 
-from benchmarks.fetching import JOBS, FetchError, count, existing_image, fetch_images, mirrored, new_tally
-from benchmarks.fetching import fetch as fetch_file
-from benchmarks.reading import (Item, check_root, csv_rows, escape, find_file, first_existing, finish, given_file,
-                                malformed, missing, new_report, read_text)
+from benchmarks.fetching import JOBS, count, existing_image, fetch_images, fetch_one, mirrored, new_tally
+from benchmarks.reading import (Item, check_root, csv_records, find_file, finish, given_file, image_files, malformed,
+                                new_report)
 
 LAYOUT = "svo_probes.csv + images/<image_id>.jpg"
 SVO_CSV = "svo_probes.csv"
@@ -40,30 +38,20 @@ def load(root, annotations=None, split=None, seed=0):
     path = given_file("SVO-Probes CSV", annotations) if annotations else find_file("SVO-Probes CSV", [SVO_CSV], [root])
     folders = [os.path.join(root, "images"), root]
     report, items, seen = new_report("svo", [path]), [], set()
-    with io.StringIO(read_text(path, "SVO-Probes CSV"), newline="") as f:
-        reader = csv_rows(f, path, "SVO-Probes CSV", SVO_FIELDS)
-        for row in reader:
-            report["records"] += 1
-            where = f"{path}:{reader.line_num}"
-            if None in row or any(row[c] is None for c in SVO_FIELDS):
-                malformed(report, where, f"expected the {len(reader.fieldnames)} fields of the header")
-                continue
-            kinds = [name for col, name in KINDS if truthy(row[col])]
-            ids = [row["pos_image_id"].strip(), row["neg_image_id"].strip()]
-            if not row["sentence"].strip() or not all(ids) or len(kinds) != 1:
-                malformed(report, where, "expected a sentence, two image ids and exactly one of subj_neg / verb_neg "
-                                         "/ obj_neg True")
-                continue
-            names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
-            if escape(report, where, names):
-                continue
-            paths = [first_existing([n], folders) for n in names]
-            if None in paths:
-                missing(report, [n for n, p in zip(names, paths) if p is None], seen)
-                continue
-            items.append(Item(id=str(reader.line_num), images=paths, texts=[row["sentence"].strip()],
-                              category=kinds[0], meta=dict(pos_triplet=row["pos_triplet"],
-                                                           neg_triplet=row["neg_triplet"])))
+    for line, row in csv_records(report, path, "SVO-Probes CSV", SVO_FIELDS):
+        where = f"{path}:{line}"
+        kinds = [name for col, name in KINDS if truthy(row[col])]
+        ids = [row["pos_image_id"].strip(), row["neg_image_id"].strip()]
+        if not row["sentence"].strip() or not all(ids) or len(kinds) != 1:
+            malformed(report, where, "expected a sentence, two image ids and exactly one of subj_neg / verb_neg / "
+                                     "obj_neg True")
+            continue
+        names = [i if i.lower().endswith((".jpg", ".jpeg", ".png")) else f"{i}.jpg" for i in ids]
+        paths = image_files(report, where, names, folders, seen)
+        if paths is None:
+            continue
+        items.append(Item(id=str(line), images=paths, texts=[row["sentence"].strip()], category=kinds[0],
+                          meta=dict(pos_triplet=row["pos_triplet"], neg_triplet=row["neg_triplet"])))
     return finish(report, items, "SVO-Probes", "images/<pos_image_id>.jpg", folders)
 
 
@@ -71,10 +59,7 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS):
     """The CSV, then every image it names from its URL into images/<id>.jpg (a dead URL is one failed file)."""
     tally = new_tally()
     csv_path = os.path.join(root, SVO_CSV)
-    try:
-        count(tally, SVO_CSV, fetch_file(mirrored(SVO_CSV_URL, mirror), csv_path))
-    except FetchError as e:
-        count(tally, SVO_CSV, "failed", str(e))
+    if not fetch_one(tally, SVO_CSV, mirrored(SVO_CSV_URL, mirror), csv_path):
         return tally
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

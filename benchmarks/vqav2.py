@@ -14,9 +14,8 @@ import os
 from collections import Counter
 
 from benchmarks.coco import coco_image_dirs
-from benchmarks.fetching import (COCO_IMAGE_BASE, COCO_IMAGE_BYTES, COCO_ZIPS, DSD_RAW, JOBS, FetchError, confirm,
-                                 count, existing_image, fetch_images, mirrored, new_tally)
-from benchmarks.fetching import fetch as fetch_file
+from benchmarks.fetching import (COCO_IMAGE_BASE, COCO_IMAGE_BYTES, COCO_ZIPS, DSD_RAW, JOBS, confirm, count,
+                                 existing_image, fetch_images, fetch_one, mirrored, new_tally)
 from benchmarks.reading import (digits, Item, check_root, csv_rows, draw, escape, find_file, first_existing, finish, given_file,
                                 item_rng, malformed, missing, new_report, read_json, read_text)
 from common import InputError
@@ -267,10 +266,7 @@ def fetch(root, mirror=None, with_images=False, yes=False, jobs=JOBS, files=VQA_
     use, one by one, into root/val2014/."""
     tally = new_tally()
     for name, (url, size, sha256) in files.items():
-        try:
-            count(tally, name, fetch_file(mirrored(url, mirror), os.path.join(root, name), size, sha256))
-        except FetchError as e:
-            count(tally, name, "failed", str(e))
+        fetch_one(tally, name, mirrored(url, mirror), os.path.join(root, name), size, sha256)
     if not with_images or tally["failed"]:
         return tally
     folder = os.path.join(root, "val2014")

@@ -13,8 +13,8 @@ import shutil
 import zipfile
 
 from benchmarks.fetching import (JOBS, FetchError, count, extract, hub_error, marker_path, new_tally, unpacked)
-from benchmarks.reading import (Item, check_root, escape, find_file, first_existing, finish, given_file, malformed,
-                                missing, new_report, read_text)
+from benchmarks.reading import (Item, check_root, find_file, finish, given_file, image_files, malformed, new_report,
+                                read_text)
 from common import InputError
 
 LAYOUT = "examples.jsonl + images/<image>.png"
@@ -63,11 +63,8 @@ def load(root, annotations=None, split=None, seed=0):
                 malformed(report, where, f"{odd[0]} is {json.dumps(ex[odd[0]])[:40]}, not a string")
                 continue
             names = [ex[k] if os.path.splitext(ex[k])[1] else f"{ex[k]}.png" for k in ("image_0", "image_1")]
-            if escape(report, where, names):
-                continue
-            paths = [first_existing([nm], folders) for nm in names]
-            if None in paths:
-                missing(report, [nm for nm, p in zip(names, paths) if p is None], seen)
+            paths = image_files(report, where, names, folders, seen)
+            if paths is None:
                 continue
             items.append(Item(id=str(ex["id"]), images=paths, texts=[ex["caption_0"], ex["caption_1"]],
                               category=str(ex.get("collapsed_tag", "")),

@@ -224,7 +224,7 @@ class FakeModel:
     def __init__(self):
         self.calls = []
 
-    def score_items(self, items):
+    def score_items(self, items, spent=None):
         self.calls.append(len(items))
         return [T([[float(color_of(im) in t.split()) for t in texts] for im in images]) for images, texts in items]
 
@@ -235,7 +235,7 @@ class BadScores(FakeModel):
         super().__init__()
         self.text, self.value = text, value
 
-    def score_items(self, items):
+    def score_items(self, items, spent=None):
         return [T([[self.value if texts[0] == self.text else float(color_of(im) in t.split()) for t in texts]
                    for im in images]) for images, texts in items]
 

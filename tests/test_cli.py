@@ -935,7 +935,7 @@ def test_second_live_run_on_one_output_is_refused(cli_name, tmp_path, no_model, 
 # ---- partial files belong to their output: results.txt never deletes results.json's scores -----------------------
 
 class StopsAfterOne(FakeModel):
-    def score_items(self, items):
+    def score_items(self, items, spent=None):
         if self.calls:
             raise KeyboardInterrupt                                       # Ctrl-C during the second call
         return super().score_items(items)

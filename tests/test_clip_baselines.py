@@ -5,6 +5,7 @@ from PIL import Image
 
 from baselines.clip_baselines import ClipMatcher
 from common import InputError
+from discffusion import to_rgb
 from tools.sd_configs import make_random_clip
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -134,3 +135,18 @@ def test_text_path_uses_no_deprecated_argument(tiny_clip):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error")
         m.encode_embeds(m.clip.text_model.embeddings.token_embedding(ids), mask)
+
+
+def test_an_image_is_held_as_the_pixels_clip_reads(tiny_clip):
+    """prepare_image (what the image cache keeps): CLIP's input size, the processor's pixels for the whole batch, and
+    scores bit-identical to the decoded images'."""
+    m = ClipMatcher.from_pretrained(tiny_clip, method="clip", device="cpu")
+    wide = Image.new("RGB", (400, 300), COLORS["blue"])
+    wide.paste(COLORS["red"], (0, 0, 200, 300))
+    ims, texts = [wide, IMAGES["green"].convert("LA")], ["a red circle", "a green circle"]
+    held = [m.prepare_image(im) for im in ims]
+    size = m.image_processor.crop_size
+    assert [tuple(h.shape) for h in held] == [(3, size["height"], size["width"])] * 2
+    batch = m.image_processor([to_rgb(im) for im in ims], return_tensors="pt").pixel_values   # (2, 3, H, W)
+    assert torch.equal(torch.stack(held), batch)
+    assert torch.equal(m.score(held, texts), m.score(ims, texts))

@@ -45,7 +45,7 @@ def test_the_scored_texts_are_kept_in_the_results(tmp_path, monkeypatch):
     items, _ = load(root, tagger=tagger)
 
     class Model:
-        def score_items(self, batch):
+        def score_items(self, batch, spent=None):
             return [torch.tensor([[float(-k) for k in range(len(t))]]) for _, t in batch]
     out = evaluate.evaluate_items(Model(), "coco_order", items)
     assert out["metrics"]["Accuracy"] == 100.0

@@ -3,13 +3,17 @@ import copy
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
+import datasets
+import evaluate
 import triplet_loss
 from attention_capture import CallRecord, cross_attention_layers
+from benchmarks.reading import Item
 from common import InputError
 from discffusion import Discffusion, preprocess
 from support import colour_image, random_trainable
@@ -130,6 +134,34 @@ def test_any_image_mode_and_size(model):
     x = preprocess(modes, 16)
     assert x.shape == (7, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     assert torch.isfinite(model.score(modes, TEXTS[:1])).all()
+
+
+def test_a_large_image_is_held_at_the_models_input_size(tmp_path, model):
+    """A 4000 x 3000 photo: a scoring group holds what the model encodes, (R, R, 3) (not 36 MB), and its scores are
+    bit-identical to those of the decoded image, whose pixels are the direct to_rgb / resize_via / bicubic ones."""
+    x, y = np.arange(4000, dtype=np.uint8), np.arange(3000, dtype=np.uint8)[:, None]
+    pixels = np.empty((3000, 4000, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = x, y, x * y                  # stripes every 256 px
+    path = str(tmp_path / "big.bmp")
+    Image.fromarray(pixels).save(path)
+    via = copy.copy(model)
+    via.resize_via = 24
+    for m in (model, via):
+        decoded, R = datasets.open_image(path), m.resolution
+        direct = decoded.resize((24, 24), Image.BICUBIC) if m.resize_via else decoded
+        direct = np.asarray(direct.resize((R, R), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0   # (R, R, 3)
+        seen = []
+
+        class Recording:  # the model, recording what each scoring call is handed
+            prepare_image = m.prepare_image
+
+            def score_items(self, items, spent=None):
+                seen.extend(im for ims, _ in items for im in ims)
+                return m.score_items(items, spent=spent)
+        (_, s, _), = evaluate.score_groups(Recording(), [[Item("big", [path], TEXTS[:2])]])[0]
+        assert [im.shape for im in seen] == [(R, R, 3)]                   # held at the input size, not 4000 x 3000
+        assert torch.equal(preprocess(seen, R, m.resize_via)[0], torch.from_numpy(direct).permute(2, 0, 1))
+        assert torch.equal(s, m.score([decoded], TEXTS[:2]))
 
 
 def test_long_caption_truncated_with_one_warning(model):

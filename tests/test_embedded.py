@@ -77,7 +77,7 @@ def test_tie_rules_through_evaluate_items():
     items = [datasets.Item("a", ["x.jpg"], ["t0", "t1"]), datasets.Item("b", ["x.jpg"], ["t0", "t1"])]
 
     class Tie:
-        def score_items(self, batch):
+        def score_items(self, batch, spent=None):
             return [torch.tensor([[0.5, 0.5]]), torch.tensor([[0.6, 0.5]])][:len(batch)]
     import evaluate as ev
     orig = ev.ImageCache.load

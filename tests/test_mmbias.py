@@ -92,7 +92,7 @@ def test_the_bias_table_through_evaluate(tmp_path, monkeypatch, capsys):
     class Model:  # pleasant score 1 for red images, unpleasant 1 for blue: Christian > Muslim
         config = {"model": "fake"}
 
-        def score_items(self, batch):
+        def score_items(self, batch, spent=None):
             out = []
             for images, texts in batch:
                 r, _, b = images[0].convert("RGB").getpixel((0, 0))

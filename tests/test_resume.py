@@ -277,7 +277,7 @@ def colour(im):
 class Stalls:  # the colour model of test_evaluate.FakeModel; in its second call it waits (at most 120 s) for a signal
     config = {"model": "fake"}
     calls = 0
-    def score_items(self, items):
+    def score_items(self, items, spent=None):
         Stalls.calls += 1
         if Stalls.calls == 2:
             open(os.environ["MARKER"], "w").close()
@@ -339,7 +339,7 @@ class CrashingModel(FakeModel):
         super().__init__()
         self.crash_at = crash_at
 
-    def score_items(self, items):
+    def score_items(self, items, spent=None):
         if len(self.calls) + 1 == self.crash_at:
             raise Crash
         return super().score_items(items)

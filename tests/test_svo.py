@@ -3,6 +3,7 @@ import csv
 import os
 
 import datasets
+from benchmarks import fetching
 from benchmarks.svo import load
 from support import image
 
@@ -48,7 +49,7 @@ def test_download_counts_dead_urls(tmp_path, monkeypatch):
         w.writerow(HEADER)
         w.writerow(["s", "a", "b", "True", "False", "False", 5, 6, "https://x/5.jpg", "https://x/6.jpg"])
     fetched = []
-    monkeypatch.setattr(svo, "fetch_file", lambda url, path, *a, **k: "present")
+    monkeypatch.setattr(fetching, "fetch", lambda url, path, *a, **k: "present")
 
     def fake_images(jobs, tally, *a, **k):
         for name, sources in jobs:

@@ -176,7 +176,7 @@ class Runner:
             desc = " ".join([f"{k}={v}" for k, v in options.items()] + [os.path.basename(checkpoint or "zero-shot")])
             scored, unreadable = score_groups(model, list(pair_chunks(self.items, args.pairs_per_call)), desc)
         seconds, cpu = time.perf_counter() - t1, time.process_time() - c1
-        records = [(item, datasets.item_metrics(self.name, s)) for item, s in scored]
+        records = [(item, datasets.item_metrics(self.name, s)) for item, s, _ in scored]
         out = summarize(self.name, records)
         out["ci"] = {}
         for col, flag, which in REGISTRY[self.name].columns:

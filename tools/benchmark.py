@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="where preset models are built (once per preset and seed)")
     p.add_argument("--output", default="runs/benchmark.json", help="JSON with every figure (default: %(default)s)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)   # internal: the memory process
+    p.add_argument("--curve", action="store_true", help="accuracy against UNet rows per item instead (tools/curve.py: "
+                   "levels, draws, DiffusionITM timesteps, adaptive schedules, learned level weights; its options: "
+                   "python -m tools.curve --help)")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.texts, args.repeats, args.iters = 1, 2, 1, 2
@@ -591,6 +594,9 @@ def print_table(res):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--curve" in argv:             # accuracy per UNet evaluation: tools/curve.py (its own process and options)
+        return subprocess.call([sys.executable, "-m", "tools.curve", *[a for a in argv if a != "--curve"]])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

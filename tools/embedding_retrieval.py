@@ -80,6 +80,10 @@ class DiscffusionEmbedding:
                     "normalize(mean over image tokens of W^q r_x (W^k + p^k)), empty-prompt UNet pass",
                     text_embedding="text encoder final hidden state at the caption's EOS, no projection")
 
+    def prepare_image(self, image):
+        """What the image cache keeps of a decoded image: the model's (`Discffusion.prepare_image`)."""
+        return self.model.prepare_image(image)
+
     @torch.no_grad()
     def text_embeddings(self, texts):
         """texts -> (M, D) L2-normalised pooled text embeddings."""
@@ -93,7 +97,7 @@ class DiscffusionEmbedding:
 
     @torch.no_grad()
     def image_embeddings(self, images):
-        """PIL images -> (N, D) L2-normalised UNet image embeddings."""
+        """PIL images (or prepared ones) -> (N, D) L2-normalised UNet image embeddings."""
         m = self.model
         latents = m.encode_images(images)                                     # (N, 4, h, w)
         empty, _ = m.encode_texts([""])                                       # (1, L, D)
@@ -110,7 +114,7 @@ class DiscffusionEmbedding:
             out.append(F.normalize(total / len(m.levels), dim=-1).cpu())
         return torch.cat(out)                                                 # (N, D)
 
-    def score_items(self, items, train=False, generator=None):
+    def score_items(self, items, train=False, generator=None, spent=None):
         """[(images, texts), ...] -> [cosine matrix (len(images), len(texts)), ...]."""
         if train:
             raise InputError("embedding retrieval has nothing to train; train the deltas with train.py")

@@ -32,7 +32,7 @@ def features(clip, keys, encode, batch):
 
 def clip_ranking(clip, items, batch=32):
     """[(item, cosines of its candidates (n,))]: each item's text against its images or image against its texts."""
-    cache = ImageCache(size=batch)
+    cache = ImageCache(size=batch, prepare=clip.prepare_image)
     images = [str(p) for it in items for p in it.images]
     paths = {str(p): p for it in items for p in it.images}
     img = features(clip, images, lambda keys: clip.image_features(cache.load([paths[k] for k in keys])), batch)

@@ -69,4 +69,5 @@ def summary_line(name, res, report):
             f"{report['malformed']} malformed records, {report['missing_images']} items with missing images "
             f"({report['n_missing_files']} files), {res['unreadable']} items with unreadable images; "
             f"ties with a wrong candidate (counted wrong): {res.get('ties', 0)}"
-            + (f"; duplicate records (scored as loaded): {report['duplicates']}" if report.get("duplicates") else ""))
+            + (f"; duplicate records (scored as loaded): {report['duplicates']}" if report.get("duplicates") else "")
+            + (f"; UNet rows per item: {res['rows_per_item']:.1f}" if res.get("rows_per_item") else ""))

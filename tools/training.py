@@ -46,6 +46,10 @@ def finish_args(p, args):
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
         p.error(f"--compare: {', '.join(twice)} named twice (each method is one row)")
+    if args.checkpoint and not args.fit_level_weights:
+        p.error("--checkpoint: only with --fit-level-weights (the frozen tensors whose level weights are fit)")
+    if args.fit_level_weights and args.level_weights:
+        p.error("--level-weights trains them with the deltas, --fit-level-weights alone: choose one")
     args.output_dir = args.output_dir or os.path.join("runs", args.dataset)
     args.changes = []  # options changed at a --resume (RESUME_APPLIED)
     return args
@@ -70,7 +74,8 @@ def train_data(args):
             raise InputError(f"{name} is a bias set (an effect size, no right answer): train and test on a "
                              "matching data set, and evaluate the bias with evaluate.py --dataset " + name)
     check_writable(args.output_dir, folder=True)                   # before any data, model or step
-    check_apart(train_outputs(args), methods.model_folders(args) + [(args.annotations, "annotations", "file")])
+    check_apart(train_outputs(args), methods.model_folders(args) + [(args.annotations, "annotations", "file"),
+                                                                    (args.checkpoint, "--checkpoint", "file")])
     state = PartialState()
     with state.main_process_first():                               # the shapes world is written on first use
         items, report = load_items(args.dataset, args.data_root, args.annotations, seed=args.seed,
