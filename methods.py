@@ -224,7 +224,7 @@ def add_model_args(p):
                         "the text columns of the joint softmax over image and text keys (joint)")
     g.add_argument("--text-tokens", choices=sd3.TEXT_TOKENS,
                    help="SD3 / SD3.5: the caption's real tokens in the joint text sequence [CLIP-L+G (77); T5]: "
-                        "CLIP's (default: measured best on a pretrained tiny SD3, docs/models.md), both halves' or T5's")
+                        "CLIP's (default: measured on pretrained tiny SD3s, docs/models.md), both halves' or T5's")
     g.add_argument("--max-sequence-length", type=positive_int,
                    help="SD3 / Flux: T5 tokens of the text sequence (default the pipeline's: 256 SD3, 512 Flux; 256 "
                         "for FLUX.1-schnell)")

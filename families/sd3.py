@@ -7,8 +7,8 @@ Text: CLIP-L's and CLIP-G's penultimate states concatenated on the feature axis 
 T5's last states appended on the token axis (77 + 256 tokens for real; `max_sequence_length`, the pipeline's default
 256); the pooled projection is both CLIPs' text_embeds, riding along the feature axis as in families/sdxl.py. Each
 caption word appears once in each half; the real-token mask covers CLIP's caption tokens (without BOS / EOS / padding)
-by default, measured on a tiny SD3 pretrained on the shapes world (docs/models.md: CLIP's half alone 54.7 % zero-shot,
-both halves 47.8 %, T5's alone 44.9 %); `text_tokens` "both" or "t5" (T5's without "</s>" / padding) for the others.
+by default, measured on two tiny SD3s pretrained on the shapes world (docs/models.md: never below both halves in 8
+comparisons, ahead by 3 to 10 points in 6); `text_tokens` "both" or "t5" (T5's without "</s>" / padding) otherwise.
 Noise: a level l is the fraction of the training schedule, t = round(l * T), as for the UNets; the scheduler's own
 table (with SD3's shift 3.0) makes it sigma = shift * s / (1 + (shift - 1) * s), s = t / T, and the timestep the
 pipeline passes, sigma * T; z_t = (1 - sigma) z + sigma eps as FlowMatchEulerDiscreteScheduler.scale_noise computes
