@@ -471,7 +471,7 @@ def eliminate(shapes, schedule, order, run, pool):
     for s, (stop, keep) in enumerate(schedule):
         new = order[start:stop]
         values = run(active, new)                                                 # [(A,)] per new unit
-        table = torch.zeros((len(order), P), dtype=values[0].dtype) if table is None else table
+        table = torch.zeros((max(order) + 1, P), dtype=values[0].dtype) if table is None else table
         for u, v in zip(new, values):
             table[u, active] = v
         got = sorted(order[:stop])

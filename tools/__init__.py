@@ -3,7 +3,8 @@
 default; the committed figures and models (docs/, models/) are rewritten only by naming them (`--out docs`). `python
 -m tools.download NAME` fetches a data set into the layout its loader in benchmarks/ reads (docs/data.md); `python -m
 tools.benchmark` measures speed and memory against the official code's per-pair loop (App. B, §5.5;
-docs/benchmark.md); `python -m tools.figures` draws Fig. 7, 8 and 10 (docs/figures.md); `python -m tools.ablations`
+docs/benchmark.md); `python -m tools.curve` draws accuracy against UNet rows per item (levels, draws, adaptive
+elimination, level weights; docs/budget.md); `python -m tools.figures` draws Fig. 7, 8 and 10 (docs/figures.md); `python -m tools.ablations`
 runs the ablation sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes
 world in the ComVG format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it
 (models/tiny-shapes-sd), `python -m tools.distill_lcm` distils that into a latent consistency model
