@@ -7,10 +7,10 @@ docs/benchmark.md); `python -m tools.curve` draws accuracy against UNet rows per
 elimination, level weights; docs/budget.md); `python -m tools.figures` draws Fig. 7, 8 and 10 (docs/figures.md); `python -m tools.ablations`
 runs the ablation sweeps of §5.6 and App. F (docs/ablations.md); `python -m tools.shapes` writes the embedded shapes
 world in the ComVG format; `python -m tools.pretrain_shapes` pretrains the committed tiny Stable Diffusion on it
-(models/tiny-shapes-sd), `python -m tools.distill_lcm` distils that into a latent consistency model
-(models/tiny-shapes-lcm, Table 3); the paper results with no file of their own (docs/paper_results.md): `python -m
-tools.embedding_retrieval` (Table 4), `python -m tools.generation` (App. G: Fig. 9, Table 12), `python -m
-tools.failures` (Fig. 11).
+(models/tiny-shapes-sd; `--family sd3`: a tiny SD3, docs/models.md), `python -m tools.distill_lcm` distils that
+into a latent consistency model (models/tiny-shapes-lcm, Table 3); the paper results with no file of their own
+(docs/paper_results.md): `python -m tools.embedding_retrieval` (Table 4), `python -m tools.generation` (App. G: Fig.
+9, Table 12), `python -m tools.failures` (Fig. 11).
 
 The run machinery of train.py and evaluate.py (no commands), one concept a module: cli.py (exit codes, argparse types,
 signals, output checks), processes.py (accelerate's processes, each one's share, the gathering), resume.py
