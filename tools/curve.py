@@ -232,7 +232,7 @@ def real_check(model, name, items, schedule, args):
 
 def figure(results, path):
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.4), squeeze=False)
     for ax, name in zip(axes[0], tasks):
         for method, colour in (("discffusion", "tab:blue"), ("diffusion_itm", "tab:orange")):
             pts = [p for p in results["tasks"][name]["points"] if p["method"] == method]
@@ -258,8 +258,12 @@ def figure(results, path):
         ax.set_title(f"{REGISTRY[name].title} ({results['tasks'][name]['items']} items)")
         ax.set_xlabel("UNet rows per item")
         ax.set_ylabel(f"{REGISTRY[name].headline} accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    seen = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=len(seen), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
