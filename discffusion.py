@@ -17,6 +17,10 @@ model family (SD 1.x / 2.x, LCM, SDXL: the text conditioning and the UNet's keyw
 an MMDiT transformer in the UNet's place, flow-matching noise z_t = (1 - sigma) z + sigma eps, the joint-attention
 capture) is one file each in families/, loading in families/loading.py. Training attaches p^k, p^v with
 `add_trainable()`.
+
+Beyond the paper (docs/budget.md): the ensemble's units are its levels times `draws` eps each (`units`); learned level
+weights reweigh them (`weigh`, `add_level_weights`); an adaptive schedule (`eliminate`) spends the units on the
+candidates still in the running, in Diffusion Classifier's manner.
 """
 import contextlib
 import functools
