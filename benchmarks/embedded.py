@@ -89,9 +89,18 @@ def both(sc):
     return f"a {sc[0]} and a {sc[2]}"
 
 
+# scenes whose objects differ in colour and in shape, a scene and its mirror counted once
+MAX_SCENES = len(shapes.COLORS) * len(shapes.SHAPES) * (len(shapes.COLORS) - 1) * (len(shapes.SHAPES) - 1) * len(
+    shapes.RELATIONS) // 2
+
+
 def distinct_scenes(rng, n):
     """n scenes, no two the same picture (a scene and its mirror, 'a B right of a A', are one); the two objects of
-    each differ in colour and in shape, so a colour or shape swap is always false."""
+    each differ in colour and in shape, so a colour or shape swap is always false. More than the world has (144) is
+    an InputError."""
+    if n > MAX_SCENES:
+        raise InputError(f"the shapes world has {MAX_SCENES} distinct two-object scenes, {n} were asked for (10 per "
+                         "Flickr30K image-retrieval item: at most 14 items)")
     out, seen = [], set()
     while len(out) < n:
         sc = scene(rng)

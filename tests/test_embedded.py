@@ -118,3 +118,15 @@ def test_a_bare_run_skips_a_set_that_only_shares_another_sets_folder(tmp_path, m
     res = json.load(open(out))
     assert set(res["datasets"]) == {"flickr30k", "flickr30k_text"} and list(res["skipped"]) == ["flickr30k_order"]
     assert evaluate.main(["--dataset", "flickr30k_order", "--data-root", str(data / "flickr30k")]) == 2
+
+
+def test_more_distinct_scenes_than_the_world_has_is_one_line():
+    """The image-retrieval instance asks for 10 distinct scenes per item; beyond the world's 144 it says so (it would
+    otherwise draw forever)."""
+    import random
+
+    from benchmarks import embedded
+    from common import InputError
+    assert len(embedded.distinct_scenes(random.Random(0), embedded.MAX_SCENES)) == 144
+    with pytest.raises(InputError, match="at most 14 items"):
+        embedded.distinct_scenes(random.Random(0), embedded.MAX_SCENES + 1)
