@@ -119,16 +119,30 @@ def tokenize(tok, texts):
                return_tensors="pt").input_ids  # (N, MAX_TOKENS)
 
 
-def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, lr, p_empty, g):
-    """Epsilon-prediction loss on scaled latents z (N, 4, 32, 32); ids (N, 2, L): two true captions per image."""
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+def run_steps(params, steps, lr, n, batch, g, name, loss_of):
+    """AdamW over `params` for `steps` steps with lr_at's schedule and gradients clipped at 1: each step draws `batch`
+    of the n images and one of their two captions, loss_of(idx (B,), which (B,)) -> the loss; a running mean of it is
+    logged every 50 steps."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     avg = None
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
-        idx = torch.randint(0, len(z), (batch,), generator=g)
+        idx = torch.randint(0, n, (batch,), generator=g)
         which = torch.randint(0, 2, (batch,), generator=g)
+        loss = loss_of(idx, which)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{name} step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+
+
+def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, lr, p_empty, g):
+    """Epsilon-prediction loss on scaled latents z (N, 4, 32, 32); ids (N, 2, L): two true captions per image."""
+    def loss_of(idx, which):
         y = ids[idx, which]                                                   # (B, L)
         y[torch.rand(batch, generator=g) < p_empty] = empty_ids
         z0 = z[idx]
@@ -136,14 +150,9 @@ def train_diffusion(unet, text_encoder, sched, z, ids, empty_ids, steps, batch, 
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         zt = sched.add_noise(z0, eps, t)
         cond = text_encoder(y).last_hidden_state                             # (B, L, 64)
-        loss = F.mse_loss(unet(zt, t, cond).sample, eps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"diffusion step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+        return F.mse_loss(unet(zt, t, cond).sample, eps)
+    run_steps(list(unet.parameters()) + list(text_encoder.parameters()), steps, lr, len(z), batch, g, "diffusion",
+              loss_of)
     return unet, text_encoder
 
 
@@ -213,28 +222,16 @@ def sd3_text(encoders, ids, drop):
 
 def train_sd3(transformer, encoders, z, ids, steps, batch, lr, p_drop, g):
     """SD3's flow-matching loss on latents z (N, 4, 32, 32); ids: 3 x (N, 2, L), two true captions per image."""
-    params = list(transformer.parameters()) + [q for e in encoders for q in e.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    avg = None
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        idx = torch.randint(0, len(z), (batch,), generator=g)
-        which = torch.randint(0, 2, (batch,), generator=g)
+    def loss_of(idx, which):
         hidden, pooled = sd3_text(encoders, [i[idx, which] for i in ids], torch.rand(3, batch, generator=g) < p_drop)
         z0, eps = z[idx], torch.randn(z[idx].shape, generator=g)
         sigma = torch.randn(batch, generator=g).sigmoid()                                 # logit-normal
         zt = (1 - sigma[:, None, None, None]) * z0 + sigma[:, None, None, None] * eps
         v = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=hidden,
                         pooled_projections=pooled).sample
-        loss = F.mse_loss(v, eps - z0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"flow step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+        return F.mse_loss(v, eps - z0)
+    run_steps(list(transformer.parameters()) + [q for e in encoders for q in e.parameters()], steps, lr, len(z), batch,
+              g, "flow", loss_of)
 
 
 def pretrain_sd3(a, images, captions, g):
@@ -297,7 +294,10 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if os.path.splitext(a.grid)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        p.error(f"--grid {a.grid}: the grid is an image file: name it .png or .jpg")
     t_start = time.time()
     torch.set_num_threads(a.threads)
     if a.grid_only:
