@@ -287,7 +287,7 @@ def build_parser():
     p.add_argument("--p-empty", type=number(low=0, high=1), default=0.1,
                    help="fraction of empty captions (for the unconditional)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads (fixed, for a reproducible model)")
-    p.add_argument("--grid", default="runs/shapes_grid.png", help="where to draw samples of the saved model "
+    p.add_argument("--grid", default="runs/shapes_grid.png", help="where to draw samples of the saved model ('': none) "
                    "(default %(default)s)")
     p.add_argument("--grid-only", action="store_true", help="only draw the grid from the model in --out")
     return p
@@ -296,7 +296,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
-    if os.path.splitext(a.grid)[1].lower() not in (".png", ".jpg", ".jpeg"):
+    if a.grid and os.path.splitext(a.grid)[1].lower() not in (".png", ".jpg", ".jpeg"):
         p.error(f"--grid {a.grid}: the grid is an image file: name it .png or .jpg")
     t_start = time.time()
     torch.set_num_threads(a.threads)
