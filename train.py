@@ -152,16 +152,21 @@ def train(args, model, params, train_items, test_items, log=print, stop=None):
     return history
 
 
-def frozen_level_scores(model, items, pairs_per_call):
-    """Every unit's score of `items` once, frozen (`per_unit`), averaged over the draws -> [(n_levels, n_img, n_txt)]
-    (the items whose images open)."""
-    cache, frozen = ImageCache(prepare=model.prepare_image), []
-    for group in tqdm(list(pair_chunks(items, pairs_per_call)), desc="per-level scores", dynamic_ncols=True,
+def unit_scores(model, items, pairs_per_call):
+    """Every unit's score of `items` once (`score_items(per_unit=True)`) -> [(levels x draws, n_img, n_txt)], for the
+    items whose images open."""
+    cache, out = ImageCache(prepare=model.prepare_image), []
+    for group in tqdm(list(pair_chunks(items, pairs_per_call)), desc="per-unit scores", dynamic_ncols=True,
                       disable=not PartialState().is_main_process):
         loaded, _ = training.load_batch(cache, group, set(), len(items))
-        frozen += model.score_items(loaded, per_unit=True)                 # [(levels x draws, n_img, n_txt)]
+        out += model.score_items(loaded, per_unit=True)
+    return out
+
+
+def frozen_level_scores(model, items, pairs_per_call):
+    """`unit_scores` averaged over the draws -> [(n_levels, n_img, n_txt)], frozen."""
     n = len(model.levels if hasattr(model, "levels") else model.timesteps)
-    return [f.view(-1, n, *f.shape[1:]).mean(0) for f in frozen]
+    return [f.view(-1, n, *f.shape[1:]).mean(0) for f in unit_scores(model, items, pairs_per_call)]
 
 
 def fit_weights(logits, frozen, steps=300, weight_decay=1e-2):

@@ -37,10 +37,9 @@ import methods  # noqa: E402
 import train  # noqa: E402
 from baselines.diffusion_itm import DiffusionITM  # noqa: E402
 from benchmarks.embedded import write as write_embedded  # noqa: E402
-from datasets import REGISTRY, ImageCache, item_metrics, load_items, split_items  # noqa: E402
+from datasets import REGISTRY, item_metrics, load_items, split_items  # noqa: E402
 from discffusion import Discffusion, eliminate, elimination_order  # noqa: E402
-from evaluate import evaluate_items, pair_chunks  # noqa: E402
-from tools import training  # noqa: E402
+from evaluate import evaluate_items  # noqa: E402
 from common import atomic_write  # noqa: E402
 from tools.cli import ArgumentParser, positive_int, run_cli, use_threads, write_json  # noqa: E402
 from tools.intervals import bootstrap_ci  # noqa: E402
@@ -68,10 +67,7 @@ def unit_tables(model, items, args, key):
     path = os.path.join(args.tables, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
     if os.path.isfile(path):
         return torch.load(path, weights_only=True)
-    cache, out = ImageCache(prepare=model.prepare_image), []
-    for group in pair_chunks(items, args.pairs_per_call):
-        loaded, _ = training.load_batch(cache, group, set(), len(items))
-        out += model.score_items(loaded, per_unit=True)
+    out = train.unit_scores(model, items, args.pairs_per_call)
     os.makedirs(args.tables, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(out, tmp))
     return out
