@@ -173,6 +173,12 @@ def write_vqa_paper(root, n_binary=12):
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
 
 
+def random_images(n, size=(24, 20), seed=1):
+    """n random RGB images of `size` (width, height), the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
 def colour_image(name, seed, size=16):
     g = torch.Generator().manual_seed(seed)
     x = torch.tensor(COLOURS[name]).float()[None, None] + 20 * torch.randn(size, size, 3, generator=g)

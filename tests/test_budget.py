@@ -2,18 +2,12 @@
 baselines/diffusion_itm.py, train.py --level-weights / --fit-level-weights)."""
 import pytest
 import torch
-from PIL import Image
 
 import evaluate
 from baselines.diffusion_itm import DiffusionITM
 from common import InputError
 from discffusion import Discffusion, eliminate, elimination_order, plan_units, van_der_corput
-from support import error_line, main_of
-
-
-def images(n):
-    g = torch.Generator().manual_seed(3)
-    return [Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+from support import error_line, main_of, random_images
 
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat", "a blue cube"]
@@ -34,7 +28,7 @@ def test_draws_extend_the_paper_ensemble_and_are_batch_independent(model, tiny_s
     assert levels == (0.3, 0.7, 0.3, 0.7)
     assert torch.equal(noise[:2], one.level_noise((4, 8, 8))) and not torch.allclose(noise[2:], noise[:2])
     assert torch.equal(noise, model.units((4, 8, 8))[1])
-    ims = images(2)
+    ims = random_images(2, seed=3)
     S = model.score(ims, TEXTS[:3])
     per = model.score_items([(ims, TEXTS[:3])], per_unit=True)[0]                     # (4, 2, 3)
     assert per.shape == (4, 2, 3) and torch.allclose(per.mean(0), S, atol=1e-6)
@@ -92,14 +86,14 @@ def test_a_schedule_that_keeps_everyone_equals_the_full_ensemble_bit_for_bit(tin
     full = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.5, 0.8), draws=2)
     kept = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.5, 0.8), adaptive=[(2, 5), (6, None)])
     assert kept.draws == 2                                          # as many as the last stage needs
-    item = [(images(1), TEXTS)]
+    item = [(random_images(1, seed=3), TEXTS)]
     spent = []
     assert torch.equal(full.score_items(item)[0], kept.score_items(item, spent=spent)[0])
     assert spent[0]["rows"] == 30 and (spent[0]["evaluations"] == 6).all()
     d_full = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4)
     d_kept = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4, adaptive=[(1, 5), (4, None)])
     d_cut = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4, adaptive=[(1, 2), (4, None)])
-    item = [(images(1), TEXTS[:5])]
+    item = [(random_images(1, seed=3), TEXTS[:5])]
     spent = []
     assert torch.equal(d_full.score_items(item)[0], d_kept.score_items(item, spent=spent)[0])
     assert spent[0]["rows"] == 4 * 6                                # 5 texts and the shared "" row, 4 timesteps
@@ -131,7 +125,7 @@ def test_cli_refuses_bad_schedules(no_model, capsys):
 
 def test_level_weights_zero_is_uniform_trained_is_the_weighted_ensemble_and_they_round_trip(tiny_sd, tmp_path):
     m = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.4, 0.6, 0.8))
-    ims = images(2)
+    ims = random_images(2, seed=3)
     S = m.score(ims, TEXTS[:2])
     per = m.score_items([(ims, TEXTS[:2])], per_unit=True)[0]                         # (4, 2, 2)
     logits = m.add_level_weights()
@@ -163,7 +157,7 @@ def test_level_weights_train_with_the_deltas(tiny_sd):
     import triplet_loss
     m = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.2, 0.4, 0.6, 0.8))
     m.add_trainable()
-    batch = [(images(1), TEXTS[:3])]
+    batch = [(random_images(1, seed=3), TEXTS[:3])]
     with m.capture:
         plain = triplet_loss.margin_loss(m.score_items(batch, True, torch.Generator().manual_seed(1)))
         logits = m.add_level_weights()
@@ -178,7 +172,7 @@ def test_evaluate_records_each_items_evaluations_and_rows(tiny_sd, tmp_path):
     an adaptive schedule the rows fall and the survivors' scores are the full ensemble's."""
     from benchmarks.reading import Item
     paths = []
-    for k, im in enumerate(images(2)):
+    for k, im in enumerate(random_images(2, seed=3)):
         paths.append(str(tmp_path / f"{k}.png"))
         im.save(paths[-1])
     items = [Item(str(k), [p], TEXTS) for k, p in enumerate(paths)]
@@ -199,7 +193,7 @@ def test_the_curves_reading_of_a_schedule_equals_the_models_adaptive_path(tiny_s
     (DiffusionITM's shared "" row included) of the model's own adaptive path."""
     from tools import curve
     assert van_der_corput(8) == [0, 4, 2, 6, 1, 5, 3, 7]
-    item = [(images(1), TEXTS)]
+    item = [(random_images(1, seed=3), TEXTS)]
     d = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4)
     table = d.score_items(item, per_unit=True)[0]                                     # (4, 1, 5)
     cut = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=4, adaptive=[(1, 2), (4, None)])

@@ -1,21 +1,15 @@
 """DiffusionITM baseline (seed 002 §3.1-3.2): definitions by hand, UNet call counts, invariances, LoRA, save/load."""
 import pytest
 import torch
-from PIL import Image
 from diffusers import DDPMScheduler
 
 import triplet_loss
 from baselines.diffusion_itm import DiffusionITM, hardneg_loss, spread_timesteps
 from common import InputError
 from discffusion import Discffusion
-from support import colour_image
+from support import colour_image, random_images
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +37,13 @@ def test_timesteps_spread_over_10_990():
 
 
 def test_empty_text_scores_exactly_zero(itm):
-    S = itm.score(images(2), ["", TEXTS[1], "", TEXTS[3]])
+    S = itm.score(random_images(2), ["", TEXTS[1], "", TEXTS[3]])
     assert torch.equal(S[:, 0], torch.zeros(2)) and torch.equal(S[:, 2], torch.zeros(2))
     assert (S[:, [1, 3]] != 0).all()
 
 
 def test_unconditional_pass_once_per_image_and_timestep(tiny_sd, itm):
-    ims, txt = images(2), TEXTS[:3]
+    ims, txt = random_images(2), TEXTS[:3]
     uncond = itm.core.encode_texts([""])[0]
     small = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, pairs_per_call=4)
     seen, handle = count_rows(small, uncond)
@@ -73,7 +67,7 @@ def test_scores_equal_direct_computation(tiny_sd, itm):
     """itm, classifier and combined recomputed by hand with a stock diffusers UNet."""
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
-    ims, txt = images(1), [TEXTS[0]]
+    ims, txt = random_images(1), [TEXTS[0]]
     z = itm.core.encode_images(ims)
     hid = itm.core.encode_texts(txt + [""])[0]
     noise = torch.randn((3, *z.shape[1:]), generator=torch.Generator().manual_seed(0))     # seed 0, one per t
@@ -90,7 +84,7 @@ def test_scores_equal_direct_computation(tiny_sd, itm):
     cls = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, variant="classifier")
     assert cls.score(ims, txt)[0, 0].item() == pytest.approx(cls_s, rel=1e-5)
     # combined = Discffusion's attention score at the same timesteps + the itm term
-    ims, txt = images(2), TEXTS[:2]
+    ims, txt = random_images(2), TEXTS[:2]
     comb = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=3, variant="combined")
     att = Discffusion.from_pretrained(tiny_sd, device="cpu", levels=(0.173, 0.5, 0.827)).score(ims, txt)
     assert torch.allclose(comb.score(ims, txt), att + itm.score(ims, txt), atol=1e-5)
@@ -100,7 +94,7 @@ def test_v_prediction_target_is_the_velocity(tiny_sd):
     from diffusers import DDPMScheduler
     m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=1, variant="classifier")
     m.core.scheduler = DDPMScheduler.from_config(m.core.scheduler.config, prediction_type="v_prediction")
-    ims, txt = images(1), [TEXTS[1]]
+    ims, txt = random_images(1), [TEXTS[1]]
     z, (hid, _) = m.core.encode_images(ims), m.core.encode_texts(txt)
     eps = torch.randn((1, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
     ts = torch.tensor([500])
@@ -114,7 +108,7 @@ def test_v_prediction_target_is_the_velocity(tiny_sd):
 
 
 def test_no_batch_mixing_and_permutation(itm):
-    ims, txt = images(3), TEXTS
+    ims, txt = random_images(3), TEXTS
     S = itm.score(ims, txt)
     assert S.shape == (3, 4)
     for i, j in [(0, 0), (2, 3), (1, 2)]:
@@ -140,10 +134,10 @@ def trained(tiny_sd):
     m = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
     base = {f"{k}.{n}": p.detach().clone() for k in ("unet", "vae", "text_encoder")
             for n, p in getattr(m.core, k).named_parameters()}
-    before = m.score(images(2), TEXTS[:2])
+    before = m.score(random_images(2), TEXTS[:2])
     params = m.add_lora(rank=4)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    ims = images(3)
+    ims = random_images(3)
     items = [(ims[:1], [TEXTS[0], TEXTS[1]]), (ims[1:3], [TEXTS[2]])]   # a text negative, an image negative
     loss = hardneg_loss(m, items, torch.Generator().manual_seed(0))
     loss.backward()
@@ -164,7 +158,7 @@ def test_lora_only_lora_trains_and_base_weights_unchanged(trained):
             if "lora_" not in n:
                 key = f"{k}.{n}".replace(".base_layer", "")
                 assert p.grad is None and torch.equal(p, base[key]), key
-    assert not torch.allclose(m.score(images(2), TEXTS[:2]), before)   # the step moved the scores
+    assert not torch.allclose(m.score(random_images(2), TEXTS[:2]), before)   # the step moved the scores
     assert m.trainable_parameters() == params and m.config["lora"]["rank"] == 4
 
 
@@ -174,7 +168,7 @@ def test_hardneg_loss_by_hand(tiny_sd):
     with torch.no_grad():
         for p in m.add_lora():
             p.normal_(0, 0.3)                                          # B != 0: a LoRA that changes the UNet
-    ims = images(1)
+    ims = random_images(1)
     values = []
     for texts in (TEXTS[:2], TEXTS[1::-1]):                            # each text once the positive
         loss = hardneg_loss(m, [(ims, texts)], torch.Generator().manual_seed(3))
@@ -205,7 +199,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, tiny_sd, trained):
     assert meta["training_args"]["steps"] == 1 and meta["lora"] == m.lora and fresh.lora == m.lora
     for (n, a), (n2, b) in zip(m.trained_state().items(), fresh.trained_state().items()):
         assert n == n2 and torch.equal(a, b)
-    ims = images(2)
+    ims = random_images(2)
     assert torch.equal(fresh.score(ims, TEXTS[:2]), m.score(ims, TEXTS[:2]))
     other = DiffusionITM.from_pretrained(tiny_sd, device="cpu", n_timesteps=2)
     other.add_lora(rank=2)
@@ -288,7 +282,7 @@ def test_score_official_preset_equals_the_official_formula(tiny_sd):
                                     "mid_block.attentions.0.transformer_blocks.0.attn2",
                                     "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                                     "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]
-    ims, txt = images(2), TEXTS[:1]                                        # image-side: the uncond half differs
+    ims, txt = random_images(2), TEXTS[:1]                                        # image-side: the uncond half differs
     got, want = m.score(ims, txt), official_direct(tiny_sd, m.core, ims, txt)
     assert (got - want).abs().max().item() < 1e-6 * max(1.0, want.abs().max().item())
     # a switch given on the command line still wins over the preset; without the unconditional half the score moves

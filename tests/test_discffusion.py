@@ -16,13 +16,8 @@ from attention_capture import CallRecord, cross_attention_layers
 from benchmarks.reading import Item
 from common import InputError
 from discffusion import Discffusion, preprocess
-from support import colour_image, random_trainable
+from support import colour_image, random_images, random_trainable
 from tools.sd_configs import make_random_sd
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "the man riding a ball", "cat"]
@@ -54,7 +49,7 @@ def test_capture_leaves_unet_output_unchanged(tiny_sd, model):
 def test_score_equals_direct_computation_from_the_maps(tiny_sd):
     """f = mean over levels, layers, heads of eq. 3-4, recomputed by hand from the captured attention maps."""
     m = Discffusion.from_pretrained(tiny_sd, device="cpu", keep_maps=True, lam=2.0)
-    ims, txt = images(1), TEXTS[:1]
+    ims, txt = random_images(1), TEXTS[:1]
     latents, (hidden, mask) = m.encode_images(ims), m.encode_texts(txt)
     noise = m.level_noise(latents.shape[1:])
     want = 0.0
@@ -83,7 +78,7 @@ def test_score_equals_direct_computation_from_the_maps(tiny_sd):
 
 
 def test_no_batch_mixing_and_permutation(model):
-    ims, txt = images(3), TEXTS
+    ims, txt = random_images(3), TEXTS
     S = model.score(ims, txt)
     assert S.shape == (3, 4)
     for i in range(3):
@@ -98,7 +93,7 @@ def test_no_batch_mixing_and_permutation(model):
 
 
 def test_deterministic_for_a_seed(tiny_sd, model):
-    ims, txt = images(2), TEXTS[:2]
+    ims, txt = random_images(2), TEXTS[:2]
     a = model.score(ims, txt)
     b = Discffusion.from_pretrained(tiny_sd, device="cpu").score(ims, txt)
     c = Discffusion.from_pretrained(tiny_sd, device="cpu", seed=1).score(ims, txt)
@@ -107,7 +102,7 @@ def test_deterministic_for_a_seed(tiny_sd, model):
 
 
 def test_options_change_the_score(tiny_sd, model):
-    ims, txt = images(2), TEXTS[:2]
+    ims, txt = random_images(2), TEXTS[:2]
     base = model.score(ims, txt)
     for opts in (dict(pooling="max"), dict(pooling="mean"), dict(pooling="cosine"), dict(pooling="official"),
                  dict(layers=2), dict(levels=(0.4,)), dict(resize_via=8)):
@@ -168,12 +163,12 @@ def test_long_caption_truncated_with_one_warning(model):
     long = " ".join(["red circle"] * 40)
     model._warned_truncation = False
     with pytest.warns(UserWarning, match="truncated"):
-        S = model.score(images(1), [long])
+        S = model.score(random_images(1), [long])
     assert torch.isfinite(S).all()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.score(images(1), [long])                                # no second warning in the same run
+        model.score(random_images(1), [long])                                # no second warning in the same run
 
 
 def test_bad_model_paths(tmp_path, tiny_sd):

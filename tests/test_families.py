@@ -12,7 +12,6 @@ import threading
 
 import pytest
 import torch
-from PIL import Image
 
 import evaluate
 import train
@@ -22,15 +21,11 @@ from common import InputError
 from discffusion import Discffusion
 from tools.cli import run_cli
 from tools.sd_configs import make_random_sd
+from support import random_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {"tiny": "sd", "tiny-sd15": "sd", "tiny-sd21-768": "sd", "tiny-lcm": "lcm", "tiny-sdxl": "sdxl"}
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def test_sdxl_vae_runs_in_fp32_under_fp16_as_its_pipelines_do(folders):
     """force_upcast (SDXL's VAE overflows in fp16): the VAE stays fp32, the UNet and the latents are fp16."""
     xl = Discffusion.from_pretrained(folders["tiny-sdxl"], device="cpu", dtype="fp16")
     assert xl.vae.dtype == torch.float32 and xl.unet.dtype == torch.float16
-    assert xl.encode_images(images(1)).dtype == torch.float16
+    assert xl.encode_images(random_images(1)).dtype == torch.float16
     assert Discffusion.from_pretrained(folders["tiny-sd15"], device="cpu", dtype="fp16").vae.dtype == torch.float16
 
 
@@ -150,7 +145,7 @@ def test_lcm_guidance_embedding_is_the_lcm_pipelines_timestep_cond(folders, mode
     # another guidance scale, another embedding, another score
     other = Discffusion.from_pretrained(folders["tiny-lcm"], device="cpu", guidance_scale=2.0)
     assert not torch.allclose(other.unet_kwargs(hidden)["timestep_cond"], m.unet_kwargs(hidden)["timestep_cond"])
-    assert not torch.equal(other.score(images(1), TEXTS[:2]), m.score(images(1), TEXTS[:2]))
+    assert not torch.equal(other.score(random_images(1), TEXTS[:2]), m.score(random_images(1), TEXTS[:2]))
 
 
 def test_sdxl_conditioning_is_the_sdxl_pipelines(folders, models):
@@ -183,7 +178,7 @@ def test_sdxl_conditioning_is_the_sdxl_pipelines(folders, models):
 def test_each_family_scores_without_batch_mixing(models):
     """Discffusion on every family: finite scores, a pair's score independent of its batch-mates and of the chunking
     (the per-row extra conditioning is indexed with the rows)."""
-    ims = images(2)
+    ims = random_images(2)
     for preset, m in models.items():
         S = m.score(ims, TEXTS)
         assert S.shape == (2, 3) and torch.isfinite(S).all(), preset
@@ -199,7 +194,7 @@ def test_diffusion_itm_on_each_family_gets_the_familys_conditioning(folders):
     for preset, fam in FAMILIES.items():
         d = DiffusionITM.from_pretrained(folders[preset], device="cpu", n_timesteps=2)
         rec = Recorder(d.unet)
-        S = d.score(images(2), TEXTS[:2])
+        S = d.score(random_images(2), TEXTS[:2])
         rec.handle.remove()
         assert S.shape == (2, 2) and torch.isfinite(S).all(), preset
         assert all(("timestep_cond" in kw) == (fam == "lcm") for kw in rec.calls), preset
@@ -252,7 +247,7 @@ def test_lora_is_merged_into_the_unet(folders, models, lora_file):
         got = m.unet(z, t, **m.unet_kwargs(hidden)).sample
         base = models["tiny-sd15"].unet(z, t, **m.unet_kwargs(hidden)).sample
     assert (got - want).abs().max().item() < 1e-5 and not torch.allclose(got, base, atol=1e-4)
-    assert not torch.allclose(m.score(images(1), TEXTS), models["tiny-sd15"].score(images(1), TEXTS))
+    assert not torch.allclose(m.score(random_images(1), TEXTS), models["tiny-sd15"].score(random_images(1), TEXTS))
     with pytest.raises(InputError, match="LoRA"):
         Discffusion.from_pretrained(folders["tiny-sd15"], device="cpu", lora=os.path.join(folders["tiny"], "nope"))
 

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import evaluate
 import train
@@ -17,16 +16,11 @@ from common import layer_key, read_checkpoint
 from discffusion import Discffusion
 from families import flux
 from tools.cli import run_cli
-from support import check_mmdit_loras
+from support import check_mmdit_loras, random_images
 from tools.mmdit_configs import PRESETS, make_random_flux
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
 T5_LEN = 12
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 def transformer(dtype=torch.float32):
@@ -198,7 +192,7 @@ def test_timesteps_are_the_schedulers_with_its_shift(models):
 
 
 def test_scores_without_batch_mixing(models):
-    ims = images(2)
+    ims = random_images(2)
     for preset, m in models.items():
         S = m.score(ims, TEXTS)
         assert S.shape == (2, 3) and torch.isfinite(S).all(), preset

@@ -3,20 +3,15 @@ transformer's output as the stock one with T5's padding masked, the conditioning
 T5's caption tokens, the prediction is the eps half of the learned-variance output, and scores do not mix rows."""
 import pytest
 import torch
-from PIL import Image
 
 from attention_capture import CallRecord
 from discffusion import Discffusion
 from families import pixart
 from tools.mmdit_configs import make_random_pixart
+from support import random_images
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
 T5_LEN = 12
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +59,7 @@ def test_capture_leaves_the_output_and_takes_the_eps_half(folder, model):
 
 
 def test_scores_without_batch_mixing_and_zero_deltas(model):
-    ims = images(2)
+    ims = random_images(2)
     S = model.score(ims, TEXTS)
     assert S.shape == (2, 3) and torch.isfinite(S).all()
     assert model.score([ims[1]], [TEXTS[2]])[0, 0].item() == pytest.approx(S[1, 2].item(), abs=1e-5)

@@ -15,16 +15,11 @@ from baselines.diffusion_itm import DiffusionITM
 from common import InputError
 from discffusion import Discffusion
 from tools.cli import run_cli
-from support import check_mmdit_loras, error_line
+from support import check_mmdit_loras, error_line, random_images
 from tools.mmdit_configs import PRESETS, make_random_mmdit
 
 TEXTS = ["a red circle left of a blue square", "a dog on the table", "cat"]
 T5_LEN = 12
-
-
-def images(n, size=(24, 20)):
-    g = torch.Generator().manual_seed(1)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +107,10 @@ def test_flow_matching_noise_is_the_schedulers(models):
     m = models["tiny-sd3"]
     sched = FlowMatchEulerDiscreteScheduler.from_config(m.scheduler.config)
     assert sched.config.shift == 3.0
-    z = m.encode_images(images(2))
+    z = m.encode_images(random_images(2))
     x = torch.stack([torch.from_numpy(__import__("numpy").asarray(im.resize((m.resolution,) * 2, Image.BICUBIC),
                                                                   dtype="float32") / 127.5 - 1).permute(2, 0, 1)
-                     for im in images(2)])
+                     for im in random_images(2)])
     mean = m.vae.encode(x).latent_dist.mean
     assert z.shape[1] == 16 and m.vae.config.shift_factor != 0
     assert torch.allclose(z, (mean - m.vae.config.shift_factor) * m.vae.config.scaling_factor, atol=1e-5)
@@ -133,7 +128,7 @@ def test_flow_matching_noise_is_the_schedulers(models):
 
 
 def test_scores_without_batch_mixing_on_sd3_and_sd35(models):
-    ims = images(2)
+    ims = random_images(2)
     for preset, m in models.items():
         S = m.score(ims, TEXTS)
         assert S.shape == (2, 3) and torch.isfinite(S).all(), preset
@@ -146,7 +141,7 @@ def test_scores_without_batch_mixing_on_sd3_and_sd35(models):
 def test_joint_reading_is_an_option(folders, models):
     joint = Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", max_sequence_length=T5_LEN, reading="joint")
     assert joint.config["reading"] == "joint"
-    assert not torch.allclose(joint.score(images(1), TEXTS), models["tiny-sd3"].score(images(1), TEXTS))
+    assert not torch.allclose(joint.score(random_images(1), TEXTS), models["tiny-sd3"].score(random_images(1), TEXTS))
     with pytest.raises(InputError, match="reading"):
         Discffusion.from_pretrained(folders["tiny-sd3"], device="cpu", reading="both")
     with pytest.raises(InputError, match="official"):
@@ -157,9 +152,9 @@ def test_joint_reading_is_an_option(folders, models):
 
 def test_zero_deltas_keep_scores_and_a_family_mismatch_is_refused(models, tmp_path):
     m = models["tiny-sd35"]
-    before = m.score(images(2), TEXTS)
+    before = m.score(random_images(2), TEXTS)
     m.add_trainable()
-    assert torch.equal(m.score(images(2), TEXTS), before)
+    assert torch.equal(m.score(random_images(2), TEXTS), before)
     k = m.capture.deltas.k[next(iter(m.capture.deltas.k.keys()))]
     assert k.shape == m.unet.get_submodule(m.capture.layers[0]).add_k_proj.weight.shape
     path = str(tmp_path / "d.safetensors")
@@ -176,7 +171,7 @@ def test_diffusion_itm_error_is_against_the_flow(folders):
     d = DiffusionITM.from_pretrained(folders["tiny-sd3"], device="cpu", n_timesteps=2, max_sequence_length=T5_LEN)
     assert d.config["prediction_type"] == "flow"
     m = d.core
-    z = m.encode_images(images(1))
+    z = m.encode_images(random_images(1))
     hidden, mask = m.encode_texts(TEXTS[:1])
     eps = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(2))
     t = d.timesteps[0]
@@ -186,7 +181,7 @@ def test_diffusion_itm_error_is_against_the_flow(folders):
         assert ts[0].item() != t                                          # shifted: not the schedule index
         v = m.unet(hidden_states=z_t, timestep=ts, **m.unet_kwargs(hidden)).sample
     assert err.item() == pytest.approx((eps - z[0] - v[0]).norm().item(), rel=1e-4)
-    assert torch.isfinite(d.score(images(1), TEXTS[:2])).all()
+    assert torch.isfinite(d.score(random_images(1), TEXTS[:2])).all()
 
 
 def test_train_and_evaluate_on_sd3(folders, tmp_path):
@@ -240,7 +235,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, make):
         if checkpointing:
             m.unet.enable_gradient_checkpointing()
         with m.capture:
-            S = m.score_items([(images(1), TEXTS)], train=True, generator=torch.Generator().manual_seed(0))[0]
+            S = m.score_items([(random_images(1), TEXTS)], train=True, generator=torch.Generator().manual_seed(0))[0]
             S.log_softmax(-1)[0, 0].backward()
         # None: p^v of the last layer, whose values feed no later attention map (the score reads maps only)
         grads.append([None if p.grad is None else p.grad.clone() for p in params])
@@ -261,7 +256,7 @@ def test_offload_moves_the_transformer_out_before_the_text_encoders_run(folders)
         part.to = (lambda to, name: lambda *a, **k: moves.append((name, str(a[0]))) or to(*a, **k))(part.to, name)
         if name != "unet":
             part.register_forward_pre_hook(lambda mod, args: seen.append([m for m in moves if m[0] == "unet"][-1]))
-    ims = images(2)
+    ims = random_images(2)
     assert torch.equal(on.score(ims, TEXTS), off.score(ims, TEXTS))
     assert len(on.text_encoders()) == 3 and len(seen) >= 3 and all(m == ("unet", "cpu") for m in seen)
     assert [m for m in moves if m[0] == "unet"] == [("unet", "cpu"), ("unet", "cpu")]   # out, back to its device (cpu)
